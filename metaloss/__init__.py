@@ -1,0 +1,51 @@
+"""metaloss: learn a loss function by meta-learning, inside your own training loop.
+
+The core is task-agnostic: a :class:`LearnableLoss` (a generator of per-pixel source weights and
+weighted terms), a stateless differentiable inner step, exact and finite-difference
+hypergradients, an embeddable :class:`MetaStep`, and :class:`MetaTrainer`, which runs the
+schedule of TDFusion's Algorithm 1 (Bai et al., CVPR 2025).
+"""
+
+from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
+from metaloss.callbacks import Callback, CSVLogger, TensorBoardLogger
+from metaloss.checkpoint import load_checkpoint, save_checkpoint
+from metaloss.hypergradient import HypergradientResult, NonFiniteHypergradientError, hypergradient
+from metaloss.inner_step import BufferPolicy, InnerAdam, InnerRule, InnerSGD, StatelessModule
+from metaloss.learnable_loss import ConstantWeights, LearnableLoss, LossOutput, LossTerm
+from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss
+from metaloss.outer import MaxNormalizedSGD, make_outer_optimizer
+from metaloss.trainer import MetaTrainer, MetaTrainerConfig, ModelStepStats, Position
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchAdapter",
+    "BufferPolicy",
+    "CSVLogger",
+    "Callback",
+    "ConstantWeights",
+    "HypergradientResult",
+    "InnerAdam",
+    "InnerRule",
+    "InnerSGD",
+    "LearnableLoss",
+    "LossOutput",
+    "LossTerm",
+    "MaxNormalizedSGD",
+    "MetaStep",
+    "MetaStepStats",
+    "MetaTrainer",
+    "MetaTrainerConfig",
+    "ModelStepStats",
+    "NonFiniteHypergradientError",
+    "Position",
+    "SourcesAdapter",
+    "StatelessModule",
+    "TaskLoss",
+    "TensorBoardLogger",
+    "hypergradient",
+    "load_checkpoint",
+    "make_outer_optimizer",
+    "move_to_device",
+    "save_checkpoint",
+]

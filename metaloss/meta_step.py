@@ -1,0 +1,249 @@
+"""One meta step, callable from the user's own training loop.
+
+The three lines of TDFusion's Algorithm 1 (Bai et al., CVPR 2025, eq. 4-6):
+
+1. a virtual step of the task model on the meta-train batch: ``T' = T - eta_T dL_t/dT``;
+2. a differentiable virtual step of the model under the learnable loss:
+   ``F' = F - eta_F dL_f(w = G(sources))/dF``;
+3. the task loss of ``T'(F'(meta-test batch))``, differentiated with respect to ``G`` only.
+
+The user's modules are never modified (parameters or buffers); only the loss generator's
+parameters receive a gradient, and only the outer optimiser given here steps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from metaloss.batch import BatchAdapter, SourcesAdapter
+from metaloss.hypergradient import (
+    HypergradientMode,
+    HypergradientResult,
+    NonFiniteHypergradientError,
+    hypergradient,
+)
+from metaloss.inner_step import BufferPolicy, InnerRule, InnerSGD, StatelessModule
+from metaloss.learnable_loss import LearnableLoss
+
+__all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
+
+TaskLoss = Callable[[Any, Any], Tensor]
+"""``task_loss(task_output, batch) -> scalar tensor``."""
+
+
+def checked_task_loss(task_loss: TaskLoss, output: Any, batch: Any) -> Tensor:
+    """Call ``task_loss`` and check that it returned a scalar tensor (cast to float32)."""
+    value = task_loss(output, batch)
+    if not isinstance(value, Tensor) or value.ndim != 0:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"task_loss must return a scalar tensor, got {shape}; reduce it (e.g. .mean())")
+    return value if value.dtype == torch.float64 else value.float()
+
+
+@dataclass(frozen=True)
+class MetaStepStats:
+    """What one meta step measured.
+
+    Attributes:
+        inner_loss: the learnable loss of the model on the meta-train batch.
+        task_inner_loss: the task loss on the meta-train batch (before ``T``'s virtual step).
+        outer_loss: the task loss of ``T'(F'(meta-test batch))``.
+        hypergrad_norm: the L2 norm of the loss generator's meta-gradient.
+        weight_mean: the mean weight of each source on the meta-train batch.
+        weight_std: its standard deviation.
+        terms: each term of the learnable loss on the meta-train batch.
+        skipped: the meta-gradient was not finite and the generator was not stepped.
+        skipped_total: skipped steps so far.
+    """
+
+    inner_loss: float
+    task_inner_loss: float
+    outer_loss: float
+    hypergrad_norm: float
+    weight_mean: tuple[float, ...]
+    weight_std: tuple[float, ...]
+    terms: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+    skipped_total: int = 0
+
+
+class MetaStep:
+    """The embeddable meta step: compute the loss generator's meta-gradient and step it.
+
+    Args:
+        model: the model ``F`` trained under the learnable loss.
+        loss: the :class:`~metaloss.LearnableLoss` whose parameters are meta-learned.
+        task_model: the task model ``T`` that judges ``F``'s predictions.
+        task_loss: ``task_loss(task_model_output, batch) -> scalar``.
+        outer_optimizer: steps ``loss``'s parameters (``None``: :meth:`step` only writes
+            ``.grad`` of those parameters and leaves the stepping to you).
+        model_optimizer: ``F``'s real optimiser (read for ``lr=None`` and to seed
+            :class:`~metaloss.InnerAdam`; never stepped here).
+        task_optimizer: ``T``'s real optimiser (read only, likewise).
+        adapter: reads the user's batches (default :class:`~metaloss.SourcesAdapter`).
+        inner: the model's differentiable inner update (default SGD at ``F``'s learning rate).
+        task_inner: the task model's inner update (default SGD at ``T``'s learning rate).
+        mode: ``"exact"`` (second order) or ``"finite_difference"`` (first-order memory).
+        fd_eps: relative perturbation of the finite-difference mode.
+        buffer_policy: what BatchNorm buffers do in the virtual steps (:class:`BufferPolicy`).
+        nonfinite: ``"skip"`` a non-finite meta-gradient (counted) or ``"raise"``
+            :class:`~metaloss.NonFiniteHypergradientError`.
+        autocast_dtype: run forward passes under ``torch.autocast`` with this dtype
+            (``torch.bfloat16``, ``torch.float16``); losses stay in float32.
+
+    Example:
+        >>> meta = MetaStep(fusion, loss, segformer, ce_loss, outer_optimizer=opt_g,
+        ...                 model_optimizer=opt_f, task_optimizer=opt_t)
+        >>> for train_batch, test_batch in my_meta_batches:
+        ...     stats = meta.step(train_batch, test_batch)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LearnableLoss,
+        task_model: nn.Module,
+        task_loss: TaskLoss,
+        *,
+        outer_optimizer: torch.optim.Optimizer | None = None,
+        model_optimizer: torch.optim.Optimizer | None = None,
+        task_optimizer: torch.optim.Optimizer | None = None,
+        adapter: BatchAdapter[Any] | None = None,
+        inner: InnerRule | None = None,
+        task_inner: InnerRule | None = None,
+        mode: HypergradientMode = "exact",
+        fd_eps: float = 1e-4,
+        buffer_policy: BufferPolicy | str = BufferPolicy.DISCARD,
+        nonfinite: Literal["skip", "raise"] = "skip",
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if mode not in ("exact", "finite_difference"):
+            raise ValueError(f"mode must be 'exact' or 'finite_difference', got {mode!r}")
+        self.model = model
+        self.loss = loss
+        self.task_model = task_model
+        self.task_loss = task_loss
+        self.outer_optimizer = outer_optimizer
+        self.model_optimizer = model_optimizer
+        self.task_optimizer = task_optimizer
+        self.adapter: BatchAdapter[Any] = adapter or SourcesAdapter()
+        self.inner: InnerRule = inner or InnerSGD()
+        self.task_inner: InnerRule = task_inner or InnerSGD()
+        self.mode: HypergradientMode = mode
+        self.fd_eps = fd_eps
+        self.nonfinite = nonfinite
+        self.autocast_dtype = autocast_dtype
+        self.skipped_total = 0
+        self._model_view = StatelessModule(model, buffer_policy)
+        self._task_view = StatelessModule(task_model, buffer_policy)
+
+    @property
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """The meta-learned parameters (those of ``loss`` that require grad)."""
+        return [p for p in self.loss.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.autocast_dtype is None:
+            yield
+            return
+        device = next(self.model.parameters()).device
+        with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
+            yield
+
+    def _task_virtual_step(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Step 1: ``T'`` from one ordinary (non-differentiable) step on ``F(batch)``."""
+        view = self._task_view
+        with torch.no_grad(), self._autocast():
+            # Through the stateless view: a plain call in train mode would update F's buffers.
+            prediction = self._model_view(self._model_view.snapshot(False), *self.adapter.task_model_args(batch))
+        params = view.snapshot()
+        with self._autocast():
+            output = view(params, *self.adapter.task_args(batch, prediction.detach()))
+        value = checked_task_loss(self.task_loss, output, batch)
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
+        new = self.task_inner.step(params, grads, view.parameters, self.task_optimizer)
+        return tuple(p.detach() for p in new), value.detach()
+
+    def hypergradient(self, train_batch: Any, test_batch: Any) -> tuple[HypergradientResult, MetaStepStats]:
+        """Compute the loss generator's meta-gradient without stepping anything.
+
+        Returns:
+            The hypergradient (one tensor per :attr:`generator_parameters` entry) and the step's
+            statistics (``skipped`` is always ``False`` here).
+        """
+        wrt = self.generator_parameters
+        if not wrt:
+            raise ValueError("the learnable loss has no trainable parameters: nothing to meta-learn")
+        task_params, task_inner_loss = self._task_virtual_step(train_batch)
+
+        sources = self.adapter.sources(train_batch)
+        model_args = self.adapter.model_args(train_batch)
+        with self._autocast():
+            weights = self.loss.weights(sources)
+        seen: dict[str, Any] = {}
+
+        def inner_loss(theta: tuple[Tensor, ...]) -> Tensor:
+            with self._autocast():
+                prediction = self._model_view(theta, *model_args)
+            out = self.loss.combine(prediction, sources, weights)
+            seen.setdefault("terms", out.terms)
+            return out.total
+
+        def update(theta: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return self.inner.step(theta, grads, self._model_view.parameters, self.model_optimizer)
+
+        def outer_loss(theta_new: tuple[Tensor, ...]) -> Tensor:
+            with self._autocast():
+                prediction = self._model_view(theta_new, *self.adapter.task_model_args(test_batch))
+                output = self._task_view(task_params, *self.adapter.task_args(test_batch, prediction))
+            return checked_task_loss(self.task_loss, output, test_batch)
+
+        result = hypergradient(
+            inner_loss, update, outer_loss, self._model_view.snapshot(), wrt, mode=self.mode, fd_eps=self.fd_eps
+        )
+        w = weights.detach().float().transpose(0, 1).reshape(weights.shape[1], -1)
+        stats = MetaStepStats(
+            inner_loss=float(result.inner_loss),
+            task_inner_loss=float(task_inner_loss),
+            outer_loss=float(result.outer_loss),
+            hypergrad_norm=result.norm(),
+            weight_mean=tuple(float(x) for x in w.mean(dim=1)),
+            weight_std=tuple(float(x) for x in w.std(dim=1)),
+            terms={k: float(v.detach()) for k, v in seen.get("terms", {}).items()},
+            skipped_total=self.skipped_total,
+        )
+        return result, stats
+
+    def step(self, train_batch: Any, test_batch: Any) -> MetaStepStats:
+        """Compute the meta-gradient and step the loss generator with the outer optimiser.
+
+        A meta-gradient holding NaN or Inf never reaches the generator: the step is skipped
+        and counted (``nonfinite="skip"``) or :class:`NonFiniteHypergradientError` is raised.
+        """
+        result, stats = self.hypergradient(train_batch, test_batch)
+        params = self.generator_parameters
+        if not result.is_finite():
+            if self.nonfinite == "raise":
+                raise NonFiniteHypergradientError(
+                    f"the loss generator's meta-gradient is not finite (outer loss {stats.outer_loss}, "
+                    f"inner loss {stats.inner_loss}); lower the learning rates or use nonfinite='skip'"
+                )
+            self.skipped_total += 1
+            return replace(stats, skipped=True, skipped_total=self.skipped_total)
+        for p, g in zip(params, result.grads, strict=True):
+            p.grad = g.detach().to(p.dtype)
+        if self.outer_optimizer is not None:
+            self.outer_optimizer.step()
+            self.outer_optimizer.zero_grad(set_to_none=True)
+        return stats
+

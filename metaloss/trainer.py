@@ -1,0 +1,416 @@
+"""``MetaTrainer``: TDFusion's Algorithm 1 as a ready schedule.
+
+Per epoch (Bai et al., CVPR 2025, Algorithm 1 and section 3.3):
+
+1. draw fresh, non-overlapping meta-train and meta-test subsets from the training set;
+2. M meta iterations: one :class:`~metaloss.MetaStep` each (virtual steps of the model and the
+   task model on a meta-train batch, outer step of the loss generator on a meta-test batch);
+3. N ordinary iterations over the training set: the model learns from the learnable loss with
+   its weights detached, the task model from the task loss on the detached predictions.
+
+Every sample order comes from a generator seeded by ``(seed, epoch)``, so a run resumed from a
+checkpoint (which holds the modules, every optimiser, the RNG states and the position in the
+schedule) reproduces the uninterrupted run. With ``num_workers=0`` this is bit-identical on CPU;
+with workers, random transforms inside the data set draw from per-worker seeds that depend on
+where the loader was started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
+from metaloss.callbacks import Callback
+from metaloss.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from metaloss.hypergradient import HypergradientMode
+from metaloss.inner_step import BufferPolicy, InnerRule
+from metaloss.learnable_loss import LearnableLoss
+from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss, checked_task_loss
+from metaloss.outer import OuterRule, make_outer_optimizer
+
+__all__ = ["MetaTrainer", "MetaTrainerConfig", "ModelStepStats", "Position"]
+
+
+@dataclass
+class MetaTrainerConfig:
+    """The schedule and its options (the paper's defaults where it gives them).
+
+    Attributes:
+        epochs: L (paper: 50).
+        meta_iterations: M, meta iterations per epoch (paper: 200).
+        model_iterations: N, ordinary iterations per epoch; ``None`` is one pass over the data.
+        batch_size: samples per batch (paper: 2).
+        lr: learning rate of the default Adam optimisers of the model and the task model.
+        outer_rule: the loss generator's update rule when no outer optimiser is given.
+        outer_lr: its learning rate.
+        mode: hypergradient mode (``"exact"`` or ``"finite_difference"``).
+        fd_eps: relative perturbation of the finite-difference mode.
+        buffer_policy: BatchNorm buffers in virtual steps.
+        nonfinite: ``"skip"`` or ``"raise"`` on a non-finite meta-gradient.
+        autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run forwards under autocast.
+        joint_task_weight: also train the model on ``weight * task loss`` in its ordinary
+            step (ablation III of the paper); 0 disables it.
+        model_phase: ``False`` drops the ordinary phase; the model and task model then take
+            their ordinary step on each meta-train batch right after the meta step (ablation IV).
+        seed: seeds every sample order.
+        num_workers: data-loader workers.
+        checkpoint_every: also checkpoint every this many steps (0: only after each phase).
+        progress: show progress bars.
+    """
+
+    epochs: int = 50
+    meta_iterations: int = 200
+    model_iterations: int | None = None
+    batch_size: int = 2
+    lr: float = 1e-4
+    outer_rule: OuterRule = "adam"
+    outer_lr: float = 1e-4
+    mode: HypergradientMode = "exact"
+    fd_eps: float = 1e-4
+    buffer_policy: str = BufferPolicy.DISCARD.value
+    nonfinite: Literal["skip", "raise"] = "skip"
+    autocast_dtype: Literal["bfloat16", "float16"] | None = None
+    joint_task_weight: float = 0.0
+    model_phase: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_iterations < 0:
+            raise ValueError(f"meta_iterations must be >= 0, got {self.meta_iterations}")
+        if self.model_iterations is not None and self.model_iterations < 0:
+            raise ValueError(f"model_iterations must be >= 0 or None, got {self.model_iterations}")
+
+
+@dataclass
+class Position:
+    """Where the schedule stands: the next step to run."""
+
+    epoch: int = 0
+    phase: Literal["meta", "model"] = "meta"
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class ModelStepStats:
+    """What one ordinary iteration measured.
+
+    Attributes:
+        model_loss: the learnable loss (weights detached) the model stepped on.
+        task_loss: the task loss the task model stepped on.
+        weight_mean: the mean weight of each source.
+        terms: each term of the learnable loss.
+    """
+
+    model_loss: float
+    task_loss: float
+    weight_mean: tuple[float, ...]
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class MetaTrainer:
+    """Train a model, its task model and its learnable loss with Algorithm 1.
+
+    Args:
+        model: ``F``.
+        loss: the learnable loss (its generator is ``G``).
+        task_model: ``T``.
+        task_loss: ``task_loss(task_model_output, batch) -> scalar``.
+        dataset: a map-style data set of the user's samples.
+        config: the schedule (:class:`MetaTrainerConfig`).
+        collate_fn: builds a batch from samples (default: PyTorch's).
+        adapter: reads batches (default :class:`~metaloss.SourcesAdapter`).
+        model_optimizer, task_optimizer: default Adam at ``config.lr``.
+        outer_optimizer: default :func:`~metaloss.make_outer_optimizer` from the config.
+        schedulers: learning-rate schedulers stepped at the end of every epoch.
+        inner, task_inner: inner update rules (default SGD at the real optimisers' rates).
+        callbacks: objects with :class:`~metaloss.Callback` methods.
+        checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LearnableLoss,
+        task_model: nn.Module,
+        task_loss: TaskLoss,
+        dataset: Dataset[Any],
+        *,
+        config: MetaTrainerConfig | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        adapter: BatchAdapter[Any] | None = None,
+        model_optimizer: torch.optim.Optimizer | None = None,
+        task_optimizer: torch.optim.Optimizer | None = None,
+        outer_optimizer: torch.optim.Optimizer | None = None,
+        schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler] = (),
+        inner: InnerRule | None = None,
+        task_inner: InnerRule | None = None,
+        callbacks: Iterable[Any] = (),
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if isinstance(dataset, DataLoader):
+            raise TypeError("MetaTrainer takes a Dataset (it builds its own loaders); pass loader.dataset")
+        if not hasattr(dataset, "__len__"):
+            raise TypeError("MetaTrainer needs a map-style Dataset with __len__")
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("the data set is empty: MetaTrainer has nothing to train on")
+        self.config = config or MetaTrainerConfig()
+        self.model = model
+        self.loss = loss
+        self.task_model = task_model
+        self.task_loss = task_loss
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.adapter: BatchAdapter[Any] = adapter or SourcesAdapter()
+        cfg = self.config
+        self.model_optimizer = model_optimizer or torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        self.task_optimizer = task_optimizer or torch.optim.Adam(task_model.parameters(), lr=cfg.lr)
+        generator_params = [p for p in loss.parameters() if p.requires_grad]
+        self.learns_loss = bool(generator_params)
+        self.outer_optimizer = outer_optimizer or (
+            make_outer_optimizer(cfg.outer_rule, generator_params, cfg.outer_lr) if generator_params else None
+        )
+        self.schedulers = list(schedulers)
+        self.callbacks = list(callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[cfg.autocast_dtype]
+        self.autocast_dtype = dtype
+        self.meta_step = MetaStep(
+            model,
+            loss,
+            task_model,
+            task_loss,
+            outer_optimizer=self.outer_optimizer,
+            model_optimizer=self.model_optimizer,
+            task_optimizer=self.task_optimizer,
+            adapter=self.adapter,
+            inner=inner,
+            task_inner=task_inner,
+            mode=cfg.mode,
+            fd_eps=cfg.fd_eps,
+            buffer_policy=cfg.buffer_policy,
+            nonfinite=cfg.nonfinite,
+            autocast_dtype=dtype,
+        )
+        self.position = Position()
+        self.global_step = 0
+        if len(dataset) < 2 and self.learns_loss and cfg.meta_iterations > 0:  # type: ignore[arg-type]
+            raise ValueError("the data set needs at least 2 samples for disjoint meta-train / meta-test subsets")
+
+    # ------------------------------------------------------------------ data
+    @property
+    def device(self) -> torch.device:
+        """The model's device (batches are moved there)."""
+        return next(self.model.parameters()).device
+
+    def _orders(self, epoch: int) -> tuple[list[int], list[int], list[int]]:
+        """Meta-train, meta-test and ordinary sample orders of ``epoch`` (deterministic)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        n = len(self.dataset)  # type: ignore[arg-type]
+        perm = torch.randperm(n, generator=g).tolist()
+        half = n // 2
+        need = cfg.meta_iterations * cfg.batch_size
+        meta_train = [perm[i % half] for i in range(need)] if half else []
+        meta_test = [perm[half + i % half] for i in range(need)] if half else []
+        order = torch.randperm(n, generator=g).tolist()
+        if cfg.model_iterations is not None:
+            order = [order[i % n] for i in range(cfg.model_iterations * cfg.batch_size)]
+        return meta_train, meta_test, order
+
+    def _loader(self, indices: list[int]) -> DataLoader[Any]:
+        return DataLoader(
+            Subset(self.dataset, indices),
+            batch_size=self.config.batch_size,
+            shuffle=False,
+            collate_fn=self.collate_fn,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # An own generator: creating the loader must not draw from the global RNG, or a
+            # resumed run would see a different global random stream than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _batches(self, indices: list[int], start: int) -> Iterator[Any]:
+        for batch in self._loader(indices[start * self.config.batch_size :]):
+            yield move_to_device(batch, self.device)
+
+    # ----------------------------------------------------------------- steps
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.autocast_dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            yield
+
+    def model_step(self, batch: Any) -> ModelStepStats:
+        """One ordinary iteration: the model on the learnable loss (weights detached), the task
+        model on the task loss of the detached prediction (eq. 8 and 9)."""
+        adapter = self.adapter
+        sources = adapter.sources(batch)
+        joint = self.config.joint_task_weight
+        with self._autocast():
+            prediction = self.model(*adapter.model_args(batch))
+        out = self.loss(sources, prediction, detach_weights=True)
+        model_total = out.total
+        with self._autocast(), torch.set_grad_enabled(joint > 0):
+            task_view = self.model(*adapter.task_model_args(batch))
+        if joint > 0:
+            with self._autocast():
+                joint_out = self.task_model(*adapter.task_args(batch, task_view))
+            model_total = model_total + joint * checked_task_loss(self.task_loss, joint_out, batch)
+        self.model_optimizer.zero_grad(set_to_none=True)
+        model_total.backward(inputs=[p for p in self.model.parameters() if p.requires_grad])
+        self.model_optimizer.step()
+        with self._autocast():
+            task_out = self.task_model(*adapter.task_args(batch, task_view.detach()))
+        task_value = checked_task_loss(self.task_loss, task_out, batch)
+        self.task_optimizer.zero_grad(set_to_none=True)
+        task_value.backward()
+        self.task_optimizer.step()
+        w = out.weights.detach().float().transpose(0, 1).reshape(out.weights.shape[1], -1)
+        return ModelStepStats(
+            model_loss=float(out.total.detach()),
+            task_loss=float(task_value.detach()),
+            weight_mean=tuple(float(x) for x in w.mean(dim=1)),
+            terms={k: float(v.detach()) for k, v in out.terms.items()},
+        )
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: modules, optimisers, schedulers, RNG, position."""
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "task_model": self.task_model.state_dict(),
+            "model_optimizer": self.model_optimizer.state_dict(),
+            "task_optimizer": self.task_optimizer.state_dict(),
+            "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer else None,
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "rng": get_rng_state(),
+            "position": dataclasses.asdict(self.position),
+            "global_step": self.global_step,
+            "skipped_total": self.meta_step.skipped_total,
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.task_model.load_state_dict(state["task_model"])
+        self.model_optimizer.load_state_dict(state["model_optimizer"])
+        self.task_optimizer.load_state_dict(state["task_optimizer"])
+        if self.outer_optimizer is not None and state["outer_optimizer"] is not None:
+            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        for scheduler, s in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(s)
+        set_rng_state(state["rng"])
+        self.position = Position(**state["position"])
+        self.global_step = int(state["global_step"])
+        self.meta_step.skipped_total = int(state["skipped_total"])
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
+        """Write the checkpoint atomically (default ``checkpoint_dir/last.pt``)."""
+        if path is None:
+            if self.checkpoint_dir is None:
+                return None
+            path = self.checkpoint_dir / "last.pt"
+        return save_checkpoint(self.state_dict(), path)
+
+    # ------------------------------------------------------------------- fit
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, hook, None)
+            if method is not None:
+                method(self, *args)
+
+    def _after_step(self, budget: list[int]) -> bool:
+        """Count a step, checkpoint when due; ``True`` when ``max_steps`` is used up."""
+        self.global_step += 1
+        every = self.config.checkpoint_every
+        if every and self.global_step % every == 0:
+            self.save()
+        budget[0] -= 1
+        return budget[0] == 0
+
+    def fit(self, resume: str | os.PathLike[str] | None = None, max_steps: int | None = None) -> None:
+        """Run the schedule from the start, or from a checkpoint.
+
+        Args:
+            resume: a checkpoint written by :meth:`save`; training continues where it stopped.
+            max_steps: stop (after checkpointing) once this many steps have run in this call.
+        """
+        if resume is not None:
+            self.load_state_dict(load_checkpoint(resume, map_location=self.device))
+        cfg = self.config
+        budget = [max_steps if max_steps is not None else -1]
+        self.model.train()
+        self.task_model.train()
+        self.loss.train()
+        while self.position.epoch < cfg.epochs:
+            epoch = self.position.epoch
+            meta_train, meta_test, order = self._orders(epoch)
+            if self.position.phase == "meta":
+                steps = cfg.meta_iterations if self.learns_loss else 0
+                start = self.position.step
+                bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs} meta", disable=not cfg.progress, leave=False)
+                pairs = zip(self._batches(meta_train, start), self._batches(meta_test, start))
+                for step, (train_batch, test_batch) in enumerate(pairs, start=start):
+                    if step >= steps:
+                        break
+                    stats = self.meta_step.step(train_batch, test_batch)
+                    if not cfg.model_phase:
+                        self.model_step(train_batch)
+                    self.position.step = step + 1
+                    bar.update(1)
+                    bar.set_postfix(outer=f"{stats.outer_loss:.4g}", hg=f"{stats.hypergrad_norm:.2e}", skipped=stats.skipped_total)
+                    self._emit("on_meta_step", stats)
+                    if self._after_step(budget):
+                        bar.close()
+                        self.save()
+                        return
+                bar.close()
+                self.position = Position(epoch, "model", 0)
+                self.save()
+            if self.position.phase == "model":
+                steps = math.ceil(len(order) / cfg.batch_size) if cfg.model_phase else 0
+                start = self.position.step
+                bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs} model", disable=not cfg.progress, leave=False)
+                batches = self._batches(order, start) if steps > start else iter(())
+                for step, batch in enumerate(batches, start=start):
+                    model_stats = self.model_step(batch)
+                    self.position.step = step + 1
+                    bar.update(1)
+                    bar.set_postfix(model=f"{model_stats.model_loss:.4g}", task=f"{model_stats.task_loss:.4g}")
+                    self._emit("on_model_step", model_stats)
+                    if self._after_step(budget):
+                        bar.close()
+                        self.save()
+                        return
+                bar.close()
+                for scheduler in self.schedulers:
+                    scheduler.step()
+                self.position = Position(epoch + 1, "meta", 0)
+                self.save()
+                self._emit("on_epoch_end", epoch)
+        self._emit("on_fit_end")
+

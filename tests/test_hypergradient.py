@@ -1,0 +1,191 @@
+"""The meta-gradient is checked, not assumed: against float64 central finite differences of an
+independently written outer loss, for each inner rule, buffer policy and hypergradient mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from metaloss import BufferPolicy, InnerAdam, InnerSGD, LearnableLoss, MetaStep
+from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
+
+LR_F, LR_T = 0.05, 0.05
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    fusion = SmallFusion().double()
+    generator = SmallGenerator().double()
+    task = SmallSegmenter().double()
+    loss = LearnableLoss(generator, {"int": weighted_squared_error})
+
+    def batch(s: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(s)
+        return {
+            "a": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
+            "b": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
+            "target": torch.randint(0, 2, (2, 8, 8), generator=g),
+        }
+
+    return fusion, loss, task, batch(1), batch(2)
+
+
+def _adam_optimizer(module: torch.nn.Module) -> torch.optim.Adam:
+    """A real Adam with two steps of history, so the seeded inner Adam has non-zero moments.
+
+    (With a zero second moment the Adam step is ~ lr * sign(g): a near-step function of g on
+    which central differences say nothing.)
+    """
+    opt = torch.optim.Adam(module.parameters(), lr=LR_F)
+    for _ in range(2):
+        opt.zero_grad()
+        sum(((p + 0.1) ** 2).sum() for p in module.parameters()).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def _reference_outer_loss(fusion, loss, task, train, test, rule: str, adam_opt, policy: str) -> torch.Tensor:
+    """L_t(T'(F'(test))) written with plain autograd, as a function of the generator's parameters."""
+    frozen = policy == "frozen"
+
+    def call(module, params, x):
+        buffers = {n: b.clone() for n, b in module.named_buffers()}
+        if frozen:
+            module.eval()
+        try:
+            return functional_call(module, {**params, **buffers}, (x,))
+        finally:
+            module.train()
+
+    # T' from one SGD step on the detached fusion of the train batch.
+    with torch.no_grad():
+        plain = {n: p.detach() for n, p in fusion.named_parameters()}
+        fused_train = call(fusion, plain, torch.cat([train["a"], train["b"]], 1))
+    t_params = {n: p.detach().requires_grad_() for n, p in task.named_parameters()}
+    lt = seg_loss(call(task, t_params, fused_train), train)
+    gt = torch.autograd.grad(lt, list(t_params.values()))
+    t_new = {n: p - LR_T * g for (n, p), g in zip(t_params.items(), gt)}
+    # F' from one differentiable step under the learnable loss.
+    f_params = {n: p.detach().requires_grad_() for n, p in fusion.named_parameters()}
+    pred = call(fusion, f_params, torch.cat([train["a"], train["b"]], 1))
+    lf = loss([train["a"], train["b"]], pred).total
+    gf = torch.autograd.grad(lf, list(f_params.values()), create_graph=True)
+    f_new = {}
+    for (n, p), g, real in zip(f_params.items(), gf, fusion.parameters()):
+        if rule == "sgd":
+            f_new[n] = p - LR_F * g
+        else:
+            st = adam_opt.state[real]
+            b1, b2 = adam_opt.param_groups[0]["betas"]
+            t = int(st["step"]) + 1
+            m = b1 * st["exp_avg"] + (1 - b1) * g
+            v = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+            f_new[n] = p - LR_F * m_hat / (torch.sqrt(v_hat + 1e-16) + adam_opt.param_groups[0]["eps"])
+    fused_test = call(fusion, f_new, torch.cat([test["a"], test["b"]], 1))
+    return seg_loss(call(task, {n: p.detach() for n, p in t_new.items()}, fused_test), test)
+
+
+def _central_difference(fn, params, direction, eps):
+    """Five-point central difference of ``fn`` along ``direction`` (truncation error O(eps^4))."""
+
+    def at(scale: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(scale * d)
+        try:
+            return fn().item()
+        finally:
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.sub_(scale * d)
+
+    return (-at(2 * eps) + 8 * at(eps) - 8 * at(-eps) + at(-2 * eps)) / (12 * eps)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+@pytest.mark.parametrize("policy", ["discard", "frozen"])
+def test_exact_hypergradient_matches_float64_central_differences(rule: str, policy: str) -> None:
+    fusion, loss, task, train, test = _setup()
+    adam_opt = _adam_optimizer(fusion) if rule == "adam" else None
+    meta = MetaStep(
+        fusion,
+        loss,
+        task,
+        seg_loss,
+        model_optimizer=adam_opt,
+        inner=InnerSGD(lr=LR_F) if rule == "sgd" else InnerAdam(lr=LR_F, eps_root=1e-16),
+        task_inner=InnerSGD(lr=LR_T),
+        buffer_policy=policy,
+    )
+    result, _ = meta.hypergradient(train, test)
+    gen_params = list(loss.parameters())
+
+    def outer() -> torch.Tensor:
+        return _reference_outer_loss(fusion, loss, task, train, test, rule, adam_opt, policy)
+
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in gen_params]
+        norm = torch.sqrt(sum((d**2).sum() for d in direction))
+        direction = [d / norm for d in direction]
+        analytic = sum((r * d).sum() for r, d in zip(result.grads, direction)).item()
+        numeric = _central_difference(outer, gen_params, direction, eps=1e-3)
+        assert abs(analytic) > 1e-9, "degenerate test: the directional meta-gradient is zero"
+        assert abs(analytic - numeric) <= 1e-6 * abs(numeric), (analytic, numeric)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_finite_difference_mode_agrees_with_exact(rule: str) -> None:
+    fusion, loss, task, train, test = _setup(seed=3)
+    adam_opt = _adam_optimizer(fusion) if rule == "adam" else None
+    inner = InnerSGD(lr=LR_F) if rule == "sgd" else InnerAdam(lr=LR_F)
+    grads = {}
+    for mode in ("exact", "finite_difference"):
+        meta = MetaStep(fusion, loss, task, seg_loss, model_optimizer=adam_opt, inner=inner, task_inner=InnerSGD(lr=LR_T),
+                        mode=mode, fd_eps=1e-5)
+        grads[mode] = torch.cat([g.flatten() for g in meta.hypergradient(train, test)[0].grads])
+    exact, fd = grads["exact"], grads["finite_difference"]
+    assert exact.norm() > 0
+    assert (fd - exact).norm() <= 1e-4 * exact.norm(), ((fd - exact).norm() / exact.norm()).item()
+
+
+def test_only_generator_gets_gradients_and_finite_difference_needs_no_second_order_graph() -> None:
+    fusion, loss, task, train, test = _setup()
+    meta = MetaStep(fusion, loss, task, seg_loss, inner=InnerSGD(lr=LR_F), task_inner=InnerSGD(lr=LR_T),
+                    mode="finite_difference")
+    result, stats = meta.hypergradient(train, test)
+    assert len(result.grads) == len(list(loss.parameters()))
+    assert all(p.grad is None for p in fusion.parameters())
+    assert all(p.grad is None for p in task.parameters())
+    assert all(p.grad is None for p in loss.parameters())
+    assert stats.hypergrad_norm == pytest.approx(result.norm())
+    assert len(stats.weight_mean) == 2 and abs(sum(stats.weight_mean) - 1) < 1e-6
+
+
+def test_inner_adam_refuses_eps_root_zero_and_unseeded_use() -> None:
+    fusion, loss, task, train, test = _setup()
+    with pytest.raises(ValueError, match="eps_root"):
+        MetaStep(fusion, loss, task, seg_loss, inner=InnerAdam(lr=1e-3, eps_root=0.0), task_inner=InnerSGD(lr=LR_T),
+                 model_optimizer=_adam_optimizer(fusion)).hypergradient(train, test)
+    with pytest.raises(ValueError, match="seeded"):
+        MetaStep(fusion, loss, task, seg_loss, inner=InnerAdam(lr=1e-3), task_inner=InnerSGD(lr=LR_T)).hypergradient(
+            train, test
+        )
+    with pytest.raises(ValueError, match="lr=None"):
+        MetaStep(fusion, loss, task, seg_loss).hypergradient(train, test)
+
+
+def test_seeded_inner_adam_equals_the_real_adam_step() -> None:
+    fusion, *_ = _setup()
+    opt = _adam_optimizer(fusion)
+    params = tuple(p.detach().clone() for p in fusion.parameters())
+    grads = tuple(torch.randn_like(p) for p in params)
+    virtual = InnerAdam(eps_root=1e-30).step(params, grads, tuple(fusion.parameters()), opt)
+    for p, g in zip(fusion.parameters(), grads):
+        p.grad = g.clone()
+    opt.step()
+    for v, p in zip(virtual, fusion.parameters()):
+        torch.testing.assert_close(v, p.detach(), rtol=1e-10, atol=1e-12)
