@@ -29,7 +29,7 @@ from metaloss.hypergradient import (
     hypergradient,
 )
 from metaloss.inner_step import BufferPolicy, InnerRule, InnerSGD, StatelessModule
-from metaloss.learnable_loss import LearnableLoss
+from metaloss.learnable_loss import LearnableLoss, check_sources
 
 __all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
 
@@ -184,9 +184,11 @@ class MetaStep:
         wrt = self.generator_parameters
         if not wrt:
             raise ValueError("the learnable loss has no trainable parameters: nothing to meta-learn")
+        sources = self.adapter.sources(train_batch)
+        check_sources(sources)
+        check_sources(self.adapter.sources(test_batch))
         task_params, task_inner_loss = self._task_virtual_step(train_batch)
 
-        sources = self.adapter.sources(train_batch)
         model_args = self.adapter.model_args(train_batch)
         with self._autocast():
             weights = self.loss.weights(sources)

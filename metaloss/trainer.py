@@ -36,7 +36,7 @@ from metaloss.callbacks import Callback
 from metaloss.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from metaloss.hypergradient import HypergradientMode
 from metaloss.inner_step import BufferPolicy, InnerRule
-from metaloss.learnable_loss import LearnableLoss
+from metaloss.learnable_loss import LearnableLoss, check_sources
 from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss, checked_task_loss
 from metaloss.outer import OuterRule, make_outer_optimizer
 
@@ -266,6 +266,7 @@ class MetaTrainer:
         model on the task loss of the detached prediction (eq. 8 and 9)."""
         adapter = self.adapter
         sources = adapter.sources(batch)
+        check_sources(sources)
         joint = self.config.joint_task_weight
         with self._autocast():
             prediction = self.model(*adapter.model_args(batch))

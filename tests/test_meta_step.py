@@ -1,0 +1,200 @@
+"""MetaStep behaviour: the user's modules are untouched, bad input is named, non-finite
+meta-gradients never reach the generator, custom task networks plug in."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from metaloss import (
+    ConstantWeights,
+    InnerSGD,
+    LearnableLoss,
+    MaxNormalizedSGD,
+    MetaStep,
+    NonFiniteHypergradientError,
+)
+from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
+
+
+def _batch(seed: int, size: int = 8) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.rand(2, 1, size, size, generator=g),
+        "b": torch.rand(2, 1, size, size, generator=g),
+        "target": torch.randint(0, 2, (2, size, size), generator=g),
+    }
+
+
+def _parts(policy: str = "discard"):
+    torch.manual_seed(0)
+    fusion, task = SmallFusion(), SmallSegmenter()
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    opt_g = torch.optim.Adam(loss.parameters(), lr=1e-2)
+    meta = MetaStep(
+        fusion, loss, task, seg_loss, outer_optimizer=opt_g,
+        inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1), buffer_policy=policy,
+    )
+    return fusion, loss, task, meta
+
+
+def _state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("policy", ["discard", "frozen"])
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_meta_step_leaves_user_modules_bit_identical(policy: str, mode: str) -> None:
+    fusion, loss, task, meta = _parts(policy)
+    meta.mode = mode
+    before_f, before_t, before_g = _state(fusion), _state(task), _state(loss)
+    assert any("running_mean" in k for k in before_f) and any("running_var" in k for k in before_t)
+    stats = meta.step(_batch(1), _batch(2))
+    for name, module, before in (("F", fusion, before_f), ("T", task, before_t)):
+        after = module.state_dict()
+        for key, value in before.items():
+            assert torch.equal(after[key], value), f"{name}.{key} changed during a meta step"
+        assert all(p.grad is None for p in module.parameters()), f"{name} received .grad"
+    assert fusion.training and task.training
+    changed = [k for k, v in loss.state_dict().items() if not torch.equal(v, before_g[k])]
+    assert changed, "the generator was not stepped"
+    assert stats.hypergrad_norm > 0 and not stats.skipped
+
+
+def test_generator_receives_no_first_order_shortcut() -> None:
+    """First-order MAML would give G no gradient: the exact mode must give a non-zero one."""
+    _, _, _, meta = _parts()
+    result, _ = meta.hypergradient(_batch(1), _batch(2))
+    assert result.norm() > 0
+
+
+def test_k_way_weight_maps() -> None:
+    torch.manual_seed(0)
+    k = 3
+    fusion, task = SmallFusion(k=k), SmallSegmenter()
+    loss = LearnableLoss(SmallGenerator(k=k), {"int": weighted_squared_error})
+    from metaloss import SourcesAdapter
+
+    meta = MetaStep(fusion, loss, task, seg_loss, adapter=SourcesAdapter(keys=("a", "b", "c")),
+                    inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1))
+    batch = _batch(1) | {"c": torch.rand(2, 1, 8, 8)}
+    _, stats = meta.hypergradient(batch, batch)
+    assert len(stats.weight_mean) == k and math.isclose(sum(stats.weight_mean), 1.0, rel_tol=1e-5)
+
+
+def test_nonfinite_hypergradient_is_skipped_or_raised() -> None:
+    fusion, loss, task, meta = _parts()
+
+    def exploding(output: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return seg_loss(output, batch) * torch.tensor(float("inf"))
+
+    meta.task_loss = exploding
+    before = _state(loss)
+    stats = meta.step(_batch(1), _batch(2))
+    assert stats.skipped and stats.skipped_total == 1 and meta.skipped_total == 1
+    assert all(torch.equal(v, before[k]) for k, v in loss.state_dict().items())
+    assert all(p.grad is None for p in loss.parameters())
+    meta.nonfinite = "raise"
+    with pytest.raises(NonFiniteHypergradientError, match="not finite"):
+        meta.step(_batch(1), _batch(2))
+
+
+def test_sources_of_different_shapes_are_rejected() -> None:
+    _, _, _, meta = _parts()
+    bad = _batch(1) | {"b": torch.rand(2, 1, 8, 6)}
+    with pytest.raises(ValueError, match="share one shape"):
+        meta.step(bad, _batch(2))
+
+
+def test_non_scalar_task_loss_is_rejected() -> None:
+    _, _, _, meta = _parts()
+    meta.task_loss = lambda output, batch: nn.functional.cross_entropy(output, batch["target"], reduction="none")
+    with pytest.raises(ValueError, match="task_loss must return a scalar"):
+        meta.step(_batch(1), _batch(2))
+
+
+@pytest.mark.parametrize(
+    ("generator", "match"),
+    [
+        (nn.Conv2d(2, 2, 1), "do not sum to 1|negative"),  # raw logits given as weights
+        (nn.Sequential(nn.Conv2d(2, 3, 1), nn.Softmax(1)), "expected shape"),  # 3 maps for 2 sources
+    ],
+)
+def test_invalid_weight_map_is_rejected(generator: nn.Module, match: str) -> None:
+    class Concat(nn.Module):
+        def __init__(self, body: nn.Module) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, *sources: Tensor) -> Tensor:
+            return self.body(torch.cat(sources, 1))
+
+    loss = LearnableLoss(Concat(generator), {"int": weighted_squared_error}, weights="given")
+    with pytest.raises(ValueError, match=match):
+        loss([torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)], torch.rand(2, 1, 8, 8))
+
+
+def test_constant_weights_have_nothing_to_meta_learn() -> None:
+    loss = LearnableLoss(ConstantWeights(2), {"int": weighted_squared_error}, weights="given")
+    out = loss([torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)], torch.rand(1, 1, 4, 4))
+    assert torch.allclose(out.weights, torch.full_like(out.weights, 0.5))
+    meta = MetaStep(SmallFusion(), loss, SmallSegmenter(), seg_loss, inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        meta.hypergradient(_batch(1), _batch(2))
+
+
+def test_custom_task_network_and_loss_plug_in_without_subclassing() -> None:
+    """A two-input task model, tuple batches and a hand-written adapter class."""
+
+    class TwoInputRegressor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 1, 3, padding=1)
+
+        def forward(self, fused: Tensor, guide: Tensor) -> Tensor:
+            return self.conv(torch.cat([fused, guide], 1)).mean(dim=(1, 2, 3))
+
+    class TupleAdapter:  # any object with the four methods; no base class
+        def sources(self, batch):
+            return [batch[0], batch[1]]
+
+        def model_args(self, batch):
+            return (torch.cat([batch[0], batch[1]], 1),)
+
+        def task_model_args(self, batch):
+            return self.model_args(batch)
+
+        def task_args(self, batch, prediction):
+            return (prediction, batch[1])
+
+    def regression_loss(output: Tensor, batch) -> Tensor:
+        return ((output - batch[2]) ** 2).mean()
+
+    torch.manual_seed(0)
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    meta = MetaStep(SmallFusion(), loss, TwoInputRegressor(), regression_loss, adapter=TupleAdapter(),
+                    outer_optimizer=MaxNormalizedSGD(loss.parameters(), lr=1e-3),
+                    inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1))
+    batch = (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), torch.rand(2))
+    before = _state(loss)
+    stats = meta.step(batch, batch)
+    assert math.isfinite(stats.outer_loss) and stats.hypergrad_norm > 0
+    deltas = [(v - before[k]).abs().max() for k, v in loss.state_dict().items()]
+    assert max(deltas).item() == pytest.approx(1e-3, rel=1e-4)  # max-normalised: largest change = lr
+
+
+def test_max_normalized_sgd_takes_the_global_maximum() -> None:
+    a = nn.Parameter(torch.zeros(3))
+    b = nn.Parameter(torch.zeros(2))
+    opt = MaxNormalizedSGD([a, b], lr=0.5)
+    a.grad = torch.tensor([1.0, -2.0, 0.5])
+    b.grad = torch.tensor([4.0, 0.0])
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.tensor([-0.125, 0.25, -0.0625]))
+    torch.testing.assert_close(b.detach(), torch.tensor([-0.5, 0.0]))
+    a.grad, b.grad = torch.zeros(3), torch.zeros(2)
+    opt.step()  # a zero maximum takes no step
+    torch.testing.assert_close(b.detach(), torch.tensor([-0.5, 0.0]))

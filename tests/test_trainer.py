@@ -1,0 +1,140 @@
+"""MetaTrainer: a toy with a known answer, bit-identical resume, logging, data errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from metaloss import (
+    ConstantWeights,
+    CSVLogger,
+    InnerSGD,
+    LearnableLoss,
+    MetaTrainer,
+    MetaTrainerConfig,
+    TensorBoardLogger,
+)
+from tests.toy import (
+    InformativeSource,
+    SmallFusion,
+    SmallGenerator,
+    SmallSegmenter,
+    seg_loss,
+    weighted_squared_error,
+)
+
+
+def _trainer(dataset, tmp_path: Path | None = None, batchnorm: bool = False, **config) -> MetaTrainer:
+    torch.manual_seed(0)
+    fusion, task = SmallFusion(batchnorm=batchnorm), SmallSegmenter(batchnorm=batchnorm)
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    cfg = MetaTrainerConfig(
+        **{"epochs": 3, "meta_iterations": 8, "batch_size": 4, "lr": 1e-2, "outer_lr": 1e-2, "progress": False} | config
+    )
+    return MetaTrainer(
+        fusion, loss, task, seg_loss, dataset, config=cfg,
+        inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1), checkpoint_dir=tmp_path,
+    )
+
+
+def _mean_weights(trainer: MetaTrainer, dataset) -> list[float]:
+    with torch.no_grad():
+        a = torch.stack([dataset.items[i]["a"] for i in range(len(dataset))])
+        b = torch.stack([dataset.items[i]["b"] for i in range(len(dataset))])
+        w = trainer.loss.weights([a, b])
+    return [w[:, 0].mean().item(), w[:, 1].mean().item()]
+
+
+@pytest.mark.parametrize(("informative", "index"), [("b", 1), ("a", 0)])
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_generator_learns_to_weigh_the_informative_source(informative: str, index: int, mode: str) -> None:
+    """The segmentation target is visible only in one source: G must learn to weigh it > 0.8."""
+    dataset = InformativeSource(n=32, size=16, informative=informative)
+    trainer = _trainer(dataset, mode=mode)
+    assert _mean_weights(trainer, dataset)[index] < 0.7  # not already the answer
+    trainer.fit()
+    weights = _mean_weights(trainer, dataset)
+    assert weights[index] > 0.8, weights
+
+
+def _all_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
+    state = {}
+    for prefix, module in (("F", trainer.model), ("G", trainer.loss), ("T", trainer.task_model)):
+        state |= {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+    for prefix, opt in (("oF", trainer.model_optimizer), ("oT", trainer.task_optimizer), ("oG", trainer.outer_optimizer)):
+        for pid, st in opt.state_dict()["state"].items():
+            state |= {f"{prefix}.{pid}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)}
+    return state
+
+
+@pytest.mark.parametrize("stop_after", [5, 8, 19])  # mid meta phase, at a phase end, mid model phase
+def test_resume_equals_uninterrupted_run(tmp_path: Path, stop_after: int) -> None:
+    dataset = InformativeSource(n=20, size=12, flip=True)  # random flips draw from the global RNG
+    config = {"epochs": 2, "meta_iterations": 4, "batch_size": 2, "checkpoint_every": 3}
+    full = _trainer(dataset, tmp_path / "full", batchnorm=True, **config)
+    full.fit()
+
+    interrupted = _trainer(dataset, tmp_path / "cut", batchnorm=True, **config)
+    interrupted.fit(max_steps=stop_after)
+    assert interrupted.global_step == stop_after
+    torch.manual_seed(1234)  # a resumed process starts from another RNG state and other weights
+    resumed = _trainer(dataset, tmp_path / "cut", batchnorm=True, **config)
+    with torch.no_grad():
+        for p in resumed.model.parameters():
+            p.add_(1.0)
+    resumed.fit(resume=tmp_path / "cut" / "last.pt")
+
+    expected, got = _all_state(full), _all_state(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+    assert resumed.global_step == full.global_step
+
+
+def test_checkpoint_is_written_atomically(tmp_path: Path) -> None:
+    trainer = _trainer(InformativeSource(n=8, size=8), tmp_path, epochs=1, meta_iterations=2)
+    trainer.fit()
+    assert (tmp_path / "last.pt").is_file()
+    assert not list(tmp_path.glob("*.tmp")), "a temporary checkpoint file was left behind"
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["position"] == {"epoch": 1, "phase": "meta", "step": 0}
+    assert {"model", "loss", "task_model", "model_optimizer", "task_optimizer", "outer_optimizer", "rng"} <= set(state)
+
+
+def test_csv_and_tensorboard_logging(tmp_path: Path) -> None:
+    trainer = _trainer(InformativeSource(n=8, size=8), epochs=1, meta_iterations=3)
+    trainer.callbacks = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
+    trainer.fit()
+    meta_rows = list(csv.DictReader((tmp_path / "csv" / "meta.csv").open()))
+    model_rows = list(csv.DictReader((tmp_path / "csv" / "model.csv").open()))
+    assert len(meta_rows) == 3 and len(model_rows) == 2  # 8 samples / batch 4
+    assert {"outer_loss", "hypergrad_norm", "weight_mean_0", "weight_mean_1", "skipped"} <= set(meta_rows[0])
+    assert all(float(r["hypergrad_norm"]) > 0 for r in meta_rows)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_fixed_weights_skip_the_meta_phase() -> None:
+    dataset = InformativeSource(n=8, size=8)
+    torch.manual_seed(0)
+    loss = LearnableLoss(ConstantWeights(2), {"int": weighted_squared_error}, weights="given")
+    trainer = MetaTrainer(SmallFusion(), loss, SmallSegmenter(), seg_loss, dataset,
+                          config=MetaTrainerConfig(epochs=1, batch_size=4, progress=False))
+    trainer.fit()
+    assert trainer.global_step == 2 and trainer.outer_optimizer is None
+
+
+def test_empty_and_wrong_data_are_named() -> None:
+    fusion, task = SmallFusion(), SmallSegmenter()
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    with pytest.raises(ValueError, match="data set is empty"):
+        MetaTrainer(fusion, loss, task, seg_loss, InformativeSource(n=0))
+    with pytest.raises(TypeError, match="takes a Dataset"):
+        MetaTrainer(fusion, loss, task, seg_loss, DataLoader(InformativeSource(n=4)))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        MetaTrainer(fusion, loss, task, seg_loss, InformativeSource(n=1))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _trainer(InformativeSource(n=4)).fit(resume="/nonexistent/last.pt")
