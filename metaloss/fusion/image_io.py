@@ -1,0 +1,90 @@
+"""Reading and writing images exactly as the TDFusion reference pipeline does (OpenCV).
+
+- grey: ``round(cvtColor(imread(p).astype(float32), BGR2GRAY))`` on the 0-255 scale;
+- luminance for colour fusion: the Y of OpenCV's YCrCb on the float 0-255 image, with its CrCb
+  kept for re-colouring.
+
+An infrared image stored as three identical channels reads as its single channel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "blend_chroma",
+    "is_colour",
+    "read_bgr",
+    "read_grey",
+    "read_ycrcb",
+    "write_grey",
+    "write_ycrcb_as_rgb",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def read_bgr(path: str | os.PathLike[str]) -> np.ndarray:
+    """``cv2.imread`` as float32 ``(H, W, 3)`` BGR on 0-255.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable (or is a truncated) image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ValueError(f"{path} is not a readable image (unknown format, empty or truncated)")
+    if path.suffix.lower() in (".jpg", ".jpeg") and not data[-2:].tobytes() == b"\xff\xd9":
+        raise ValueError(f"{path} is a truncated JPEG (no end-of-image marker)")
+    return image.astype(np.float32)
+
+
+def read_grey(path: str | os.PathLike[str]) -> np.ndarray:
+    """The reference grey image: ``round(BGR2GRAY(float BGR))``, float32 ``(H, W)`` on 0-255."""
+    return np.round(cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2GRAY)).astype(np.float32)
+
+
+def read_ycrcb(path: str | os.PathLike[str]) -> np.ndarray:
+    """OpenCV YCrCb of the float BGR image, ``(H, W, 3)`` float32, Y on 0-255."""
+    return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2YCrCb)
+
+
+def is_colour(path: str | os.PathLike[str]) -> bool:
+    """Whether the image has distinct colour channels (a grey image stored as RGB is not)."""
+    bgr = read_bgr(path)
+    return not (np.array_equal(bgr[..., 0], bgr[..., 1]) and np.array_equal(bgr[..., 1], bgr[..., 2]))
+
+
+def blend_chroma(c1: np.ndarray, c2: np.ndarray, mid: float = 128.0, eps: float = 1e-4) -> np.ndarray:
+    """Blend two chroma planes, favouring the more saturated one at each pixel.
+
+    ``Cf = (C1 |C1 - m| + C2 |C2 - m|) / (|C1 - m| + |C2 - m| + eps)``; ``m`` is the chroma mid-point
+    (128 on the 0-255 scale).
+    """
+    d1, d2 = np.abs(c1 - mid), np.abs(c2 - mid)
+    return (c1 * d1 + c2 * d2) / (d1 + d2 + eps)
+
+
+def write_grey(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Write a 0-255 float or uint8 image as an 8-bit grey PNG (clipped, rounded)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.clip(np.round(image), 0, 255).astype(np.uint8)):
+        raise OSError(f"could not write {path}")
+
+
+def write_ycrcb_as_rgb(path: str | os.PathLike[str], y: np.ndarray, crcb: np.ndarray) -> None:
+    """Write fused luminance ``y`` (0-255) with chroma ``crcb`` ``(H, W, 2)`` as a colour PNG."""
+    ycrcb = np.concatenate([y[..., None], crcb], axis=2).astype(np.float32)
+    bgr = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.clip(np.round(bgr), 0, 255).astype(np.uint8)):
+        raise OSError(f"could not write {path}")

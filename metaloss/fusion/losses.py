@@ -1,0 +1,130 @@
+"""Fusion loss terms of TDFusion, in the paper's form (default) and the released code's form.
+
+``L_f = L_int + alpha * L_grad`` (Bai et al., CVPR 2025, eq. 1-3), for K >= 2 sources:
+
+============  ================================================  ==========================================
+term          paper (``form="paper"``)                          released code (``form="released"``)
+============  ================================================  ==========================================
+intensity     ``mean_px sum_k w_k (F - I_k)^2``                 ``sum_k mean_px (w_k (I_k - F))^2``
+gradient      ``mean_px | |grad F| - max_k |grad I_k| |``,      per direction d in {x, y}: the source's
+              ``|grad I| = |S_x*I| + |S_y*I|``                  signed ``S_d*I`` of largest magnitude;
+                                                                ``sum_d mean_px |S_d*F - that|``
+============  ================================================  ==========================================
+
+``S_x``, ``S_y`` are 3x3 Sobel kernels with zero padding. Each term has a functional form and a
+module form usable as a :class:`metaloss.LossTerm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaloss.learnable_loss import LearnableLoss
+
+__all__ = ["GradientTerm", "IntensityTerm", "LossForm", "gradient_loss", "intensity_loss", "sobel", "tdfusion_loss"]
+
+LossForm = Literal["paper", "released"]
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def sobel(image: Tensor) -> tuple[Tensor, Tensor]:
+    """Signed Sobel responses ``(S_x * image, S_y * image)`` per channel, zero padding.
+
+    Args:
+        image: ``(B, C, H, W)``.
+    """
+    c = image.shape[1]
+    kx = _SOBEL_X.to(image.device, image.dtype).expand(c, 1, 3, 3)
+    ky = _SOBEL_X.t().to(image.device, image.dtype).expand(c, 1, 3, 3)
+    return F.conv2d(image, kx, padding=1, groups=c), F.conv2d(image, ky, padding=1, groups=c)
+
+
+def _check_form(form: str) -> None:
+    if form not in ("paper", "released"):
+        raise ValueError(f"form must be 'paper' or 'released', got {form!r}")
+
+
+def intensity_loss(fused: Tensor, sources: Sequence[Tensor], weights: Tensor, form: LossForm = "paper") -> Tensor:
+    """The weighted intensity term.
+
+    Args:
+        fused: ``(B, 1, H, W)``.
+        sources: K tensors ``(B, 1, H, W)``.
+        weights: ``(B, K, H, W)``.
+        form: ``"paper"`` (eq. 2) or ``"released"`` (squared weights).
+    """
+    _check_form(form)
+    stacked = torch.cat(list(sources), dim=1)  # (B, K, H, W)
+    squared_error = (fused - stacked) ** 2
+    if form == "paper":
+        return (weights * squared_error).sum(dim=1).mean()
+    return (weights**2 * squared_error).mean(dim=(0, 2, 3)).sum()
+
+
+def gradient_loss(fused: Tensor, sources: Sequence[Tensor], form: LossForm = "paper") -> Tensor:
+    """The Sobel gradient term (the sources' strongest gradient is the target).
+
+    Args:
+        fused: ``(B, 1, H, W)``.
+        sources: K tensors ``(B, 1, H, W)``.
+        form: ``"paper"`` (eq. 3, gradient magnitudes) or ``"released"`` (signed, per direction).
+    """
+    _check_form(form)
+    fx, fy = sobel(fused)
+    gx, gy = sobel(torch.cat(list(sources), dim=1))  # (B, K, H, W) each
+    if form == "paper":
+        target = (gx.abs() + gy.abs()).amax(dim=1, keepdim=True)
+        return (fx.abs() + fy.abs() - target).abs().mean()
+    total = fused.new_zeros(())
+    for f_d, g_d in ((fx, gx), (fy, gy)):
+        # The source component of largest magnitude, sign kept (ties go to the first source).
+        pick = g_d.abs().argmax(dim=1, keepdim=True)
+        total = total + (f_d - g_d.gather(1, pick)).abs().mean()
+    return total
+
+
+class IntensityTerm(nn.Module):
+    """Module form of :func:`intensity_loss` (a :class:`metaloss.LossTerm`)."""
+
+    def __init__(self, form: LossForm = "paper") -> None:
+        super().__init__()
+        _check_form(form)
+        self.form = form
+
+    def forward(self, prediction: Tensor, sources: Sequence[Tensor], weights: Tensor) -> Tensor:
+        return intensity_loss(prediction, sources, weights, self.form)
+
+
+class GradientTerm(nn.Module):
+    """Module form of :func:`gradient_loss` (a :class:`metaloss.LossTerm`; ignores the weights)."""
+
+    def __init__(self, form: LossForm = "paper") -> None:
+        super().__init__()
+        _check_form(form)
+        self.form = form
+
+    def forward(self, prediction: Tensor, sources: Sequence[Tensor], weights: Tensor) -> Tensor:
+        return gradient_loss(prediction, sources, self.form)
+
+
+def tdfusion_loss(
+    generator: nn.Module, *, form: LossForm = "paper", alpha: float = 1.0, weights: Literal["softmax", "given"] = "given"
+) -> LearnableLoss:
+    """TDFusion's learnable fusion loss ``L_int + alpha * L_grad`` around ``generator``.
+
+    Args:
+        generator: e.g. :class:`~metaloss.fusion.LossGenerator` (ends in a Softmax: ``"given"``).
+        form: ``"paper"`` or ``"released"`` for both terms.
+        alpha: the gradient term's coefficient (0 drops it: ablation II).
+        weights: how the generator's output becomes weights (see :class:`metaloss.LearnableLoss`).
+    """
+    terms: dict[str, nn.Module] = {"intensity": IntensityTerm(form)}
+    if alpha:
+        terms["gradient"] = GradientTerm(form)
+    return LearnableLoss(generator, terms, {"gradient": alpha} if alpha else None, weights=weights)

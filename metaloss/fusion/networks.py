@@ -1,0 +1,228 @@
+"""The ReFusion fusion network and TDFusion's loss generation module, written plainly.
+
+Both are fully convolutional stacks of Restormer blocks (transposed, channel-wise attention), so
+any ``H x W`` works. No "meta" shadow layers: the core's stateless inner step runs them as they
+are. Parameter names follow the authors' release, so their ``.pth`` files load after
+:func:`load_released_weights` drops the duplicated keys.
+
+References:
+    Zamir et al., "Restormer: Efficient Transformer for High-Resolution Image Restoration", CVPR 2022.
+    Bai et al., "ReFusion: Learning Image Fusion from Reconstruction with Learnable Loss via
+    Meta-Learning", IJCV 2024 (the fusion network, 59,856 parameters).
+    Bai et al., "Task-driven Image Fusion with Learnable Fusion Loss", CVPR 2025 (the loss
+    generation module, 44,529 parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["LossGenerator", "ReFusion", "RestormerBlock", "load_released_weights"]
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of a ``(B, C, H, W)`` tensor, with bias (eps 1e-5)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _transposed_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, temperature: Tensor) -> Tensor:
+    """Channel attention: ``softmax(norm(q) norm(k)^T * t) v`` per head, over ``C/heads`` channels."""
+    h, w = q.shape[-2:]
+    q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=heads) for t in (q, k, v))
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1)
+    attn = ((q @ k.transpose(-2, -1)) * temperature).softmax(dim=-1)
+    return rearrange(attn @ v, "b head c (h w) -> b (head c) h w", head=heads, h=h, w=w)
+
+
+def _dwconv(channels: int) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+
+class TransposedAttention(nn.Module):
+    """Multi-head transposed self-attention (Restormer's MDTA)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=False)
+        self.qkv_dwconv = _dwconv(dim * 3)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        return self.project_out(_transposed_attention(q, k, v, self.heads, self.temperature))
+
+
+class GatedFeedForward(nn.Module):
+    """Gated depth-wise-conv feed-forward network (Restormer's GDFN)."""
+
+    def __init__(self, dim: int, expansion: float) -> None:
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.project_in = nn.Conv2d(dim, hidden * 2, 1, bias=False)
+        self.dwconv = _dwconv(hidden * 2)
+        self.project_out = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(x1) * x2)
+
+
+class RestormerBlock(nn.Module):
+    """``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, dim: int, heads: int = 8, expansion: float = 2.0) -> None:
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim)
+        self.attn = TransposedAttention(dim, heads)
+        self.norm2 = ChannelLayerNorm(dim)
+        self.ffn = GatedFeedForward(dim, expansion)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class AdaptiveFusion(nn.Module):
+    """ReFusion's adaptive fusion module: cross transposed attention, then a gated merge."""
+
+    def __init__(self, dim: int = 16, heads: int = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.temperature1 = nn.Parameter(torch.ones(heads, 1, 1))
+        self.temperature2 = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv1 = nn.Conv2d(dim, dim * 3, 1, bias=False)
+        self.qkv1_dwconv = _dwconv(dim * 3)
+        self.qkv2 = nn.Conv2d(dim, dim * 3, 1, bias=False)
+        self.qkv2_dwconv = _dwconv(dim * 3)
+        self.project_mid1 = nn.Conv2d(dim, dim, 1, bias=False)
+        self.project_mid2 = nn.Conv2d(dim, dim, 1, bias=False)
+        self.project_E = nn.Conv2d(dim * 2, dim * 8, 1, bias=False)
+        self.project_E_d = _dwconv(dim * 8)
+        self.project_E1 = nn.Conv2d(dim, dim * 4, 1, bias=False)
+        self.project_E1_d = _dwconv(dim * 4)
+        self.project_E2 = nn.Conv2d(dim, dim * 4, 1, bias=False)
+        self.project_E2_d = _dwconv(dim * 4)
+        self.project_out1 = nn.Conv2d(dim * 4, dim * 2, 1, bias=False)
+        self.project_out2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=False)
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        q1, k1, v1 = self.qkv1_dwconv(self.qkv1(x1)).chunk(3, dim=1)
+        q2, k2, v2 = self.qkv2_dwconv(self.qkv2(x2)).chunk(3, dim=1)
+        # Each stream's values are re-weighted by the other stream's queries.
+        x1 = x1 + self.project_mid1(_transposed_attention(q2, k1, v1, self.heads, self.temperature1))
+        x2 = x2 + self.project_mid2(_transposed_attention(q1, k2, v2, self.heads, self.temperature2))
+        out = torch.cat([x1, x2], dim=1)
+        g1, g2 = self.project_E_d(self.project_E(out)).chunk(2, dim=1)
+        x1 = F.gelu(g1) * self.project_E1_d(self.project_E1(x1))
+        x2 = F.gelu(g2) * self.project_E2_d(self.project_E2(x2))
+        return out + self.project_out1(x1) + self.project_out2(x2)
+
+
+class ReFusion(nn.Module):
+    """The fusion network ``F``: ``(B, 2, H, W)`` (A, B luminance in [0, 1]) -> ``(B, 1, H, W)``.
+
+    Args:
+        dim: feature width per source (16).
+        num_blocks: Restormer blocks per stage (2).
+        heads: attention heads (8).
+        expansion: FFN expansion (2).
+    """
+
+    def __init__(self, dim: int = 16, num_blocks: int = 2, heads: int = 8, expansion: float = 2.0) -> None:
+        super().__init__()
+        self.project_in_1 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
+        self.project_in_2 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
+        self.encoder1 = nn.ModuleList(RestormerBlock(dim, heads, expansion) for _ in range(num_blocks))
+        self.encoder2 = nn.ModuleList(RestormerBlock(dim, heads, expansion) for _ in range(num_blocks))
+        self.FM = AdaptiveFusion(dim, heads)
+        self.decoder = nn.ModuleList(RestormerBlock(dim * 2, heads, expansion) for _ in range(num_blocks))
+        self.project_out_0 = nn.Conv2d(dim * 2, dim, 3, padding=1, bias=False)
+        self.project_out_1 = nn.Conv2d(dim, 1, 3, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 2:
+            raise ValueError(f"ReFusion takes (B, 2, H, W) = [A, B] stacked on channels, got {tuple(x.shape)}")
+        x1 = self.project_in_1(x[:, :1])
+        x2 = self.project_in_2(x[:, 1:])
+        for block in self.encoder1:
+            x1 = block(x1)
+        for block in self.encoder2:
+            x2 = block(x2)
+        out = self.FM(x1, x2)
+        for block in self.decoder:
+            out = block(out)
+        out = F.leaky_relu(self.project_out_0(out), 0.01)
+        return torch.sigmoid(self.project_out_1(out))
+
+
+class LossGenerator(nn.Module):
+    """TDFusion's loss generation module ``G``: sources A, B -> weight maps ``(B, 2, H, W)``.
+
+    Per source a 3x3 conv and Restormer blocks; concatenated; Restormer blocks at twice the
+    width; 3x3 conv, PReLU, 3x3 conv to 2 channels; Softmax over the 2 channels, so
+    ``w_a + w_b = 1`` at every pixel (use it with ``LearnableLoss(..., weights="given")``).
+    Called as ``generator(a, b)`` with ``(B, 1, H, W)`` sources.
+    """
+
+    def __init__(self, dim: int = 16, num_blocks: int = 2, heads: int = 8, expansion: float = 2.0) -> None:
+        super().__init__()
+        self.patch_embed1 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
+        self.patch_embed2 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
+        self.encoder1 = nn.ModuleList(RestormerBlock(dim, heads, expansion) for _ in range(num_blocks))
+        self.encoder2 = nn.ModuleList(RestormerBlock(dim, heads, expansion) for _ in range(num_blocks))
+        self.encoder3 = nn.ModuleList(RestormerBlock(dim * 2, heads, expansion) for _ in range(num_blocks))
+        self.out1 = nn.Conv2d(dim * 2, dim, 3, padding=1, bias=False)
+        self.out2 = nn.PReLU()
+        self.out3 = nn.Conv2d(dim, 2, 3, padding=1, bias=False)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        x1, x2 = self.patch_embed1(a), self.patch_embed2(b)
+        for block in self.encoder1:
+            x1 = block(x1)
+        for block in self.encoder2:
+            x2 = block(x2)
+        out = torch.cat([x1, x2], dim=1)
+        for block in self.encoder3:
+            out = block(out)
+        return torch.softmax(self.out3(self.out2(self.out1(out))), dim=1)
+
+
+def load_released_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load the authors' released ``.pth`` (ReFusion or TDFusion) into ``model``.
+
+    The release stores every conv weight twice (``x.weight`` and ``x.conv.weight``, one tensor)
+    and LayerNorm as ``norm.body.weight``; both are mapped. Our own checkpoints (a
+    ``MetaTrainer`` checkpoint's ``"model"`` entry, or a plain state dict) load too.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file's keys do not fit ``model`` (the message lists them).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a MetaTrainer checkpoint
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    state = {k.removeprefix("module."): v for k, v in state.items() if ".conv." not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model
