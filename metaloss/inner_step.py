@@ -144,7 +144,8 @@ class InnerAdam:
 
     Args:
         lr: step size; ``None`` follows the real optimiser.
-        betas, eps: ``None`` follows the real optimiser's param group.
+        betas: ``None`` follows the real optimiser's param group.
+        eps: ``None`` follows the real optimiser's param group.
         eps_root: added under the square root (must be > 0).
     """
 

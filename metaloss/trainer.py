@@ -137,10 +137,12 @@ class MetaTrainer:
         config: the schedule (:class:`MetaTrainerConfig`).
         collate_fn: builds a batch from samples (default: PyTorch's).
         adapter: reads batches (default :class:`~metaloss.SourcesAdapter`).
-        model_optimizer, task_optimizer: default Adam at ``config.lr``.
+        model_optimizer: default Adam at ``config.lr``.
+        task_optimizer: default Adam at ``config.lr``.
         outer_optimizer: default :func:`~metaloss.make_outer_optimizer` from the config.
         schedulers: learning-rate schedulers stepped at the end of every epoch.
-        inner, task_inner: inner update rules (default SGD at the real optimisers' rates).
+        inner: the model's inner update rule (default SGD at its optimiser's rate).
+        task_inner: the task model's inner update rule (default SGD at its optimiser's rate).
         callbacks: objects with :class:`~metaloss.Callback` methods.
         checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
     """

@@ -262,8 +262,10 @@ def write_weight_figure(path: Path, loss: LearnableLoss, scenes: list[Scene], fu
     for row, (s, w, f) in enumerate(zip(scenes, weights, fused)):
         for col, (img, title, vmax) in enumerate(((s.a, "infrared A", 255), (s.b, "visible B", 255), (w[0], "w_a", 1), (w[1], "w_b", 1), (f, "fused", 1))):
             ax = axes[row, col]
-            ax.imshow(img, cmap="gray" if col in (0, 1, 4) else "viridis", vmin=0, vmax=vmax)
+            shown = ax.imshow(img, cmap="gray" if col in (0, 1, 4) else "viridis", vmin=0, vmax=vmax)
             ax.set_axis_off()
+            if col in (2, 3):
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             if row == 0:
                 ax.set_title(title)
     fig.tight_layout()
@@ -290,11 +292,11 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     p.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic", help="data set (default: synthetic)")
     p.add_argument("--root", help="the data set's folder as downloaded")
     p.add_argument("--task-net", choices=sorted(TASK_KINDS), default="segformer", help="task network: segformer/unet (seg) or yolov8 (det)")
-    p.add_argument("--epochs", type=int, default=2 if demo_defaults else 50, help="epochs L (paper: 50)")
-    p.add_argument("--meta-iterations", type=int, default=12 if demo_defaults else 200, help="meta iterations M per epoch (paper: 200)")
+    p.add_argument("--epochs", type=int, default=5 if demo_defaults else 50, help="epochs L (paper: 50)")
+    p.add_argument("--meta-iterations", type=int, default=20 if demo_defaults else 200, help="meta iterations M per epoch (paper: 200)")
     p.add_argument("--model-iterations", type=int, default=None, help="ordinary iterations N per epoch (default: one pass)")
     p.add_argument("--batch-size", type=int, default=2, help="batch size (paper: 2)")
-    p.add_argument("--lr", type=float, default=1e-3 if demo_defaults else 1e-4, help="Adam learning rate of F and T (paper: 1e-4)")
+    p.add_argument("--lr", type=float, default=2e-3 if demo_defaults else 1e-4, help="Adam learning rate of F and T (paper: 1e-4)")
     p.add_argument("--inner-lr", type=float, default=1e-3 if demo_defaults else 1e-4, help="step size of the virtual steps (released: F's lr)")
     p.add_argument("--outer", choices=("adam", "sgd", "max_normalized"), default="adam", help="G's update rule (released code: max_normalized)")
     p.add_argument("--outer-lr", type=float, default=1e-3 if demo_defaults else 1e-4, help="G's learning rate")
@@ -304,7 +306,7 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     p.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
     p.add_argument("--crop", type=int, default=64 if demo_defaults else 256, help="fusion crop size (released: 256)")
     p.add_argument("--task-size", type=int, nargs=2, metavar=("H", "W"), help="task view size (default: per data set)")
-    p.add_argument("--synthetic-train", type=int, default=24, help="procedural training scenes")
+    p.add_argument("--synthetic-train", type=int, default=32, help="procedural training scenes")
     p.add_argument("--synthetic-test", type=int, default=8, help="procedural test scenes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on the forward passes (losses in float32)")

@@ -1,0 +1,91 @@
+"""Time a meta iteration against a plain iteration, side by side in one run.
+
+A plain iteration is one ordinary step of F (learnable loss, weights detached) and T; a meta
+iteration is one MetaStep (virtual steps of F and T, outer gradient to G). Both use ReFusion,
+TDFusion's loss generator and the chosen task network, on random batches of the given sizes.
+Prints median seconds per iteration and the ratio; peak RSS at the end (CPU) or peak CUDA memory.
+
+    python benchmarks/meta_iteration.py --task-net segformer --crop 128 --task-size 128 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "metaloss-ultralytics"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
+
+import torch  # noqa: E402
+
+from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
+from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
+from tasks import build_task, detection_targets  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task-net", default="segformer", choices=("segformer", "unet", "yolov8"))
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--task-size", type=int, nargs=2, default=(128, 128))
+    p.add_argument("--mode", default="exact", choices=("exact", "finite_difference"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    task = build_task(args.task_net, 3)
+    model, loss = ReFusion().to(device), tdfusion_loss(LossGenerator()).to(device)
+    task.model.to(device)
+    b, (h, w), c = args.batch_size, args.task_size, args.crop
+    batch = {
+        "a": torch.rand(b, 1, c, c), "b": torch.rand(b, 1, c, c),
+        "task_a": torch.rand(b, 1, h, w), "task_b": torch.rand(b, 1, h, w),
+        "mask": torch.randint(0, 3, (b, h, w)),
+        "det": detection_targets([torch.tensor([[0.5, 0.5, 0.2, 0.3]])] * b, [torch.tensor([1])] * b),
+    }
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else {kk: vv.to(device) for kk, vv in v.items()}) for k, v in batch.items()}
+    adapter = SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b"))
+    dtype = torch.bfloat16 if args.bf16 else None
+    meta = MetaStep(model, loss, task.model, task.loss, adapter=adapter, inner=InnerSGD(1e-4), task_inner=InnerSGD(1e-4),
+                    outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-4), mode=args.mode, autocast_dtype=dtype)
+    trainer = MetaTrainer(model, loss, task.model, task.loss, [batch, batch], adapter=adapter,
+                          config=MetaTrainerConfig(progress=False, autocast_dtype="bfloat16" if args.bf16 else None))
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(args.repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])  # the first call warms up
+
+    plain, metas = [], []
+    for _ in range(2):  # interleaved, so that machine noise hits both alike
+        plain.append(timed(lambda: trainer.model_step(batch)))
+        metas.append(timed(lambda: meta.step(batch, batch)))
+    t_plain, t_meta = min(plain), min(metas)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}")
+    print(f"plain iteration  {t_plain:.3f} s")
+    print(f"meta iteration   {t_meta:.3f} s  ({t_meta / t_plain:.2f}x plain)")
+    if device.type == "cuda":
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    else:
+        print(f"peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

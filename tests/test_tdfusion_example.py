@@ -1,0 +1,134 @@
+"""The TDFusion example on real components: SegFormer, YOLOv8, a smp U-Net, real MSRS pairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
+sys.path.insert(0, str(EXAMPLE))
+
+import run  # noqa: E402
+from data import FusionDataset, SceneList, collate, msrs_files  # noqa: E402
+from tasks import build_task  # noqa: E402
+
+from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
+from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
+from metaloss.fusion.image_io import read_grey  # noqa: E402
+
+MSRS_CLASSES = 9
+
+
+def _msrs_tree(shared_data: Path, tmp_path: Path, names: list[str]) -> Path:
+    """A small MSRS tree in the native layout, with label PNGs written here (uint8 class ids)."""
+    root = tmp_path / "MSRS"
+    for sub in ("ir", "vi", "det_labels"):
+        (root / "train" / sub).mkdir(parents=True)
+    labels = root / "train" / "Segmentation_labels"
+    labels.mkdir()
+    for name in names:
+        for sub, suffix in (("ir", ".png"), ("vi", ".png"), ("det_labels", ".txt")):
+            shutil.copy(shared_data / "MSRS/train" / sub / f"{name}{suffix}", root / "train" / sub)
+        ir = read_grey(root / "train/ir" / f"{name}.png")
+        mask = np.zeros(ir.shape, np.uint8)  # hot regions -> person (2), a road band -> curve (4)
+        mask[ir > 150] = 2
+        mask[int(0.8 * ir.shape[0]) :, :] = 4
+        cv2.imwrite(str(labels / f"{name}.png"), mask)
+    return root
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.task_losses: list[float] = []
+        self.model_losses: list[float] = []
+        self.outer: list[float] = []
+
+    def on_model_step(self, trainer, stats) -> None:
+        self.task_losses.append(stats.task_loss)
+        self.model_losses.append(stats.model_loss)
+
+    def on_meta_step(self, trainer, stats) -> None:
+        self.outer.append(stats.outer_loss)
+
+
+@pytest.mark.parametrize(("task_net", "task_size"), [("segformer", (64, 96)), ("unet", (64, 96)), ("yolov8", (96, 128))])
+def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, task_net: str, task_size) -> None:
+    root = _msrs_tree(shared_data, tmp_path, ["00001D", "00003N"])
+    torch.manual_seed(0)  # before any network is built: the test is deterministic
+    task = build_task(task_net, MSRS_CLASSES if task_net != "yolov8" else 3)
+    # Centre crops (train=False): a small overfit on fixed inputs, so the losses must fall.
+    dataset = FusionDataset(SceneList(msrs_files(root, "train")), task.kind, crop=48, task_size=task_size, train=False)
+    sample = collate([dataset[0], dataset[1]])
+    if task.kind == "det":
+        assert len(sample["det"]["bboxes"]) >= 2 and float(sample["det"]["bboxes"].max()) <= 1.0
+    else:
+        assert set(sample["mask"].unique().tolist()) <= {0, 2, 4}
+    loss = tdfusion_loss(LossGenerator())
+    recorder = _Recorder()
+    trainer = MetaTrainer(
+        ReFusion(), loss, task.model, task.loss, dataset,
+        config=MetaTrainerConfig(epochs=6, meta_iterations=1, batch_size=2, lr=1e-3, outer_lr=1e-3, progress=False),
+        collate_fn=collate, adapter=SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b")),
+        inner=InnerSGD(1e-3), task_inner=InnerSGD(1e-3), callbacks=[recorder],
+    )
+    trainer.fit()
+    losses = recorder.task_losses + recorder.model_losses + recorder.outer
+    assert len(recorder.task_losses) == 6 and len(recorder.outer) == 6
+    assert all(np.isfinite(losses))
+    print(task_net, recorder.task_losses, recorder.model_losses)
+    assert recorder.task_losses[-1] < recorder.task_losses[0], recorder.task_losses
+    assert recorder.model_losses[-1] < recorder.model_losses[0], recorder.model_losses
+
+
+def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -> None:
+    pairs = shared_data / "ReFusion/test_cases/IVIF"
+    out = tmp_path / "fused"
+    run.main(["fuse", "--weights", str(shared_data / "ReFusion/ReFusion_IVIF.pth"), "--a", str(pairs / "infrared/00710N.png"),
+              "--b", str(pairs / "visible/00710N.png"), "--out", str(out), "--raw", "--quiet"])
+    raw = np.load(out / "00710N.npy")
+    reference = np.load(shared_data / "ReFusion/ivif_raw_outputs.npz")["00710N"]
+    assert raw.dtype == np.float32 and np.abs(raw - reference).max() < 5e-5
+    grey = cv2.imread(str(out / "00710N.png"), cv2.IMREAD_UNCHANGED)
+    assert grey.ndim == 2 and grey.min() == 0 and grey.max() == 255  # stretched as the release saves
+    rgb = cv2.imread(str(out / "rgb/00710N.png"), cv2.IMREAD_UNCHANGED)
+    assert rgb.shape == (*grey.shape, 3) and not np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) -> None:
+    a_dir, b_dir = tmp_path / "ir", tmp_path / "vi"
+    methods = {"mean": tmp_path / "mean", "max": tmp_path / "max"}
+    for d in (a_dir, b_dir, *methods.values()):
+        d.mkdir()
+    for name in ("00001D", "00003N"):
+        shutil.copy(shared_data / "MSRS/train/ir" / f"{name}.png", a_dir)
+        shutil.copy(shared_data / "MSRS/train/vi" / f"{name}.png", b_dir)
+        a, b = read_grey(a_dir / f"{name}.png"), read_grey(b_dir / f"{name}.png")
+        cv2.imwrite(str(methods["mean"] / f"{name}.png"), np.round(0.5 * a + 0.5 * b).astype(np.uint8))
+        cv2.imwrite(str(methods["max"] / f"{name}.png"), np.maximum(a, b).astype(np.uint8))
+    out = tmp_path / "eval"
+    run.main(["evaluate", "--fused", str(methods["mean"]), str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir),
+              "--out", str(out), "--quiet"])
+    report = json.loads((out / "max" / "metrics.json").read_text())
+    assert report["convention"] == "mean" and [r["name"] for r in report["images"]] == ["00001D", "00003N"]
+    assert set(report["mean"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
+    table = (out / "comparison.md").read_text()
+    assert "| mean |" in table and "| max |" in table and "**" in table and "convention: mean" in table
+    with pytest.raises(SystemExit, match="no partner"):
+        (b_dir / "00003N.png").unlink()
+        run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate"])
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and len(text.splitlines()) > 5
