@@ -127,10 +127,17 @@ def vif(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") ->
 
 
 def _sobel_same(x: Tensor) -> tuple[Tensor, Tensor]:
-    """3x3 Sobel responses with zero padding ('same')."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device)
+    """3x3 Sobel responses with zero padding ('same'), signed as the reference's
+    ``convolve2d(img, [[-1,0,1],[-2,0,2],[-1,0,1]])`` and ``convolve2d(img, [[1,2,1],[0,0,0],[-1,-2,-1]])``.
+
+    The signs matter: where ``S_x = 0`` the orientation is pinned to +pi/2, so flipping one
+    image's ``S_x`` sign changes ``|a_A - a_F|`` from near 0 to near pi at those pixels.
+    """
+    # A true convolution flips the kernel: correlate with the 180-degree rotations.
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=x.dtype, device=x.device)
+    ky = torch.tensor([[-1.0, -2.0, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 1.0]], dtype=x.dtype, device=x.device)
     sx = F.conv2d(x[:, None], kx.view(1, 1, 3, 3), padding=1)[:, 0]
-    sy = F.conv2d(x[:, None], kx.t().reshape(1, 1, 3, 3), padding=1)[:, 0]
+    sy = F.conv2d(x[:, None], ky.view(1, 1, 3, 3), padding=1)[:, 0]
     return sx, sy
 
 
