@@ -16,7 +16,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
 sys.path.insert(0, str(EXAMPLE))
 
 import run  # noqa: E402
-from data import FusionDataset, SceneList, collate, msrs_files  # noqa: E402
+from data import FusionDataset, SceneList, collate  # noqa: E402
+from datasets import msrs_files  # noqa: E402
 from tasks import build_task  # noqa: E402
 
 from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
@@ -125,7 +126,7 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
         run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate"])
+@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate", "check-data"])
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run.main([command, "--help"])

@@ -95,17 +95,6 @@ def paired_files(a_dir: Path, b_dir: Path, mask_dir: Path | None = None, box_dir
     return pairs
 
 
-def msrs_files(root: str | os.PathLike[str], split: str) -> list[PairFiles]:
-    """MSRS in its native layout: ``{train,test}/{ir,vi,Segmentation_labels,det_labels}``."""
-    base = find_dir(Path(root), split)
-    if base is None:
-        raise FileNotFoundError(f"missing folder {Path(root) / split}")
-    a_dir, b_dir = find_dir(base, "ir", "infrared"), find_dir(base, "vi", "visible")
-    if a_dir is None or b_dir is None:
-        raise FileNotFoundError(f"{base} needs an 'ir' and a 'vi' folder")
-    return paired_files(a_dir, b_dir, find_dir(base, "Segmentation_labels", "label", "labels"), find_dir(base, "det_labels"))
-
-
 def read_yolo_boxes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """YOLO txt: one ``class cx cy w h`` (normalised) per line -> boxes ``(n, 4)``, classes ``(n,)``."""
     rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
@@ -116,8 +105,8 @@ def read_yolo_boxes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data[:, 1:], data[:, 0].astype(np.int64)
 
 
-def load_scene(files: PairFiles) -> Scene:
-    """Read a pair as the reference pipeline does (OpenCV grey, rounded)."""
+def load_scene(files: PairFiles, classes: tuple[str, ...] = ()) -> Scene:
+    """Read a pair as the reference pipeline does (OpenCV grey, rounded); VOC XML boxes need ``classes``."""
     a, b = read_grey(files.a), read_grey(files.b)
     if a.shape != b.shape:
         raise ValueError(f"{files.a} is {a.shape[1]}x{a.shape[0]} but {files.b} is {b.shape[1]}x{b.shape[0]}")
@@ -128,16 +117,21 @@ def load_scene(files: PairFiles) -> Scene:
             raise ValueError(f"{files.mask} is not a single-channel label image")
         scene.mask = mask.astype(np.int64)
     if files.boxes is not None:
-        scene.boxes, scene.classes = read_yolo_boxes(files.boxes)
+        if files.boxes.suffix.lower() == ".xml":
+            from datasets import read_voc
+
+            scene.boxes, scene.classes = read_voc(files.boxes, classes, a.shape)
+        else:
+            scene.boxes, scene.classes = read_yolo_boxes(files.boxes)
     return scene
 
 
 class SceneList(Sequence[Scene]):
     """Scenes read lazily from :class:`PairFiles` and kept once read."""
 
-    def __init__(self, files: Sequence[PairFiles]) -> None:
+    def __init__(self, files: Sequence[PairFiles], classes: tuple[str, ...] = ()) -> None:
         self.files = list(files)
-        self._load = functools.lru_cache(maxsize=None)(lambda i: load_scene(self.files[i]))
+        self._load = functools.lru_cache(maxsize=None)(lambda i: load_scene(self.files[i], classes))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -155,12 +149,14 @@ class FusionDataset(Dataset[dict[str, Any]]):
         crop: side of the fusion crop (clipped to the image).
         task_size: ``(H, W)`` of the task view.
         train: random crops (``False``: the centre crop).
+        flip: random horizontal flips of the whole pair (labels and boxes follow).
     """
 
-    def __init__(self, scenes: Sequence[Scene], kind: str, crop: int = 256, task_size: tuple[int, int] = (240, 320), train: bool = True) -> None:
+    def __init__(self, scenes: Sequence[Scene], kind: str, crop: int = 256, task_size: tuple[int, int] = (240, 320),
+                 train: bool = True, flip: bool = False) -> None:
         if kind not in ("seg", "det"):
             raise ValueError(f"kind must be 'seg' or 'det', got {kind!r}")
-        self.scenes, self.kind, self.crop, self.task_size, self.train = scenes, kind, crop, task_size, train
+        self.scenes, self.kind, self.crop, self.task_size, self.train, self.flip = scenes, kind, crop, task_size, train, flip
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -168,6 +164,13 @@ class FusionDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, i: int) -> dict[str, Any]:
         scene = self.scenes[i]
         full = torch.from_numpy(np.stack([scene.a, scene.b]) / 255.0).float()  # (2, H, W)
+        mask_np, boxes = scene.mask, scene.boxes
+        if self.flip and bool(torch.rand(()) < 0.5):
+            full = full.flip(-1)
+            mask_np = None if mask_np is None else np.ascontiguousarray(mask_np[:, ::-1])
+            if boxes is not None:
+                boxes = boxes.copy()
+                boxes[:, 0] = 1.0 - boxes[:, 0]  # normalised cx mirrors; w, h, cy do not change
         h, w = full.shape[-2:]
         c = min(self.crop, h, w)
         if self.train:
@@ -179,12 +182,12 @@ class FusionDataset(Dataset[dict[str, Any]]):
         task = F.interpolate(full[None], size=self.task_size, mode="bilinear", align_corners=False)[0]
         sample: dict[str, Any] = {"name": scene.name, "a": window[:1], "b": window[1:], "task_a": task[:1], "task_b": task[1:]}
         if self.kind == "seg":
-            if scene.mask is None:
+            if mask_np is None:
                 raise ValueError(f"scene {scene.name} has no label map for segmentation")
-            mask = torch.from_numpy(scene.mask)[None, None].float()
+            mask = torch.from_numpy(mask_np)[None, None].float()
             sample["mask"] = F.interpolate(mask, size=self.task_size, mode="nearest")[0, 0].long()
         else:
-            boxes = scene.boxes if scene.boxes is not None else np.zeros((0, 4), np.float32)
+            boxes = boxes if boxes is not None else np.zeros((0, 4), np.float32)
             classes = scene.classes if scene.classes is not None else np.zeros((0,), np.int64)
             sample["boxes"], sample["classes"] = torch.from_numpy(boxes).float(), torch.from_numpy(classes)
         return sample

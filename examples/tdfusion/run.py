@@ -31,7 +31,8 @@ from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfu
 from metaloss.fusion.image_io import IMAGE_SUFFIXES, blend_chroma, read_grey, read_ycrcb, write_grey, write_ycrcb_as_rgb  # noqa: E402
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
 
-from data import FusionDataset, Scene, SceneList, collate, msrs_files, to_unit  # noqa: E402
+from data import FusionDataset, PairFiles, Scene, SceneList, collate, to_unit  # noqa: E402
+import datasets as ds  # noqa: E402
 from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
 from tasks import TASK_KINDS, build_task  # noqa: E402
 
@@ -42,6 +43,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "fmb": {"seg": 15, "task_size": (300, 400)},
     "m3fd": {"det": 6, "task_size": (192, 256)},
     "llvip": {"det": 1, "task_size": (256, 320)},
+    "folders": {"task_size": (256, 256)},
 }
 ABLATIONS = {
     "none": "TDFusion as published",
@@ -60,15 +62,42 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
     return tdfusion_loss(generator, form=args.form, alpha=alpha)
 
 
-def load_scenes(args: argparse.Namespace, split: str) -> list[Scene] | SceneList:
+def dataset_files(args: argparse.Namespace, split: str) -> list[PairFiles]:
+    """The pairs of one split of a real data set, in its native layout."""
+    if args.dataset == "folders":
+        if not (getattr(args, "a", None) and getattr(args, "b", None)):
+            raise SystemExit("--dataset folders needs --a DIR and --b DIR")
+        return ds.folder_files(args.a, args.b)
+    if args.root is None:
+        raise SystemExit(f"--root is required for --dataset {args.dataset} (the folder as downloaded)")
+    split_dir = Path(args.split_dir) if getattr(args, "split_dir", None) else None
+    if args.dataset == "msrs":
+        return ds.msrs_files(args.root, split)
+    if args.dataset == "fmb":
+        return ds.fmb_files(args.root, split)
+    if args.dataset == "m3fd":
+        return ds.m3fd_files(args.root, split, split_dir)
+    if args.dataset == "llvip":
+        return ds.llvip_files(args.root, split)
+    raise SystemExit(f"unknown data set {args.dataset!r}")
+
+
+def dataset_classes(name: str, kind: str) -> tuple[str, ...]:
+    if name == "msrs":
+        return ds.CLASSES["msrs" if kind == "seg" else "msrs_det"]
+    if name == "synthetic":
+        return SEG_CLASSES if kind == "seg" else DET_CLASSES
+    return ds.CLASSES.get(name, ())
+
+
+def load_scenes(args: argparse.Namespace, split: str, kind: str) -> list[Scene] | SceneList:
     if args.dataset == "synthetic":
         n = args.synthetic_train if split == "train" else args.synthetic_test
         return make_scenes(n, size=DATASETS["synthetic"]["task_size"], seed=args.seed, start=0 if split == "train" else 10_000)
-    if args.dataset == "msrs":
-        if args.root is None:
-            raise SystemExit("--root is required for --dataset msrs (the folder holding train/ and test/)")
-        return SceneList(msrs_files(args.root, split))
-    raise SystemExit(f"--dataset {args.dataset}: its loader is not written yet (issue 4); use synthetic or msrs")
+    try:
+        return SceneList(dataset_files(args, split), dataset_classes(args.dataset, kind))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"{args.dataset}: {err}") from err
 
 
 def train(args: argparse.Namespace) -> MetaTrainer:
@@ -81,7 +110,7 @@ def train(args: argparse.Namespace) -> MetaTrainer:
         raise SystemExit(f"--dataset {args.dataset} has no {kind} labels; pick a task network for {[k for k in spec if k in ('seg', 'det')]}")
     task = build_task(args.task_net, spec[kind])
     task_size = tuple(args.task_size) if args.task_size else spec["task_size"]
-    dataset = FusionDataset(load_scenes(args, "train"), kind, crop=args.crop, task_size=task_size)
+    dataset = FusionDataset(load_scenes(args, "train", kind), kind, crop=args.crop, task_size=task_size, flip=args.flip)
     model, loss = ReFusion().to(device), build_loss(args).to(device)
     task.model.to(device)
     config = MetaTrainerConfig(
@@ -206,19 +235,16 @@ def write_comparison(out: Path, means: dict[str, dict[str, float]], convention: 
 
 
 # ---------------------------------------------------------------------------------- demo
-def _miou(task_model: torch.nn.Module, fused: list[np.ndarray], scenes: list[Scene], classes: int) -> float:
-    """Mean IoU of the task network on fused test scenes (present classes only)."""
-    conf = np.zeros((classes, classes), np.int64)
+def _test_task_loss(task_model: torch.nn.Module, fused: list[np.ndarray], scenes: list[Scene], size: tuple[int, int]) -> float:
+    """Cross-entropy of the jointly trained task network on the fused test scenes (lower is better)."""
     task_model.eval()
+    losses = []
     with torch.no_grad():
         for f, s in zip(fused, scenes):
-            logits = task_model(to_unit(f * 255.0))
-            logits = torch.nn.functional.interpolate(logits, size=s.mask.shape, mode="bilinear", align_corners=False)
-            pred = logits.argmax(1)[0].numpy()
-            conf += np.bincount(classes * s.mask.ravel() + pred.ravel(), minlength=classes**2).reshape(classes, classes)
-    iou = np.diag(conf) / np.maximum(conf.sum(0) + conf.sum(1) - np.diag(conf), 1)
-    present = conf.sum(1) > 0
-    return float(iou[present].mean())
+            x = torch.nn.functional.interpolate(to_unit(f * 255.0), size=size, mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(task_model(x), size=s.mask.shape, mode="bilinear", align_corners=False)
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(s.mask)[None]).item())
+    return float(np.mean(losses))
 
 
 def demo(args: argparse.Namespace) -> Path:
@@ -242,7 +268,7 @@ def demo(args: argparse.Namespace) -> Path:
         results[method] = {
             "train_seconds": round(seconds, 1),
             "fusion_metrics": {k: float(v.mean()) for k, v in metrics.items()},
-            "test_mIoU": _miou(trainer.task_model, fused, test_scenes, len(SEG_CLASSES)),
+            "test_task_loss": _test_task_loss(trainer.task_model, fused, test_scenes, DATASETS["synthetic"]["task_size"]),
         }
         if method == "tdfusion":
             write_weight_figure(out / "weights.png", trainer.loss, test_scenes[:4], fused[:4])
@@ -280,17 +306,51 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
              "| metric | TDFusion | fixed w = 1/2 |", "|---|---|---|"]
     for k in METRICS:
         lines.append(f"| {k} | {ours['fusion_metrics'][k]:.4f} | {base['fusion_metrics'][k]:.4f} |")
-    lines += [f"| test mIoU (task net trained jointly) | {ours['test_mIoU']:.4f} | {base['test_mIoU']:.4f} |",
+    lines += [f"| test task loss (CE of the jointly trained SegFormer; lower is better) | {ours['test_task_loss']:.4f} | {base['test_task_loss']:.4f} |",
               f"| training time (s) | {ours['train_seconds']} | {base['train_seconds']} |", "",
               "A demo this short shows the machinery working end to end, not the paper's numbers.",
               "`weights.png`: the learned w_a / w_b maps beside the sources (the paper's Fig. 5)."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def check_data(args: argparse.Namespace) -> None:
+    """Per split: pair count, image sizes, class histogram; exit 1 naming every offending file."""
+    splits = ["all"] if args.dataset == "folders" else ["train", "test"]
+    seg_classes = dataset_classes(args.dataset, "seg")
+    box_classes = dataset_classes(args.dataset, "det")
+    problems = []
+    for split in splits:
+        try:
+            files = dataset_files(args, split)
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"[{split}] {err}")
+            continue
+        if args.write_splits and args.dataset in ("m3fd", "llvip"):
+            ds.write_split(Path(args.write_splits) / f"{split}.txt", [f.name for f in files], f"{args.dataset} {split} split")
+        if args.dataset == "msrs" and not args.det:
+            files = [PairFiles(f.name, f.a, f.b, f.mask, None) for f in files]
+        report = ds.check_pairs(files, seg_classes, box_classes)
+        sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in report.sizes.most_common())
+        print(f"[{split}] {report.pairs} pairs; sizes {sizes or '-'}")
+        for what, counts, names in (("label pixels", report.pixels, seg_classes), ("boxes", report.boxes, box_classes)):
+            if counts:
+                hist = ", ".join(f"{names[i] if i < len(names) else i}: {n}" for i, n in sorted(counts.items()))
+                print(f"[{split}] {what} per class: {hist}")
+        problems += [f"[{split}] {p}" for p in report.problems]
+    if problems:
+        print(f"{len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        raise SystemExit(1)
+    print("ok")
+
+
 # ----------------------------------------------------------------------------------- CLI
 def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> None:
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic", help="data set (default: synthetic)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic", help="data set (default: synthetic; folders: --root unused)")
     p.add_argument("--root", help="the data set's folder as downloaded")
+    p.add_argument("--split-dir", help="folder with train.txt / test.txt name lists (M3FD; default: the paper's split)")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (labels and boxes follow)")
     p.add_argument("--task-net", choices=sorted(TASK_KINDS), default="segformer", help="task network: segformer/unet (seg) or yolov8 (det)")
     p.add_argument("--epochs", type=int, default=5 if demo_defaults else 50, help="epochs L (paper: 50)")
     p.add_argument("--meta-iterations", type=int, default=20 if demo_defaults else 200, help="meta iterations M per epoch (paper: 200)")
@@ -345,6 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", choices=("mean", "sum"), default="mean", help="two-source VIF/SSIM: mean (TDFusion) or sum (CDDFuse)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("check-data", help="validate a data set folder before a long run; exit 1 naming each bad file")
+    p.add_argument("--dataset", required=True, choices=("msrs", "fmb", "m3fd", "llvip", "folders"))
+    p.add_argument("--root", help="the data set's folder as downloaded")
+    p.add_argument("--a", help="--dataset folders: first source folder")
+    p.add_argument("--b", help="--dataset folders: second source folder")
+    p.add_argument("--split-dir", help="read train.txt / test.txt from here (M3FD)")
+    p.add_argument("--write-splits", help="write the generated splits (M3FD, LLVIP) as name lists here")
+    p.add_argument("--det", action="store_true", help="MSRS: check the detection labels (det_labels) as well")
+    p.add_argument("--out", help="unused; accepted for symmetry with the other commands")
+    p.set_defaults(func=check_data)
     return parser
 
 

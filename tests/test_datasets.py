@@ -1,0 +1,197 @@
+"""Data sets in their native layouts, the paper's splits, check-data, boxes through transforms."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
+
+import datasets as ds  # noqa: E402
+import run  # noqa: E402
+from data import FusionDataset, Scene, SceneList, collate  # noqa: E402
+
+VOC = """<annotation><size><width>{w}</width><height>{h}</height></size>{objects}</annotation>"""
+OBJ = "<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+
+
+def _img(path: Path, h: int = 32, w: int = 40, value: int = 100, colour: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.full((h, w, 3) if colour else (h, w), value, np.uint8)
+    cv2.imwrite(str(path), image)
+
+
+def _check(capsys, *args: str) -> tuple[int, str]:
+    try:
+        run.main(["check-data", *args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_real_samples_pass_check_data(shared_data: Path, capsys) -> None:
+    for args in (("--dataset", "msrs", "--root", str(shared_data / "MSRS"), "--det"),
+                 ("--dataset", "llvip", "--root", str(shared_data / "LLVIP")),
+                 ("--dataset", "folders", "--a", str(shared_data / "TNO/ir"), "--b", str(shared_data / "TNO/vi"))):
+        code, out = _check(capsys, *args)
+        assert code == 0, out
+        assert "pairs" in out and out.strip().endswith("ok")
+
+
+def test_msrs_and_llvip_samples_load(shared_data: Path) -> None:
+    msrs = ds.msrs_files(shared_data / "MSRS", "test")
+    assert len(msrs) == 20 and all(p.boxes is not None for p in msrs)
+    llvip = ds.llvip_files(shared_data / "LLVIP", "test")
+    assert [p.name for p in llvip] == sorted(p.stem for p in (shared_data / "LLVIP/infrared/test").iterdir())[::10]
+    scene = SceneList(llvip, ds.CLASSES["llvip"])[0]
+    assert scene.a.shape == scene.b.shape == (1024, 1280)  # IR stored as 3 identical channels reads as grey
+    assert scene.boxes is not None and len(scene.boxes) > 0 and scene.boxes.max() <= 1
+
+
+def test_native_names_are_case_insensitive_and_renamed_layout_works(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        _img(tmp_path / "fmb" / split / "INFRARED" / "00001.png")
+        _img(tmp_path / "fmb" / split / "visible" / "00001.png", colour=True)
+        _img(tmp_path / "fmb" / split / "Label" / "00001.png", value=3)
+        _img(tmp_path / "renamed" / split / "ir" / "00001.png")
+        _img(tmp_path / "renamed" / split / "vi" / "00001.png")
+        _img(tmp_path / "renamed" / split / "label" / "00001.png", value=14)
+    for root in ("fmb", "renamed"):
+        files = ds.fmb_files(tmp_path / root, "train")
+        assert len(files) == 1 and files[0].mask is not None
+        report = ds.check_pairs(files, ds.CLASSES["fmb"])
+        assert not report.problems and report.sizes == {(40, 32): 1}
+
+
+def test_m3fd_split_is_deterministic_and_holds_the_fusion_pairs(tmp_path: Path) -> None:
+    names = [f"{i:05d}" for i in range(4200)]
+    fusion = set(names[100:400])
+    split = ds.m3fd_split(names, fusion)
+    assert len(split["train"]) == 3150 and len(split["test"]) == 1050
+    assert fusion <= set(split["test"]) and not set(split["train"]) & set(split["test"])
+    assert ds.m3fd_split(names, fusion) == split
+    ds.write_split(tmp_path / "test.txt", split["test"], "m3fd test")
+    assert ds.read_split(tmp_path / "test.txt") == split["test"]
+
+
+def _m3fd_tree(root: Path) -> None:
+    det = root / "M3FD_Detection"
+    for i in range(8):
+        name = f"{i:05d}"
+        _img(det / "Ir" / f"{name}.png", 48, 64)
+        _img(det / "Vis" / f"{name}.png", 48, 64, colour=True)
+        (det / "Annotation").mkdir(parents=True, exist_ok=True)
+        (det / "Annotation" / f"{name}.xml").write_text(
+            VOC.format(w=64, h=48, objects=OBJ.format(name="People", x0=4, y0=6, x1=20, y1=40) + OBJ.format(name="car", x0=30, y0=10, x1=60, y1=30)))
+    _img(root / "M3FD_Fusion" / "Ir" / "00003.png", 48, 64)
+
+
+def test_m3fd_native_layout_and_voc_boxes(tmp_path: Path, capsys) -> None:
+    _m3fd_tree(tmp_path)
+    test = ds.m3fd_files(tmp_path, "test")
+    assert "00003" in [p.name for p in test]
+    scene = SceneList(test, ds.CLASSES["m3fd"])[0]
+    np.testing.assert_allclose(scene.boxes[0], [12 / 64, 23 / 48, 16 / 64, 34 / 48])
+    assert scene.classes.tolist() == [0, 1]  # 'car' matches 'Car'
+    code, out = _check(capsys, "--dataset", "m3fd", "--root", str(tmp_path), "--write-splits", str(tmp_path / "splits"))
+    assert code == 0, out
+    assert "[train] 6 pairs" in out and "[test] 2 pairs" in out and "People: 6, Car: 6" in out
+    assert (tmp_path / "splits" / "train.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        ("lonely", "without their partner"),
+        ("size", "but"),
+        ("truncated", "truncated"),
+        ("unreadable", "not a readable image"),
+        ("label_id", "outside the 9 classes"),
+        ("box", "outside the"),
+        ("empty", "no images|empty"),
+        ("missing", "missing folder"),
+    ],
+)
+def test_check_data_names_each_offending_file(tmp_path: Path, capsys, breakage: str, expected: str) -> None:
+    root = tmp_path / "MSRS"
+    for split in ("train", "test"):
+        for i in range(2):
+            name = f"0000{i}N"
+            _img(root / split / "ir" / f"{name}.png")
+            _img(root / split / "vi" / f"{name}.png", colour=True)
+            _img(root / split / "Segmentation_labels" / f"{name}.png", value=2)
+            (root / split / "det_labels").mkdir(exist_ok=True)
+            (root / split / "det_labels" / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    bad = root / "test"
+    culprit = ""
+    if breakage == "lonely":
+        culprit = str(bad / "ir" / "00009N.png")
+        _img(Path(culprit))
+    elif breakage == "size":
+        _img(bad / "vi" / "00001N.png", 30, 40)
+        culprit = "00001N.png"
+    elif breakage == "truncated":
+        cv2.imwrite(str(bad / "ir" / "00002N.jpg"), np.full((32, 40), 90, np.uint8))
+        cv2.imwrite(str(bad / "vi" / "00002N.jpg"), np.full((32, 40), 90, np.uint8))
+        data = (bad / "ir" / "00002N.jpg").read_bytes()
+        (bad / "ir" / "00002N.jpg").write_bytes(data[: len(data) - 20])
+        culprit = "00002N.jpg"
+    elif breakage == "unreadable":
+        (bad / "vi" / "00000N.png").write_bytes(b"not an image")
+        culprit = str(bad / "vi" / "00000N.png")
+    elif breakage == "label_id":
+        _img(bad / "Segmentation_labels" / "00001N.png", value=12)
+        culprit = "00001N.png"
+    elif breakage == "box":
+        (bad / "det_labels" / "00000N.txt").write_text("1 0.95 0.5 0.3 0.2\n")
+        culprit = "00000N.txt"
+    elif breakage == "empty":
+        for sub in ("ir", "vi"):
+            for f in (bad / sub).iterdir():
+                f.unlink()
+        culprit = "test"
+    elif breakage == "missing":
+        for f in (bad / "vi").iterdir():
+            f.unlink()
+        (bad / "vi").rmdir()
+        culprit = "vi"
+    code, out = _check(capsys, "--dataset", "msrs", "--root", str(root), "--det")
+    assert code == 1, out
+    assert culprit in out
+    import re
+
+    assert re.search(expected, out), out
+
+
+def test_boxes_frame_the_same_pixels_after_flip_and_resize() -> None:
+    h, w = 60, 80
+    a = np.zeros((h, w), np.float32)
+    x0, y0, x1, y1 = 10, 20, 30, 50  # a bright object at known pixels
+    a[y0:y1, x0:x1] = 255
+    box = np.array([[(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h]], np.float32)
+    scene = Scene("s", a, a.copy(), boxes=box, classes=np.array([0]))
+    data = FusionDataset([scene], "det", crop=32, task_size=(30, 40), flip=True)
+    seen_flip = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        sample = data[0]
+        image = sample["task_a"][0].numpy()
+        cx, cy, bw, bh = sample["boxes"][0].tolist()
+        th, tw = image.shape
+        left, right = round((cx - bw / 2) * tw), round((cx + bw / 2) * tw)
+        top, bottom = round((cy - bh / 2) * th), round((cy + bh / 2) * th)
+        inside = image[top:bottom, left:right]
+        outside = image.copy()
+        outside[top:bottom, left:right] = 0
+        assert inside.mean() > 0.9 and outside.max() < 0.6, (seed, cx)
+        seen_flip.add(cx < 0.5)
+    assert seen_flip == {True, False}, "the flip never (or always) happened"
+    batch = collate([data[0], data[0]])
+    assert batch["det"]["batch_idx"].tolist() == [0.0, 1.0] and batch["det"]["bboxes"].shape == (2, 4)
