@@ -83,24 +83,45 @@ def _gaussian_1d(size: int, device: torch.device) -> Tensor:
 
 
 def _filter_valid(x: Tensor, g: Tensor) -> Tensor:
-    """'valid' filtering of ``(N, H, W)`` by the separable window ``g g^T``."""
+    """'valid' filtering of ``(N, H, W)`` float64 maps by the separable window ``g g^T``.
+
+    Through the FFT: float64 direct convolution has no fast CPU kernel, and float32 is not
+    enough (VIF takes variances as E[x^2] - E[x]^2 on the 0-255 scale and thresholds them at
+    1e-10). The FFT's round-off is ~1e-16 of the largest value, far below those thresholds.
+    """
     k = g.numel()
-    out = F.conv2d(x[:, None], g.view(1, 1, k, 1))
-    return F.conv2d(out, g.view(1, 1, 1, k))[:, 0]
+    h, w = x.shape[-2:]
+    kernel = torch.outer(g, g).flip(0, 1)  # correlation = convolution with the flipped window
+    spectrum = torch.fft.rfft2(x, s=(h, w)) * torch.fft.rfft2(kernel, s=(h, w))
+    full = torch.fft.irfft2(spectrum, s=(h, w))  # circular; the 'valid' part does not wrap
+    return full[..., k - 1 :, k - 1 :]
 
 
-def _vif_single(ref: Tensor, dist: Tensor, sigma_nsq: float = 2.0, eps: float = 1e-10) -> Tensor:
-    num = torch.zeros(ref.shape[0], dtype=torch.float64, device=ref.device)
+def _vif_pairs(refs: Tensor, dist: Tensor, sigma_nsq: float = 2.0, eps: float = 1e-10) -> Tensor:
+    """VIF-P of ``dist`` ``(N, H, W)`` against each of ``refs`` ``(R, N, H, W)``; returns ``(R, N)``.
+
+    All maps of a scale go through one batched filtering call (the fused image's statistics are
+    shared by every reference).
+    """
+    r = refs.shape[0]
+    num = torch.zeros(refs.shape[:2], dtype=torch.float64, device=refs.device)
     den = torch.zeros_like(num)
     for scale in range(1, 5):
-        g = _gaussian_1d(2 ** (4 - scale + 1) + 1, ref.device)
+        g = _gaussian_1d(2 ** (4 - scale + 1) + 1, refs.device)
         if scale > 1:
-            ref = _filter_valid(ref, g)[:, ::2, ::2]
-            dist = _filter_valid(dist, g)[:, ::2, ::2]
-        mu1, mu2 = _filter_valid(ref, g), _filter_valid(dist, g)
-        s1 = (_filter_valid(ref * ref, g) - mu1 * mu1).clamp(min=0)
-        s2 = (_filter_valid(dist * dist, g) - mu2 * mu2).clamp(min=0)
-        s12 = _filter_valid(ref * dist, g) - mu1 * mu2
+            both = _filter_valid(torch.cat([refs.flatten(0, 1), dist]), g)[:, ::2, ::2]
+            refs, dist = both[: -dist.shape[0]].unflatten(0, (r, -1)), both[-dist.shape[0] :]
+        flat_refs = refs.flatten(0, 1)
+        maps = torch.cat([flat_refs, dist, flat_refs * flat_refs, dist * dist, (refs * dist).flatten(0, 1)])
+        out = _filter_valid(maps, g)
+        n_ref, n = flat_refs.shape[0], dist.shape[0]
+        mu1, mu2 = out[:n_ref].unflatten(0, (r, -1)), out[n_ref : n_ref + n]
+        e11 = out[n_ref + n : 2 * n_ref + n].unflatten(0, (r, -1))
+        e22 = out[2 * n_ref + n : 2 * n_ref + 2 * n]
+        e12 = out[2 * n_ref + 2 * n :].unflatten(0, (r, -1))
+        s1 = (e11 - mu1 * mu1).clamp(min=0)
+        s2 = (e22 - mu2 * mu2).clamp(min=0).expand_as(s1)
+        s12 = e12 - mu1 * mu2
         gain = s12 / (s1 + eps)
         sv = s2 - gain * s12
         low1 = s1 < eps
@@ -114,15 +135,15 @@ def _vif_single(ref: Tensor, dist: Tensor, sigma_nsq: float = 2.0, eps: float = 
         sv = torch.where(negative, s2, sv)
         gain = torch.where(negative, 0.0, gain)
         sv = sv.clamp(min=eps)
-        num += torch.log10(1 + gain**2 * s1 / (sv + sigma_nsq)).sum(dim=(1, 2))
-        den += torch.log10(1 + s1 / sigma_nsq).sum(dim=(1, 2))
+        num += torch.log10(1 + gain**2 * s1 / (sv + sigma_nsq)).sum(dim=(-2, -1))
+        den += torch.log10(1 + s1 / sigma_nsq).sum(dim=(-2, -1))
     return num / den
 
 
 def vif(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") -> Tensor:
     """Pixel-domain VIF of the fused image against each source, combined by ``convention``."""
     f, a, b = _batch(fused), _batch(a), _batch(b)
-    total = _vif_single(a, f) + _vif_single(b, f)
+    total = _vif_pairs(torch.stack([a, b]), f).sum(dim=0)
     return total / 2 if convention == "mean" else total
 
 
@@ -169,25 +190,40 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return num / (g_a + g_b).sum(dim=(1, 2))
 
 
-def _ssim_single(x: Tensor, y: Tensor, data_range: float = 255.0, win: int = 7) -> Tensor:
-    # scikit-image defaults: uniform 7x7 window, sample covariance, mean over the interior
-    # (the border of (win-1)//2 pixels is cropped, so 'valid' pooling gives exactly that region).
-    pool = lambda t: F.avg_pool2d(t[:, None], win, stride=1)[:, 0]  # noqa: E731
+def _box_mean_valid(x: Tensor, win: int) -> Tensor:
+    """Mean over every ``win x win`` window fully inside ``x`` (integral image, float64)."""
+    c = F.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
+    total = c[..., win:, win:] - c[..., :-win, win:] - c[..., win:, :-win] + c[..., :-win, :-win]
+    return total / (win * win)
+
+
+def _ssim_pairs(f: Tensor, refs: Tensor, data_range: float = 255.0, win: int = 7) -> Tensor:
+    """SSIM of ``f`` ``(N, H, W)`` with each of ``refs`` ``(R, N, H, W)``; returns ``(R, N)``.
+
+    scikit-image's defaults: uniform 7x7 window, sample covariance, mean over the interior (the
+    border of (win-1)//2 pixels is cropped, so 'valid' windows give exactly that region).
+    """
+    r = refs.shape[0]
+    flat = refs.flatten(0, 1)
+    means = _box_mean_valid(torch.cat([f, f * f, flat, flat * flat, (refs * f).flatten(0, 1)]), win)
+    n, m = f.shape[0], flat.shape[0]
+    ux, uxx = means[:n], means[n : 2 * n]
+    uy, uyy = means[2 * n : 2 * n + m].unflatten(0, (r, -1)), means[2 * n + m : 2 * n + 2 * m].unflatten(0, (r, -1))
+    uxy = means[2 * n + 2 * m :].unflatten(0, (r, -1))
     cov_norm = win * win / (win * win - 1)
-    ux, uy = pool(x), pool(y)
-    vx = cov_norm * (pool(x * x) - ux * ux)
-    vy = cov_norm * (pool(y * y) - uy * uy)
-    vxy = cov_norm * (pool(x * y) - ux * uy)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2))
+    return s.mean(dim=(-2, -1))
 
 
 def ssim(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") -> Tensor:
     """SSIM of the uint8-rounded fused image with each source, combined by ``convention``."""
     f = _batch(fused).round().clamp(0, 255)
     a, b = _batch(a).round().clamp(0, 255), _batch(b).round().clamp(0, 255)
-    total = _ssim_single(f, a) + _ssim_single(f, b)
+    total = _ssim_pairs(f, torch.stack([a, b])).sum(dim=0)
     return total / 2 if convention == "mean" else total
 
 
