@@ -75,12 +75,15 @@ def check_sources(sources: Sequence[Tensor]) -> None:
             )
 
 
-def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float = 1e-3) -> None:
+def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | None = None) -> None:
     """Raise ``ValueError`` unless ``weights`` is a valid K-way weight map for ``sources``.
 
     Valid means: shape ``(B, K, *spatial)`` matching the sources' batch and spatial size,
-    finite, non-negative, and summing to 1 over ``K`` at every position (within ``atol``).
+    finite, non-negative, and summing to 1 over ``K`` at every position (within ``atol``;
+    default 1e-3, or a few units of rounding for half-precision weights).
     """
+    if atol is None:  # a softmax rounded to bf16 or fp16 is off by a few units of its precision
+        atol = max(1e-3, 8 * torch.finfo(weights.dtype).eps) if weights.is_floating_point() else 1e-3
     k = len(sources)
     ref = sources[0]
     expected = (ref.shape[0], k, *ref.shape[2:])
@@ -179,8 +182,9 @@ class LearnableLoss(nn.Module):
             check_sources(sources)
         out = self.generator(*sources)
         if self.weight_mode == "softmax":
-            # Half-precision logits (autocast) are normalised in float32.
-            out = torch.softmax(out, dim=1, dtype=torch.promote_types(out.dtype, torch.float32)).to(out.dtype)
+            # Half-precision logits (autocast) are normalised and kept in float32: the weights
+            # enter float32 losses, and bf16 rounding alone breaks sum-to-1 by ~4e-3.
+            out = torch.softmax(out, dim=1, dtype=torch.promote_types(out.dtype, torch.float32))
         if self.validate:
             check_weight_map(out, sources)
         return out

@@ -121,6 +121,7 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
     assert set(report["mean"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
     table = (out / "comparison.md").read_text()
     assert "| mean |" in table and "| max |" in table and "**" in table and "convention: mean" in table
+    assert (out / "comparison.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="no partner"):
         (b_dir / "00003N.png").unlink()
         run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
@@ -133,3 +134,49 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--out" in text and len(text.splitlines()) > 5
+
+
+def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first command, at a tiny size: train both arms, fuse, evaluate, report."""
+    out = tmp_path / "demo"
+    run.main(["--quiet", "--epochs", "1", "--meta-iterations", "2", "--synthetic-train", "4", "--synthetic-test", "2",
+              "--crop", "32", "--out", str(out)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())  # the last line is the report folder
+    results = json.loads((out / "metrics.json").read_text())
+    assert set(results) == {"tdfusion", "fixed_half", "convention"}
+    for arm in ("tdfusion", "fixed_half"):
+        assert set(results[arm]["fusion_metrics"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
+        assert np.isfinite(results[arm]["test_task_loss"])
+        assert len(list((out / arm / "fused").glob("*.png"))) == 2
+        assert (out / arm / "last.pt").is_file() and (out / arm / "logs" / "model.csv").is_file()
+    assert "fixed w = 1/2" in (out / "summary.md").read_text()
+    assert (out / "weights.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("ablation", ["II", "III", "IV", "V"])
+def test_ablations_train(tmp_path: Path, ablation: str) -> None:
+    run.main(["train", "--quiet", "--ablation", ablation, "--epochs", "1", "--meta-iterations", "1", "--synthetic-train", "4",
+              "--crop", "32", "--task-size", "32", "48", "--swap", "--flip", "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["position"] == {"epoch": 1, "phase": "meta", "step": 0}
+    assert json.loads((tmp_path / "config.json").read_text())["ablation"] == ablation
+
+
+def test_yolov8_batchnorm_survives_the_virtual_step() -> None:
+    """YOLOv8 has 57 BatchNorm layers: a meta step must leave every buffer of it untouched."""
+    torch.manual_seed(0)
+    task = build_task("yolov8", 3)
+    model, loss = ReFusion(), tdfusion_loss(LossGenerator())
+    batch = collate([
+        {"name": "x", "a": torch.rand(1, 32, 32), "b": torch.rand(1, 32, 32), "task_a": torch.rand(1, 64, 64),
+         "task_b": torch.rand(1, 64, 64), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]]), "classes": torch.tensor([1])}
+    ] * 2)
+    from metaloss import MetaStep
+
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    assert sum("running_mean" in k for k in before) > 50
+    meta = MetaStep(model, loss, task.model, task.loss, adapter=SourcesAdapter(task_keys=("task_a", "task_b")),
+                    inner=InnerSGD(1e-3), task_inner=InnerSGD(1e-3), outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-3))
+    stats = meta.step(batch, batch)
+    assert np.isfinite(stats.outer_loss) and stats.hypergrad_norm > 0
+    assert all(torch.equal(before[k], v) for k, v in task.model.state_dict().items())

@@ -204,6 +204,13 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def collate_swapped(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`collate`, with the batch doubled by the (B, A)-swapped copies (the released code's
+    ``Switch``): the fusion network learns to be symmetric in its two inputs."""
+    swapped = [{**s, "a": s["b"], "b": s["a"], "task_a": s["task_b"], "task_b": s["task_a"]} for s in samples]
+    return collate(samples + swapped)
+
+
 def to_unit(image: np.ndarray) -> Tensor:
     """A 0-255 ``(H, W)`` array as a ``(1, 1, H, W)`` float tensor in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(image) / 255.0).float()[None, None]

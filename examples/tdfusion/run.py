@@ -31,7 +31,7 @@ from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfu
 from metaloss.fusion.image_io import IMAGE_SUFFIXES, blend_chroma, read_grey, read_ycrcb, write_grey, write_ycrcb_as_rgb  # noqa: E402
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
 
-from data import FusionDataset, PairFiles, Scene, SceneList, collate, to_unit  # noqa: E402
+from data import FusionDataset, PairFiles, Scene, SceneList, collate, collate_swapped, to_unit  # noqa: E402
 import datasets as ds  # noqa: E402
 from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
 from tasks import TASK_KINDS, build_task  # noqa: E402
@@ -51,14 +51,28 @@ ABLATIONS = {
     "II": "no gradient term (alpha = 0)",
     "III": "the fusion network also learns from the task loss",
     "IV": "no separate fusion-learning phase",
+    "V": "discriminative fusion: I_f = w_a * I_a + w_b * I_b; the weights' network learns from the task loss and the fixed w = 1/2 fusion loss",
 }
+
+
+class WeightedSumFusion(torch.nn.Module):
+    """Ablation V: the fused image is ``w_a * A + w_b * B`` with weights from a trainable network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = LossGenerator()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x[:, :1], x[:, 1:]
+        w = self.weights(a, b)
+        return w[:, :1] * a + w[:, 1:] * b
 
 
 # --------------------------------------------------------------------------- building blocks
 def build_loss(args: argparse.Namespace) -> LearnableLoss:
     """The learnable fusion loss for the chosen form, alpha and ablation."""
     alpha = 0.0 if args.ablation == "II" else args.alpha
-    generator = ConstantWeights(2) if args.ablation == "I" else LossGenerator()
+    generator = ConstantWeights(2) if args.ablation in ("I", "V") else LossGenerator()
     return tdfusion_loss(generator, form=args.form, alpha=alpha)
 
 
@@ -111,7 +125,8 @@ def train(args: argparse.Namespace) -> MetaTrainer:
     task = build_task(args.task_net, spec[kind])
     task_size = tuple(args.task_size) if args.task_size else spec["task_size"]
     dataset = FusionDataset(load_scenes(args, "train", kind), kind, crop=args.crop, task_size=task_size, flip=args.flip)
-    model, loss = ReFusion().to(device), build_loss(args).to(device)
+    model = (WeightedSumFusion() if args.ablation == "V" else ReFusion()).to(device)
+    loss = build_loss(args).to(device)
     task.model.to(device)
     config = MetaTrainerConfig(
         epochs=args.epochs,
@@ -123,7 +138,7 @@ def train(args: argparse.Namespace) -> MetaTrainer:
         outer_lr=args.outer_lr,
         mode=args.mode,
         autocast_dtype="bfloat16" if args.bf16 else None,
-        joint_task_weight=1.0 if args.ablation == "III" else 0.0,
+        joint_task_weight=1.0 if args.ablation in ("III", "V") else 0.0,
         model_phase=args.ablation != "IV",
         seed=args.seed,
         num_workers=args.workers,
@@ -132,7 +147,7 @@ def train(args: argparse.Namespace) -> MetaTrainer:
     )
     out = Path(args.out)
     trainer = MetaTrainer(
-        model, loss, task.model, task.loss, dataset, config=config, collate_fn=collate,
+        model, loss, task.model, task.loss, dataset, config=config, collate_fn=collate_swapped if args.swap else collate,
         adapter=SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b")),
         inner=InnerSGD(args.inner_lr), task_inner=InnerSGD(args.inner_lr),
         callbacks=[CSVLogger(out / "logs")], checkpoint_dir=out,
@@ -232,6 +247,23 @@ def write_comparison(out: Path, means: dict[str, dict[str, float]], convention: 
         csv.append(name + "," + ",".join(f"{m[c]:.6f}" for c in cols))
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     (out / "comparison.csv").write_text("\n".join(csv) + "\n")
+    write_bar_chart(out / "comparison.png", means, convention)
+
+
+def write_bar_chart(path: Path, means: dict[str, dict[str, float]], convention: str) -> None:
+    """One panel per metric, one bar per method."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(2.4 * len(METRICS), 3))
+    names = list(means)
+    for ax, metric in zip(axes, METRICS):
+        ax.bar(range(len(names)), [means[n][metric] for n in names], color=[f"C{i}" for i in range(len(names))])
+        ax.set_title(metric)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    fig.suptitle(f"fusion metrics ({convention} convention)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------- demo
@@ -351,6 +383,7 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     p.add_argument("--root", help="the data set's folder as downloaded")
     p.add_argument("--split-dir", help="folder with train.txt / test.txt name lists (M3FD; default: the paper's split)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (labels and boxes follow)")
+    p.add_argument("--swap", action="store_true", help="double each batch with its (B, A)-swapped copy (released code)")
     p.add_argument("--task-net", choices=sorted(TASK_KINDS), default="segformer", help="task network: segformer/unet (seg) or yolov8 (det)")
     p.add_argument("--epochs", type=int, default=5 if demo_defaults else 50, help="epochs L (paper: 50)")
     p.add_argument("--meta-iterations", type=int, default=20 if demo_defaults else 200, help="meta iterations M per epoch (paper: 200)")
