@@ -127,7 +127,7 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
         run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate", "check-data"])
+@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate", "check-data", "downstream"])
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run.main([command, "--help"])

@@ -345,6 +345,53 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def downstream(args: argparse.Namespace) -> dict[str, Any]:
+    """The paper's protocol per method: train a fresh task network on the method's fused training
+    images, score it on its fused test images; one comparison table (downstream.md / .json)."""
+    from downstream import train_and_evaluate
+
+    kind = TASK_KINDS[args.task_net]
+    names = dataset_classes(args.dataset, kind)
+    size = tuple(args.task_size) if args.task_size else DATASETS[args.dataset]["task_size"]
+    scenes = {split: load_scenes(args, split, kind) for split in ("train", "test")}
+    results: dict[str, Any] = {}
+    for spec in args.method:
+        try:
+            name, train_dir, test_dir = spec.split(":")
+        except ValueError:
+            raise SystemExit(f"--method {spec!r}: expected NAME:TRAIN_FUSED_DIR:TEST_FUSED_DIR") from None
+        images = {}
+        for split, folder in (("train", Path(train_dir)), ("test", Path(test_dir))):
+            images[split] = []
+            for scene in scenes[split]:
+                path = next((folder / f"{scene.name}{s}" for s in IMAGE_SUFFIXES if (folder / f"{scene.name}{s}").is_file()), None)
+                if path is None:
+                    raise SystemExit(f"method {name}: {folder} has no fused image for {scene.name}")
+                images[split].append(read_grey(path))
+        torch.manual_seed(args.seed)
+        task = build_task(args.task_net, len(names))
+        task.model.to(args.device)
+        print(f"[downstream] {name}: training {args.task_net} for {args.epochs} epochs", flush=True)
+        results[name] = train_and_evaluate(task, images["train"], list(scenes["train"]), images["test"], list(scenes["test"]),
+                                           names, size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                           seed=args.seed, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "downstream.json").write_text(json.dumps(results, indent=2))
+    keys = ("IoU", "Acc") if kind == "seg" else ("AP50", "AP75")
+    overall = ("mIoU", "mAcc") if kind == "seg" else ("mAP50", "mAP75")
+    classes = [c for c in names if any(c in r["per_class"] for r in results.values())]
+    lines = [f"Downstream {kind} with {args.task_net} ({args.epochs} epochs per method), in %", "",
+             "| method | " + " | ".join(f"{c} {k}" for c in classes for k in keys) + " | " + " | ".join(overall) + " |",
+             "|---" * (len(classes) * len(keys) + len(overall) + 1) + "|"]
+    for name, r in results.items():
+        cells = [f"{r['per_class'].get(c, {}).get(k, float('nan')):.1f}" for c in classes for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{r[o]:.1f}" for o in overall) + " |")
+    (out / "downstream.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
 def check_data(args: argparse.Namespace) -> None:
     """Per split: pair count, image sizes, class histogram; exit 1 naming every offending file."""
     splits = ["all"] if args.dataset == "folders" else ["train", "test"]
@@ -438,6 +485,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", choices=("mean", "sum"), default="mean", help="two-source VIF/SSIM: mean (TDFusion) or sum (CDDFuse)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("downstream", help="the paper's protocol: train a task network on each method's fused images, score it")
+    p.add_argument("--dataset", required=True, choices=("msrs", "fmb", "m3fd", "llvip"))
+    p.add_argument("--root", required=True, help="the data set's folder as downloaded (labels come from here)")
+    p.add_argument("--split-dir", help="folder with train.txt / test.txt name lists (M3FD)")
+    p.add_argument("--task-net", choices=sorted(TASK_KINDS), default="segformer")
+    p.add_argument("--method", action="append", required=True, metavar="NAME:TRAIN_DIR:TEST_DIR",
+                   help="a method's fused training and test folders (repeat for each method)")
+    p.add_argument("--epochs", type=int, default=300, help="task-network epochs per method (paper: 300)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the task network")
+    p.add_argument("--task-size", type=int, nargs=2, metavar=("H", "W"), help="task input size (default: per data set)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=downstream)
     p = sub.add_parser("check-data", help="validate a data set folder before a long run; exit 1 naming each bad file")
     p.add_argument("--dataset", required=True, choices=("msrs", "fmb", "m3fd", "llvip", "folders"))
     p.add_argument("--root", help="the data set's folder as downloaded")
