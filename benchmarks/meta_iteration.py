@@ -23,10 +23,10 @@ os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "meta
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
 
 import torch  # noqa: E402
+from tasks import build_task, detection_targets  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
-from tasks import build_task, detection_targets  # noqa: E402
 
 
 def main() -> None:
@@ -47,18 +47,40 @@ def main() -> None:
     task.model.to(device)
     b, (h, w), c = args.batch_size, args.task_size, args.crop
     batch = {
-        "a": torch.rand(b, 1, c, c), "b": torch.rand(b, 1, c, c),
-        "task_a": torch.rand(b, 1, h, w), "task_b": torch.rand(b, 1, h, w),
+        "a": torch.rand(b, 1, c, c),
+        "b": torch.rand(b, 1, c, c),
+        "task_a": torch.rand(b, 1, h, w),
+        "task_b": torch.rand(b, 1, h, w),
         "mask": torch.randint(0, 3, (b, h, w)),
         "det": detection_targets([torch.tensor([[0.5, 0.5, 0.2, 0.3]])] * b, [torch.tensor([1])] * b),
     }
-    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else {kk: vv.to(device) for kk, vv in v.items()}) for k, v in batch.items()}
+    batch = {
+        k: (v.to(device) if isinstance(v, torch.Tensor) else {kk: vv.to(device) for kk, vv in v.items()})
+        for k, v in batch.items()
+    }
     adapter = SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b"))
     dtype = torch.bfloat16 if args.bf16 else None
-    meta = MetaStep(model, loss, task.model, task.loss, adapter=adapter, inner=InnerSGD(1e-4), task_inner=InnerSGD(1e-4),
-                    outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-4), mode=args.mode, autocast_dtype=dtype)
-    trainer = MetaTrainer(model, loss, task.model, task.loss, [batch, batch], adapter=adapter,
-                          config=MetaTrainerConfig(progress=False, autocast_dtype="bfloat16" if args.bf16 else None))
+    meta = MetaStep(
+        model,
+        loss,
+        task.model,
+        task.loss,
+        adapter=adapter,
+        inner=InnerSGD(1e-4),
+        task_inner=InnerSGD(1e-4),
+        outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-4),
+        mode=args.mode,
+        autocast_dtype=dtype,
+    )
+    trainer = MetaTrainer(
+        model,
+        loss,
+        task.model,
+        task.loss,
+        [batch, batch],
+        adapter=adapter,
+        config=MetaTrainerConfig(progress=False, autocast_dtype="bfloat16" if args.bf16 else None),
+    )
 
     def timed(fn) -> float:
         times = []
@@ -77,8 +99,10 @@ def main() -> None:
         plain.append(timed(lambda: trainer.model_step(batch)))
         metas.append(timed(lambda: meta.step(batch, batch)))
     t_plain, t_meta = min(plain), min(metas)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "  # noqa: E501
+        f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}"
+    )
     print(f"plain iteration  {t_plain:.3f} s")
     print(f"meta iteration   {t_meta:.3f} s  ({t_meta / t_plain:.2f}x plain)")
     if device.type == "cuda":

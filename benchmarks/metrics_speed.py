@@ -131,7 +131,9 @@ def main() -> None:
         runs.append((time.perf_counter() - t) / len(images))
     t_ours = statistics.median(runs)
     worst = max(abs(float(ours[k][i]) - base[i][k]) / abs(base[i][k]) for k in METRICS for i in range(len(images)))
-    print(f"{len(images)} MSRS pairs of 640x480, fused = max(A, B); ours on {args.device} with {args.threads} torch threads")
+    print(
+        f"{len(images)} MSRS pairs of 640x480, fused = max(A, B); ours on {args.device} with {args.threads} torch threads"  # noqa: E501
+    )
     print(f"baseline (NumPy/SciPy, one image at a time): {t_base:.3f} s per image")
     print(f"metaloss.fusion.metrics (batched torch):      {t_ours:.3f} s per image")
     print(f"speed-up {t_base / t_ours:.1f}x; largest relative difference between the two {worst:.1e}")

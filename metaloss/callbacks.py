@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from metaloss.meta_step import MetaStepStats
-    from metaloss.trainer import ModelStepStats, MetaTrainer
+    from metaloss.trainer import MetaTrainer, ModelStepStats
 
 __all__ = ["CSVLogger", "Callback", "TensorBoardLogger", "flatten_stats"]
 

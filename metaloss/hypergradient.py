@@ -69,8 +69,10 @@ class HypergradientResult:
         return all(bool(torch.isfinite(g).all()) for g in self.grads)
 
 
-def _grad(output: Tensor, inputs: Sequence[Tensor], **kwargs: bool) -> Params:
-    grads = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
+def _grad(
+    output: Tensor, inputs: Sequence[Tensor], *, create_graph: bool = False, retain_graph: bool | None = None
+) -> Params:
+    grads = torch.autograd.grad(output, inputs, allow_unused=True, create_graph=create_graph, retain_graph=retain_graph)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True))
 
 
@@ -130,8 +132,10 @@ def hypergradient(
     w = _grad(torch.stack([(a * b).sum() for a, b in zip(new_params, v, strict=True)]).sum(), g)
     w_norm = _global_norm(w)
     if not bool(w_norm > 0):
-        grads = tuple(torch.zeros_like(x) for x in wrt) if bool(torch.isfinite(w_norm)) else tuple(
-            torch.full_like(x, float("nan")) for x in wrt
+        grads = (
+            tuple(torch.zeros_like(x) for x in wrt)
+            if bool(torch.isfinite(w_norm))
+            else tuple(torch.full_like(x, float("nan")) for x in wrt)
         )
         return HypergradientResult(grads, l_in.detach(), l_out.detach())
     scale = fd_eps * torch.clamp(_global_norm([p.detach() for p in params]), min=1.0)

@@ -34,7 +34,7 @@ __all__ = [
 Params = tuple[Tensor, ...]
 
 
-class BufferPolicy(str, enum.Enum):
+class BufferPolicy(enum.StrEnum):
     """What normalisation buffers (BatchNorm running statistics) do during a virtual step.
 
     Attributes:
@@ -97,7 +97,11 @@ class InnerRule(Protocol):
     """An inner update rule: ``params' = rule.step(params, grads)``, differentiable."""
 
     def step(
-        self, params: Params, grads: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
+        self,
+        params: Params,
+        grads: Params,
+        real_params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer | None,
     ) -> Params:
         """Return the updated parameters (no in-place change to any input)."""
         ...
@@ -128,7 +132,11 @@ class InnerSGD:
     lr: float | None = None
 
     def step(
-        self, params: Params, grads: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
+        self,
+        params: Params,
+        grads: Params,
+        real_params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer | None,
     ) -> Params:
         transform = torchopt.sgd(_resolve_lr(self.lr, optimizer, "InnerSGD"))
         return _apply(transform, transform.init(params), params, grads)
@@ -155,7 +163,11 @@ class InnerAdam:
     eps_root: float = 1e-16
 
     def step(
-        self, params: Params, grads: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
+        self,
+        params: Params,
+        grads: Params,
+        real_params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer | None,
     ) -> Params:
         if self.eps_root <= 0:
             raise ValueError("InnerAdam needs eps_root > 0: with 0 the meta-gradient is NaN at zero moments")
@@ -165,7 +177,10 @@ class InnerAdam:
         betas = self.betas or tuple(group["betas"])
         eps = group["eps"] if self.eps is None else self.eps
         transform = torchopt.adam(
-            _resolve_lr(self.lr, optimizer, "InnerAdam"), betas=betas, eps=eps, eps_root=self.eps_root  # type: ignore[arg-type]
+            _resolve_lr(self.lr, optimizer, "InnerAdam"),
+            betas=betas,
+            eps=eps,
+            eps_root=self.eps_root,  # type: ignore[arg-type]
         )
         adam_state, *rest = transform.init(params)
         mu, nu, count = [], [], []

@@ -69,10 +69,7 @@ def check_sources(sources: Sequence[Tensor]) -> None:
         if not isinstance(source, Tensor):
             raise TypeError(f"source {k} is a {type(source).__name__}, not a torch.Tensor")
         if tuple(source.shape) != first:
-            raise ValueError(
-                f"sources must share one shape: source 0 is {first}, source {k} is "
-                f"{tuple(source.shape)}"
-            )
+            raise ValueError(f"sources must share one shape: source 0 is {first}, source {k} is {tuple(source.shape)}")
 
 
 def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | None = None) -> None:
@@ -202,9 +199,7 @@ class LearnableLoss(nn.Module):
         )
         return LossOutput(total=total, weights=weights, terms=values)
 
-    def forward(
-        self, sources: Sequence[Tensor], prediction: Tensor, *, detach_weights: bool = False
-    ) -> LossOutput:
+    def forward(self, sources: Sequence[Tensor], prediction: Tensor, *, detach_weights: bool = False) -> LossOutput:
         """Return the loss of ``prediction`` given ``sources``.
 
         Args:

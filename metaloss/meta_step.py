@@ -248,4 +248,3 @@ class MetaStep:
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
         return stats
-

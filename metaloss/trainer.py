@@ -32,12 +32,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
-from metaloss.callbacks import Callback
 from metaloss.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from metaloss.hypergradient import HypergradientMode
 from metaloss.inner_step import BufferPolicy, InnerRule
 from metaloss.learnable_loss import LearnableLoss, check_sources
-from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss, checked_task_loss
+from metaloss.meta_step import MetaStep, TaskLoss, checked_task_loss
 from metaloss.outer import OuterRule, make_outer_optimizer
 
 __all__ = ["MetaTrainer", "MetaTrainerConfig", "ModelStepStats", "Position"]
@@ -355,6 +354,40 @@ class MetaTrainer:
         budget[0] -= 1
         return budget[0] == 0
 
+    def _run_phase(
+        self, name: str, steps: int, items: Iterator[Any], run_one: Callable[[Any], dict[str, str]], budget: list[int]
+    ) -> bool:
+        """Run the rest of one phase; ``True`` when ``max_steps`` ran out (checkpoint written)."""
+        cfg = self.config
+        start = self.position.step
+        desc = f"epoch {self.position.epoch + 1}/{cfg.epochs} {name}"
+        with tqdm(total=steps, initial=start, desc=desc, disable=not cfg.progress, leave=False) as bar:
+            for step, item in zip(range(start, steps), items):
+                postfix = run_one(item)
+                self.position.step = step + 1
+                bar.update(1)
+                bar.set_postfix(postfix)
+                if self._after_step(budget):
+                    self.save()
+                    return True
+        return False
+
+    def _meta_iteration(self, pair: tuple[Any, Any]) -> dict[str, str]:
+        stats = self.meta_step.step(*pair)
+        if not self.config.model_phase:
+            self.model_step(pair[0])
+        self._emit("on_meta_step", stats)
+        return {
+            "outer": f"{stats.outer_loss:.4g}",
+            "hg": f"{stats.hypergrad_norm:.2e}",
+            "skipped": str(stats.skipped_total),
+        }
+
+    def _model_iteration(self, batch: Any) -> dict[str, str]:
+        stats = self.model_step(batch)
+        self._emit("on_model_step", stats)
+        return {"model": f"{stats.model_loss:.4g}", "task": f"{stats.task_loss:.4g}"}
+
     def fit(self, resume: str | os.PathLike[str] | None = None, max_steps: int | None = None) -> None:
         """Run the schedule from the start, or from a checkpoint.
 
@@ -374,46 +407,21 @@ class MetaTrainer:
             meta_train, meta_test, order = self._orders(epoch)
             if self.position.phase == "meta":
                 steps = cfg.meta_iterations if self.learns_loss else 0
-                start = self.position.step
-                bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs} meta", disable=not cfg.progress, leave=False)
-                pairs = zip(self._batches(meta_train, start), self._batches(meta_test, start))
-                for step, (train_batch, test_batch) in enumerate(pairs, start=start):
-                    if step >= steps:
-                        break
-                    stats = self.meta_step.step(train_batch, test_batch)
-                    if not cfg.model_phase:
-                        self.model_step(train_batch)
-                    self.position.step = step + 1
-                    bar.update(1)
-                    bar.set_postfix(outer=f"{stats.outer_loss:.4g}", hg=f"{stats.hypergrad_norm:.2e}", skipped=stats.skipped_total)
-                    self._emit("on_meta_step", stats)
-                    if self._after_step(budget):
-                        bar.close()
-                        self.save()
-                        return
-                bar.close()
+                pairs = zip(self._batches(meta_train, self.position.step), self._batches(meta_test, self.position.step))
+                if self._run_phase(
+                    "meta", steps, pairs if steps > self.position.step else iter(()), self._meta_iteration, budget
+                ):
+                    return
                 self.position = Position(epoch, "model", 0)
                 self.save()
             if self.position.phase == "model":
                 steps = math.ceil(len(order) / cfg.batch_size) if cfg.model_phase else 0
-                start = self.position.step
-                bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs} model", disable=not cfg.progress, leave=False)
-                batches = self._batches(order, start) if steps > start else iter(())
-                for step, batch in enumerate(batches, start=start):
-                    model_stats = self.model_step(batch)
-                    self.position.step = step + 1
-                    bar.update(1)
-                    bar.set_postfix(model=f"{model_stats.model_loss:.4g}", task=f"{model_stats.task_loss:.4g}")
-                    self._emit("on_model_step", model_stats)
-                    if self._after_step(budget):
-                        bar.close()
-                        self.save()
-                        return
-                bar.close()
+                batches = self._batches(order, self.position.step) if steps > self.position.step else iter(())
+                if self._run_phase("model", steps, batches, self._model_iteration, budget):
+                    return
                 for scheduler in self.schedulers:
                     scheduler.step()
                 self.position = Position(epoch + 1, "meta", 0)
                 self.save()
                 self._emit("on_epoch_end", epoch)
         self._emit("on_fit_end")
-

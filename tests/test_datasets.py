@@ -17,7 +17,7 @@ import run  # noqa: E402
 from data import FusionDataset, Scene, SceneList, collate  # noqa: E402
 
 VOC = """<annotation><size><width>{w}</width><height>{h}</height></size>{objects}</annotation>"""
-OBJ = "<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+OBJ = "<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"  # noqa: E501
 
 
 def _img(path: Path, h: int = 32, w: int = 40, value: int = 100, colour: bool = False) -> None:
@@ -37,9 +37,11 @@ def _check(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_real_samples_pass_check_data(shared_data: Path, capsys) -> None:
-    for args in (("--dataset", "msrs", "--root", str(shared_data / "MSRS"), "--det"),
-                 ("--dataset", "llvip", "--root", str(shared_data / "LLVIP")),
-                 ("--dataset", "folders", "--a", str(shared_data / "TNO/ir"), "--b", str(shared_data / "TNO/vi"))):
+    for args in (
+        ("--dataset", "msrs", "--root", str(shared_data / "MSRS"), "--det"),
+        ("--dataset", "llvip", "--root", str(shared_data / "LLVIP")),
+        ("--dataset", "folders", "--a", str(shared_data / "TNO/ir"), "--b", str(shared_data / "TNO/vi")),
+    ):
         code, out = _check(capsys, *args)
         assert code == 0, out
         assert "pairs" in out and out.strip().endswith("ok")
@@ -89,7 +91,13 @@ def _m3fd_tree(root: Path) -> None:
         _img(det / "Vis" / f"{name}.png", 48, 64, colour=True)
         (det / "Annotation").mkdir(parents=True, exist_ok=True)
         (det / "Annotation" / f"{name}.xml").write_text(
-            VOC.format(w=64, h=48, objects=OBJ.format(name="People", x0=4, y0=6, x1=20, y1=40) + OBJ.format(name="car", x0=30, y0=10, x1=60, y1=30)))
+            VOC.format(
+                w=64,
+                h=48,
+                objects=OBJ.format(name="People", x0=4, y0=6, x1=20, y1=40)
+                + OBJ.format(name="car", x0=30, y0=10, x1=60, y1=30),
+            )
+        )
     _img(root / "M3FD_Fusion" / "Ir" / "00003.png", 48, 64)
 
 

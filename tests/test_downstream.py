@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 
 import run  # noqa: E402
 from downstream import confusion_matrix, detection_scores, segmentation_scores  # noqa: E402
+
 from metaloss.fusion.image_io import read_grey  # noqa: E402
 
 
@@ -70,8 +71,7 @@ def test_downstream_protocol_on_real_msrs_pairs(shared_data: Path, tmp_path: Pat
                 cv2.imwrite(str(tmp_path / name / split / ir.name), fuse(a, b).astype(np.uint8))
     out = tmp_path / "out"
     specs = [f"--method={n}:{tmp_path / n / 'train'}:{tmp_path / n / 'test'}" for n in methods]
-    run.main(["downstream", "--dataset", "msrs", "--root", str(root), "--task-net", task_net, "--epochs", "2",
-              "--task-size", "64", "96", *specs, "--out", str(out), "--quiet"])
+    _downstream(root, task_net, "2", *specs, out=out)
     results = json.loads((out / "downstream.json").read_text())
     assert set(results) == set(methods)
     table = (out / "downstream.md").read_text()
@@ -79,10 +79,17 @@ def test_downstream_protocol_on_real_msrs_pairs(shared_data: Path, tmp_path: Pat
         assert f"| {name} |" in table
         if task_net == "yolov8":
             assert set(result) == {"mAP50", "mAP75", "per_class"} and {"person", "car"} <= set(result["per_class"])
-            assert all(0 <= v["AP50"] <= 100 and 0 <= v["AP75"] <= v["AP50"] + 1e-9 for v in result["per_class"].values())
+            assert all(
+                0 <= v["AP50"] <= 100 and 0 <= v["AP75"] <= v["AP50"] + 1e-9 for v in result["per_class"].values()
+            )
         else:
             assert set(result["per_class"]) == {"unlabelled", "person", "curve"}
             assert 0 <= result["mIoU"] <= 100 and 0 <= result["mAcc"] <= 100
     with pytest.raises(SystemExit, match="no fused image"):
-        run.main(["downstream", "--dataset", "msrs", "--root", str(root), "--task-net", task_net, "--epochs", "1",
-                  f"--method=max:{tmp_path / 'max' / 'test'}:{tmp_path / 'max' / 'test'}", "--out", str(out), "--quiet"])
+        test_only = tmp_path / "max" / "test"  # the training images are missing from it
+        _downstream(root, task_net, "1", f"--method=max:{test_only}:{test_only}", out=out)
+
+
+def _downstream(root: Path, task_net: str, epochs: str, *methods: str, out: Path) -> None:
+    args = ["downstream", "--dataset", "msrs", "--root", str(root), "--task-net", task_net, "--epochs", epochs]
+    run.main([*args, "--task-size", "64", "96", *methods, "--out", str(out), "--quiet"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from metaloss import BufferPolicy, InnerAdam, InnerSGD, LearnableLoss, MetaStep
+from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep
 from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
 
 LR_F, LR_T = 0.05, 0.05
@@ -144,8 +144,17 @@ def test_finite_difference_mode_agrees_with_exact(rule: str) -> None:
     inner = InnerSGD(lr=LR_F) if rule == "sgd" else InnerAdam(lr=LR_F)
     grads = {}
     for mode in ("exact", "finite_difference"):
-        meta = MetaStep(fusion, loss, task, seg_loss, model_optimizer=adam_opt, inner=inner, task_inner=InnerSGD(lr=LR_T),
-                        mode=mode, fd_eps=1e-5)
+        meta = MetaStep(
+            fusion,
+            loss,
+            task,
+            seg_loss,
+            model_optimizer=adam_opt,
+            inner=inner,
+            task_inner=InnerSGD(lr=LR_T),
+            mode=mode,
+            fd_eps=1e-5,
+        )
         grads[mode] = torch.cat([g.flatten() for g in meta.hypergradient(train, test)[0].grads])
     exact, fd = grads["exact"], grads["finite_difference"]
     assert exact.norm() > 0
@@ -154,8 +163,9 @@ def test_finite_difference_mode_agrees_with_exact(rule: str) -> None:
 
 def test_only_generator_gets_gradients_and_finite_difference_needs_no_second_order_graph() -> None:
     fusion, loss, task, train, test = _setup()
-    meta = MetaStep(fusion, loss, task, seg_loss, inner=InnerSGD(lr=LR_F), task_inner=InnerSGD(lr=LR_T),
-                    mode="finite_difference")
+    meta = MetaStep(
+        fusion, loss, task, seg_loss, inner=InnerSGD(lr=LR_F), task_inner=InnerSGD(lr=LR_T), mode="finite_difference"
+    )
     result, stats = meta.hypergradient(train, test)
     assert len(result.grads) == len(list(loss.parameters()))
     assert all(p.grad is None for p in fusion.parameters())
@@ -168,8 +178,15 @@ def test_only_generator_gets_gradients_and_finite_difference_needs_no_second_ord
 def test_inner_adam_refuses_eps_root_zero_and_unseeded_use() -> None:
     fusion, loss, task, train, test = _setup()
     with pytest.raises(ValueError, match="eps_root"):
-        MetaStep(fusion, loss, task, seg_loss, inner=InnerAdam(lr=1e-3, eps_root=0.0), task_inner=InnerSGD(lr=LR_T),
-                 model_optimizer=_adam_optimizer(fusion)).hypergradient(train, test)
+        MetaStep(
+            fusion,
+            loss,
+            task,
+            seg_loss,
+            inner=InnerAdam(lr=1e-3, eps_root=0.0),
+            task_inner=InnerSGD(lr=LR_T),
+            model_optimizer=_adam_optimizer(fusion),
+        ).hypergradient(train, test)
     with pytest.raises(ValueError, match="seeded"):
         MetaStep(fusion, loss, task, seg_loss, inner=InnerAdam(lr=1e-3), task_inner=InnerSGD(lr=LR_T)).hypergradient(
             train, test

@@ -35,8 +35,14 @@ def _parts(policy: str = "discard"):
     loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
     opt_g = torch.optim.Adam(loss.parameters(), lr=1e-2)
     meta = MetaStep(
-        fusion, loss, task, seg_loss, outer_optimizer=opt_g,
-        inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1), buffer_policy=policy,
+        fusion,
+        loss,
+        task,
+        seg_loss,
+        outer_optimizer=opt_g,
+        inner=InnerSGD(lr=0.1),
+        task_inner=InnerSGD(lr=0.1),
+        buffer_policy=policy,
     )
     return fusion, loss, task, meta
 
@@ -78,8 +84,15 @@ def test_k_way_weight_maps() -> None:
     loss = LearnableLoss(SmallGenerator(k=k), {"int": weighted_squared_error})
     from metaloss import SourcesAdapter
 
-    meta = MetaStep(fusion, loss, task, seg_loss, adapter=SourcesAdapter(keys=("a", "b", "c")),
-                    inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1))
+    meta = MetaStep(
+        fusion,
+        loss,
+        task,
+        seg_loss,
+        adapter=SourcesAdapter(keys=("a", "b", "c")),
+        inner=InnerSGD(lr=0.1),
+        task_inner=InnerSGD(lr=0.1),
+    )
     batch = _batch(1) | {"c": torch.rand(2, 1, 8, 8)}
     _, stats = meta.hypergradient(batch, batch)
     assert len(stats.weight_mean) == k and math.isclose(sum(stats.weight_mean), 1.0, rel_tol=1e-5)
@@ -141,7 +154,9 @@ def test_constant_weights_have_nothing_to_meta_learn() -> None:
     loss = LearnableLoss(ConstantWeights(2), {"int": weighted_squared_error}, weights="given")
     out = loss([torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)], torch.rand(1, 1, 4, 4))
     assert torch.allclose(out.weights, torch.full_like(out.weights, 0.5))
-    meta = MetaStep(SmallFusion(), loss, SmallSegmenter(), seg_loss, inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1))
+    meta = MetaStep(
+        SmallFusion(), loss, SmallSegmenter(), seg_loss, inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1)
+    )
     with pytest.raises(ValueError, match="no trainable parameters"):
         meta.hypergradient(_batch(1), _batch(2))
 
@@ -175,9 +190,16 @@ def test_custom_task_network_and_loss_plug_in_without_subclassing() -> None:
 
     torch.manual_seed(0)
     loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
-    meta = MetaStep(SmallFusion(), loss, TwoInputRegressor(), regression_loss, adapter=TupleAdapter(),
-                    outer_optimizer=MaxNormalizedSGD(loss.parameters(), lr=1e-3),
-                    inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1))
+    meta = MetaStep(
+        SmallFusion(),
+        loss,
+        TwoInputRegressor(),
+        regression_loss,
+        adapter=TupleAdapter(),
+        outer_optimizer=MaxNormalizedSGD(loss.parameters(), lr=1e-3),
+        inner=InnerSGD(lr=0.1),
+        task_inner=InnerSGD(lr=0.1),
+    )
     batch = (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), torch.rand(2))
     before = _state(loss)
     stats = meta.step(batch, batch)

@@ -59,7 +59,9 @@ class _Recorder:
         self.outer.append(stats.outer_loss)
 
 
-@pytest.mark.parametrize(("task_net", "task_size"), [("segformer", (64, 96)), ("unet", (64, 96)), ("yolov8", (96, 128))])
+@pytest.mark.parametrize(
+    ("task_net", "task_size"), [("segformer", (64, 96)), ("unet", (64, 96)), ("yolov8", (96, 128))]
+)
 def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, task_net: str, task_size) -> None:
     root = _msrs_tree(shared_data, tmp_path, ["00001D", "00003N"])
     torch.manual_seed(0)  # before any network is built: the test is deterministic
@@ -74,10 +76,17 @@ def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, 
     loss = tdfusion_loss(LossGenerator())
     recorder = _Recorder()
     trainer = MetaTrainer(
-        ReFusion(), loss, task.model, task.loss, dataset,
+        ReFusion(),
+        loss,
+        task.model,
+        task.loss,
+        dataset,
         config=MetaTrainerConfig(epochs=6, meta_iterations=1, batch_size=2, lr=1e-3, outer_lr=1e-3, progress=False),
-        collate_fn=collate, adapter=SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b")),
-        inner=InnerSGD(1e-3), task_inner=InnerSGD(1e-3), callbacks=[recorder],
+        collate_fn=collate,
+        adapter=SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b")),
+        inner=InnerSGD(1e-3),
+        task_inner=InnerSGD(1e-3),
+        callbacks=[recorder],
     )
     trainer.fit()
     losses = recorder.task_losses + recorder.model_losses + recorder.outer
@@ -91,8 +100,21 @@ def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, 
 def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -> None:
     pairs = shared_data / "ReFusion/test_cases/IVIF"
     out = tmp_path / "fused"
-    run.main(["fuse", "--weights", str(shared_data / "ReFusion/ReFusion_IVIF.pth"), "--a", str(pairs / "infrared/00710N.png"),
-              "--b", str(pairs / "visible/00710N.png"), "--out", str(out), "--raw", "--quiet"])
+    run.main(
+        [
+            "fuse",
+            "--weights",
+            str(shared_data / "ReFusion/ReFusion_IVIF.pth"),
+            "--a",
+            str(pairs / "infrared/00710N.png"),
+            "--b",
+            str(pairs / "visible/00710N.png"),
+            "--out",
+            str(out),
+            "--raw",
+            "--quiet",
+        ]
+    )
     raw = np.load(out / "00710N.npy")
     reference = np.load(shared_data / "ReFusion/ivif_raw_outputs.npz")["00710N"]
     assert raw.dtype == np.float32 and np.abs(raw - reference).max() < 5e-5
@@ -114,8 +136,21 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
         cv2.imwrite(str(methods["mean"] / f"{name}.png"), np.round(0.5 * a + 0.5 * b).astype(np.uint8))
         cv2.imwrite(str(methods["max"] / f"{name}.png"), np.maximum(a, b).astype(np.uint8))
     out = tmp_path / "eval"
-    run.main(["evaluate", "--fused", str(methods["mean"]), str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir),
-              "--out", str(out), "--quiet"])
+    run.main(
+        [
+            "evaluate",
+            "--fused",
+            str(methods["mean"]),
+            str(methods["max"]),
+            "--a",
+            str(a_dir),
+            "--b",
+            str(b_dir),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     report = json.loads((out / "max" / "metrics.json").read_text())
     assert report["convention"] == "mean" and [r["name"] for r in report["images"]] == ["00001D", "00003N"]
     assert set(report["mean"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
@@ -139,8 +174,23 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
 def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The README's first command, at a tiny size: train both arms, fuse, evaluate, report."""
     out = tmp_path / "demo"
-    run.main(["--quiet", "--epochs", "1", "--meta-iterations", "2", "--synthetic-train", "4", "--synthetic-test", "2",
-              "--crop", "32", "--out", str(out)])
+    run.main(
+        [
+            "--quiet",
+            "--epochs",
+            "1",
+            "--meta-iterations",
+            "2",
+            "--synthetic-train",
+            "4",
+            "--synthetic-test",
+            "2",
+            "--crop",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())  # the last line is the report folder
     results = json.loads((out / "metrics.json").read_text())
     assert set(results) == {"tdfusion", "fixed_half", "convention"}
@@ -155,8 +205,29 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
 
 @pytest.mark.parametrize("ablation", ["II", "III", "IV", "V"])
 def test_ablations_train(tmp_path: Path, ablation: str) -> None:
-    run.main(["train", "--quiet", "--ablation", ablation, "--epochs", "1", "--meta-iterations", "1", "--synthetic-train", "4",
-              "--crop", "32", "--task-size", "32", "48", "--swap", "--flip", "--out", str(tmp_path)])
+    run.main(
+        [
+            "train",
+            "--quiet",
+            "--ablation",
+            ablation,
+            "--epochs",
+            "1",
+            "--meta-iterations",
+            "1",
+            "--synthetic-train",
+            "4",
+            "--crop",
+            "32",
+            "--task-size",
+            "32",
+            "48",
+            "--swap",
+            "--flip",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["position"] == {"epoch": 1, "phase": "meta", "step": 0}
     assert json.loads((tmp_path / "config.json").read_text())["ablation"] == ablation
@@ -167,16 +238,34 @@ def test_yolov8_batchnorm_survives_the_virtual_step() -> None:
     torch.manual_seed(0)
     task = build_task("yolov8", 3)
     model, loss = ReFusion(), tdfusion_loss(LossGenerator())
-    batch = collate([
-        {"name": "x", "a": torch.rand(1, 32, 32), "b": torch.rand(1, 32, 32), "task_a": torch.rand(1, 64, 64),
-         "task_b": torch.rand(1, 64, 64), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]]), "classes": torch.tensor([1])}
-    ] * 2)
+    batch = collate(
+        [
+            {
+                "name": "x",
+                "a": torch.rand(1, 32, 32),
+                "b": torch.rand(1, 32, 32),
+                "task_a": torch.rand(1, 64, 64),
+                "task_b": torch.rand(1, 64, 64),
+                "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]]),
+                "classes": torch.tensor([1]),
+            }
+        ]
+        * 2
+    )
     from metaloss import MetaStep
 
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     assert sum("running_mean" in k for k in before) > 50
-    meta = MetaStep(model, loss, task.model, task.loss, adapter=SourcesAdapter(task_keys=("task_a", "task_b")),
-                    inner=InnerSGD(1e-3), task_inner=InnerSGD(1e-3), outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-3))
+    meta = MetaStep(
+        model,
+        loss,
+        task.model,
+        task.loss,
+        adapter=SourcesAdapter(task_keys=("task_a", "task_b")),
+        inner=InnerSGD(1e-3),
+        task_inner=InnerSGD(1e-3),
+        outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-3),
+    )
     stats = meta.step(batch, batch)
     assert np.isfinite(stats.outer_loss) and stats.hypergrad_norm > 0
     assert all(torch.equal(before[k], v) for k, v in task.model.state_dict().items())

@@ -36,8 +36,15 @@ def _trainer(dataset, tmp_path: Path | None = None, batchnorm: bool = False, **c
         **{"epochs": 3, "meta_iterations": 8, "batch_size": 4, "lr": 1e-2, "outer_lr": 1e-2, "progress": False} | config
     )
     return MetaTrainer(
-        fusion, loss, task, seg_loss, dataset, config=cfg,
-        inner=InnerSGD(lr=0.1), task_inner=InnerSGD(lr=0.1), checkpoint_dir=tmp_path,
+        fusion,
+        loss,
+        task,
+        seg_loss,
+        dataset,
+        config=cfg,
+        inner=InnerSGD(lr=0.1),
+        task_inner=InnerSGD(lr=0.1),
+        checkpoint_dir=tmp_path,
     )
 
 
@@ -65,7 +72,11 @@ def _all_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
     state = {}
     for prefix, module in (("F", trainer.model), ("G", trainer.loss), ("T", trainer.task_model)):
         state |= {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
-    for prefix, opt in (("oF", trainer.model_optimizer), ("oT", trainer.task_optimizer), ("oG", trainer.outer_optimizer)):
+    for prefix, opt in (
+        ("oF", trainer.model_optimizer),
+        ("oT", trainer.task_optimizer),
+        ("oG", trainer.outer_optimizer),
+    ):
         for pid, st in opt.state_dict()["state"].items():
             state |= {f"{prefix}.{pid}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)}
     return state
@@ -121,8 +132,14 @@ def test_fixed_weights_skip_the_meta_phase() -> None:
     dataset = InformativeSource(n=8, size=8)
     torch.manual_seed(0)
     loss = LearnableLoss(ConstantWeights(2), {"int": weighted_squared_error}, weights="given")
-    trainer = MetaTrainer(SmallFusion(), loss, SmallSegmenter(), seg_loss, dataset,
-                          config=MetaTrainerConfig(epochs=1, batch_size=4, progress=False))
+    trainer = MetaTrainer(
+        SmallFusion(),
+        loss,
+        SmallSegmenter(),
+        seg_loss,
+        dataset,
+        config=MetaTrainerConfig(epochs=1, batch_size=4, progress=False),
+    )
     trainer.fit()
     assert trainer.global_step == 2 and trainer.outer_optimizer is None
 

@@ -16,7 +16,6 @@ Folder names are matched case-insensitively: MSRS's native ``ir``/``vi``/``Segme
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,11 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tasks import detection_targets
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from metaloss.fusion.image_io import IMAGE_SUFFIXES, read_grey
-
-from tasks import detection_targets
 
 
 @dataclass
@@ -72,7 +70,9 @@ def _images(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
-def paired_files(a_dir: Path, b_dir: Path, mask_dir: Path | None = None, box_dir: Path | None = None) -> list[PairFiles]:
+def paired_files(
+    a_dir: Path, b_dir: Path, mask_dir: Path | None = None, box_dir: Path | None = None
+) -> list[PairFiles]:
     """Pairs of two folders matched by file stem.
 
     Raises:
@@ -91,7 +91,9 @@ def paired_files(a_dir: Path, b_dir: Path, mask_dir: Path | None = None, box_dir
     pairs = []
     for name in sorted(a_files):
         box = box_dir / f"{name}.txt" if box_dir else None
-        pairs.append(PairFiles(name, a_files[name], b_files[name], masks.get(name), box if box and box.is_file() else None))
+        pairs.append(
+            PairFiles(name, a_files[name], b_files[name], masks.get(name), box if box and box.is_file() else None)
+        )
     return pairs
 
 
@@ -152,11 +154,25 @@ class FusionDataset(Dataset[dict[str, Any]]):
         flip: random horizontal flips of the whole pair (labels and boxes follow).
     """
 
-    def __init__(self, scenes: Sequence[Scene], kind: str, crop: int = 256, task_size: tuple[int, int] = (240, 320),
-                 train: bool = True, flip: bool = False) -> None:
+    def __init__(
+        self,
+        scenes: Sequence[Scene],
+        kind: str,
+        crop: int = 256,
+        task_size: tuple[int, int] = (240, 320),
+        train: bool = True,
+        flip: bool = False,
+    ) -> None:
         if kind not in ("seg", "det"):
             raise ValueError(f"kind must be 'seg' or 'det', got {kind!r}")
-        self.scenes, self.kind, self.crop, self.task_size, self.train, self.flip = scenes, kind, crop, task_size, train, flip
+        self.scenes, self.kind, self.crop, self.task_size, self.train, self.flip = (
+            scenes,
+            kind,
+            crop,
+            task_size,
+            train,
+            flip,
+        )
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -180,7 +196,13 @@ class FusionDataset(Dataset[dict[str, Any]]):
             y, x = (h - c) // 2, (w - c) // 2
         window = full[:, y : y + c, x : x + c]
         task = F.interpolate(full[None], size=self.task_size, mode="bilinear", align_corners=False)[0]
-        sample: dict[str, Any] = {"name": scene.name, "a": window[:1], "b": window[1:], "task_a": task[:1], "task_b": task[1:]}
+        sample: dict[str, Any] = {
+            "name": scene.name,
+            "a": window[:1],
+            "b": window[1:],
+            "task_a": task[:1],
+            "task_b": task[1:],
+        }
         if self.kind == "seg":
             if mask_np is None:
                 raise ValueError(f"scene {scene.name} has no label map for segmentation")

@@ -24,15 +24,30 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from data import PairFiles, find_dir, paired_files, read_yolo_boxes
+
 from metaloss.fusion.image_io import read_bgr
 
 CLASSES: dict[str, tuple[str, ...]] = {
     "msrs": ("unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail", "color_cone", "bump"),
     "msrs_det": ("person", "bicycle", "car"),  # the third-party box labels of the MSRS sample
-    "fmb": ("background", "road", "sidewalk", "building", "lamp", "sign", "vegetation", "sky", "person", "car",
-            "truck", "bus", "motorcycle", "bicycle", "pole"),
+    "fmb": (
+        "background",
+        "road",
+        "sidewalk",
+        "building",
+        "lamp",
+        "sign",
+        "vegetation",
+        "sky",
+        "person",
+        "car",
+        "truck",
+        "bus",
+        "motorcycle",
+        "bicycle",
+        "pole",
+    ),
     "m3fd": ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck"),
     "llvip": ("person",),
 }
@@ -67,7 +82,12 @@ def fmb_files(root: str | Path, split: str) -> list[PairFiles]:
 def _voc(pairs: list[PairFiles], annotations: Path | None) -> list[PairFiles]:
     if annotations is None:
         return pairs
-    return [PairFiles(p.name, p.a, p.b, None, annotations / f"{p.name}.xml" if (annotations / f"{p.name}.xml").is_file() else None) for p in pairs]
+    return [
+        PairFiles(
+            p.name, p.a, p.b, None, annotations / f"{p.name}.xml" if (annotations / f"{p.name}.xml").is_file() else None
+        )
+        for p in pairs
+    ]
 
 
 def read_split(path: Path) -> list[str]:
@@ -82,7 +102,9 @@ def write_split(path: Path, names: list[str], comment: str) -> None:
     path.write_text(f"# {comment}\n" + "\n".join(names) + "\n")
 
 
-def m3fd_split(names: list[str], fusion_names: set[str], seed: int = 0, test_fraction: float = 0.25) -> dict[str, list[str]]:
+def m3fd_split(
+    names: list[str], fusion_names: set[str], seed: int = 0, test_fraction: float = 0.25
+) -> dict[str, list[str]]:
     """The paper's M3FD split: a quarter for test (3150 train / 1050 test of 4200), the fusion
     pairs all inside test.
 
@@ -170,7 +192,9 @@ class SplitReport:
     problems: list[str] = field(default_factory=list)
 
 
-def check_pairs(pairs: list[PairFiles], classes: tuple[str, ...], box_classes: tuple[str, ...] | None = None) -> SplitReport:
+def check_pairs(
+    pairs: list[PairFiles], classes: tuple[str, ...], box_classes: tuple[str, ...] | None = None
+) -> SplitReport:
     """Read every pair and label; collect sizes, class counts and each offending file.
 
     Args:
@@ -209,11 +233,15 @@ def check_pairs(pairs: list[PairFiles], classes: tuple[str, ...], box_classes: t
                     _, ids = read_voc(p.boxes, box_classes, (h, w))
                 else:
                     boxes, ids = read_yolo_boxes(p.boxes)
-                    outside = (boxes[:, :2] - boxes[:, 2:] / 2 < -1e-6).any() or (boxes[:, :2] + boxes[:, 2:] / 2 > 1 + 1e-6).any()
+                    outside = (boxes[:, :2] - boxes[:, 2:] / 2 < -1e-6).any() or (
+                        boxes[:, :2] + boxes[:, 2:] / 2 > 1 + 1e-6
+                    ).any()
                     if len(boxes) and outside:
                         raise ValueError(f"{p.boxes}: a box is outside the image")
                     if len(ids) and (ids.max() >= len(box_classes) or ids.min() < 0):
-                        raise ValueError(f"{p.boxes}: class ids {sorted(set(ids.tolist()))} outside the {len(box_classes)} classes")
+                        raise ValueError(
+                            f"{p.boxes}: class ids {sorted(set(ids.tolist()))} outside the {len(box_classes)} classes"
+                        )
                 report.boxes.update(ids.tolist())
             except ValueError as err:
                 report.problems.append(str(err))

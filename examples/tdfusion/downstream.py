@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from tqdm.auto import tqdm
-
 from data import Scene, collate, to_unit
 from tasks import Task
+from torch import Tensor
+from tqdm.auto import tqdm
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -43,7 +42,9 @@ def segmentation_scores(conf: np.ndarray, names: Sequence[str]) -> dict[str, Any
     return {
         "mIoU": 100 * float(iou[present].mean()) if present.any() else float("nan"),
         "mAcc": 100 * float(acc[present].mean()) if present.any() else float("nan"),
-        "per_class": {n: {"IoU": 100 * float(iou[i]), "Acc": 100 * float(acc[i])} for i, n in enumerate(names) if present[i]},
+        "per_class": {
+            n: {"IoU": 100 * float(iou[i]), "Acc": 100 * float(acc[i])} for i, n in enumerate(names) if present[i]
+        },
     }
 
 
@@ -56,7 +57,10 @@ def _match(pred_cls: Tensor, true_cls: Tensor, iou: Tensor) -> np.ndarray:
 
 
 def detection_scores(
-    predictions: Sequence[Tensor], targets: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str], size: tuple[int, int]
+    predictions: Sequence[Tensor],
+    targets: Sequence[tuple[np.ndarray, np.ndarray]],
+    names: Sequence[str],
+    size: tuple[int, int],
 ) -> dict[str, Any]:
     """mAP50 and mAP75 (in %), overall and per class.
 
@@ -90,7 +94,9 @@ def detection_scores(
     else:
         results = ap_per_class(np.concatenate(tps), np.concatenate(confs), np.concatenate(pcls), target_cls)
         ap, present = results[5], results[6]
-    per_class = {names[int(c)]: {"AP50": 100 * float(ap[i, 0]), "AP75": 100 * float(ap[i, 5])} for i, c in enumerate(present)}
+    per_class = {
+        names[int(c)]: {"AP50": 100 * float(ap[i, 0]), "AP75": 100 * float(ap[i, 5])} for i, c in enumerate(present)
+    }
     for c in np.unique(target_cls).astype(int):  # labelled classes that were never predicted score 0
         per_class.setdefault(names[c], {"AP50": 0.0, "AP75": 0.0})
     values = list(per_class.values())
@@ -102,7 +108,9 @@ def detection_scores(
 
 
 @torch.no_grad()
-def evaluate_task(task: Task, images: Sequence[np.ndarray], scenes: Sequence[Scene], names: Sequence[str], size: tuple[int, int]) -> dict[str, Any]:
+def evaluate_task(
+    task: Task, images: Sequence[np.ndarray], scenes: Sequence[Scene], names: Sequence[str], size: tuple[int, int]
+) -> dict[str, Any]:
     """Score a trained task network on (fused) images, with the scenes' labels."""
     task.model.eval()
     device = next(task.model.parameters()).device
@@ -119,7 +127,9 @@ def evaluate_task(task: Task, images: Sequence[np.ndarray], scenes: Sequence[Sce
     for image, scene in zip(images, scenes):
         x = F.interpolate(to_unit(image).to(device), size=size, mode="bilinear", align_corners=False)
         out = task.model(x)
-        det = non_max_suppression(out[0] if isinstance(out, (tuple, list)) else out, conf_thres=0.001, iou_thres=0.7, nc=len(names))[0]
+        det = non_max_suppression(
+            out[0] if isinstance(out, (tuple, list)) else out, conf_thres=0.001, iou_thres=0.7, nc=len(names)
+        )[0]
         predictions.append(det.cpu())
         boxes = scene.boxes if scene.boxes is not None else np.zeros((0, 4), np.float32)
         classes = scene.classes if scene.classes is not None else np.zeros(0, np.int64)
@@ -152,7 +162,9 @@ def train_and_evaluate(
         x = F.interpolate(to_unit(image), size=size, mode="bilinear", align_corners=False)[0]
         sample: dict[str, Any] = {"name": scene.name, "a": x, "b": x, "task_a": x, "task_b": x}
         if task.kind == "seg":
-            sample["mask"] = F.interpolate(torch.from_numpy(scene.mask)[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            sample["mask"] = F.interpolate(torch.from_numpy(scene.mask)[None, None].float(), size=size, mode="nearest")[
+                0, 0
+            ].long()
         else:
             sample["boxes"] = torch.from_numpy(scene.boxes if scene.boxes is not None else np.zeros((0, 4), np.float32))
             sample["classes"] = torch.from_numpy(scene.classes if scene.classes is not None else np.zeros(0, np.int64))

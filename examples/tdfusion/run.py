@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """TDFusion on metaloss: train, fuse, evaluate; with no arguments, the embedded demo.
 
-    python examples/tdfusion/run.py                 # demo: procedural scenes, a few CPU minutes
-    python examples/tdfusion/run.py train --help
-    python examples/tdfusion/run.py fuse --weights CKPT --a IR_DIR --b VIS_DIR --out DIR
-    python examples/tdfusion/run.py evaluate --fused DIR [DIR ...] --a IR_DIR --b VIS_DIR --out DIR
+python examples/tdfusion/run.py                 # demo: procedural scenes, a few CPU minutes
+python examples/tdfusion/run.py train --help
+python examples/tdfusion/run.py fuse --weights CKPT --a IR_DIR --b VIS_DIR --out DIR
+python examples/tdfusion/run.py evaluate --fused DIR [DIR ...] --a IR_DIR --b VIS_DIR --out DIR
 """
 
 from __future__ import annotations
@@ -22,19 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "metaloss-ultralytics"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import datasets as ds  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from data import FusionDataset, PairFiles, Scene, SceneList, collate, collate_swapped, to_unit  # noqa: E402
+from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
+from tasks import TASK_KINDS, build_task  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from metaloss import ConstantWeights, CSVLogger, InnerSGD, LearnableLoss, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss  # noqa: E402
 from metaloss.fusion.image_io import IMAGE_SUFFIXES, blend_chroma, read_grey, read_ycrcb, write_grey, write_ycrcb_as_rgb  # noqa: E402
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
-
-from data import FusionDataset, PairFiles, Scene, SceneList, collate, collate_swapped, to_unit  # noqa: E402
-import datasets as ds  # noqa: E402
-from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
-from tasks import TASK_KINDS, build_task  # noqa: E402
 
 # Section 4.1 of the paper and the released code: dataset -> (classes incl. background, task size).
 DATASETS: dict[str, dict[str, Any]] = {
@@ -51,7 +50,7 @@ ABLATIONS = {
     "II": "no gradient term (alpha = 0)",
     "III": "the fusion network also learns from the task loss",
     "IV": "no separate fusion-learning phase",
-    "V": "discriminative fusion: I_f = w_a * I_a + w_b * I_b; the weights' network learns from the task loss and the fixed w = 1/2 fusion loss",
+    "V": "discriminative fusion: I_f = w_a * I_a + w_b * I_b; the weights' network learns from the task loss and the fixed w = 1/2 fusion loss",  # noqa: E501
 }
 
 
@@ -107,7 +106,9 @@ def dataset_classes(name: str, kind: str) -> tuple[str, ...]:
 def load_scenes(args: argparse.Namespace, split: str, kind: str) -> list[Scene] | SceneList:
     if args.dataset == "synthetic":
         n = args.synthetic_train if split == "train" else args.synthetic_test
-        return make_scenes(n, size=DATASETS["synthetic"]["task_size"], seed=args.seed, start=0 if split == "train" else 10_000)
+        return make_scenes(
+            n, size=DATASETS["synthetic"]["task_size"], seed=args.seed, start=0 if split == "train" else 10_000
+        )
     try:
         return SceneList(dataset_files(args, split), dataset_classes(args.dataset, kind))
     except (FileNotFoundError, ValueError) as err:
@@ -121,7 +122,9 @@ def train(args: argparse.Namespace) -> MetaTrainer:
     kind = TASK_KINDS[args.task_net]
     spec = DATASETS[args.dataset]
     if kind not in spec:
-        raise SystemExit(f"--dataset {args.dataset} has no {kind} labels; pick a task network for {[k for k in spec if k in ('seg', 'det')]}")
+        raise SystemExit(
+            f"--dataset {args.dataset} has no {kind} labels; pick a task network for {[k for k in spec if k in ('seg', 'det')]}"  # noqa: E501
+        )
     task = build_task(args.task_net, spec[kind])
     task_size = tuple(args.task_size) if args.task_size else spec["task_size"]
     dataset = FusionDataset(load_scenes(args, "train", kind), kind, crop=args.crop, task_size=task_size, flip=args.flip)
@@ -147,13 +150,23 @@ def train(args: argparse.Namespace) -> MetaTrainer:
     )
     out = Path(args.out)
     trainer = MetaTrainer(
-        model, loss, task.model, task.loss, dataset, config=config, collate_fn=collate_swapped if args.swap else collate,
+        model,
+        loss,
+        task.model,
+        task.loss,
+        dataset,
+        config=config,
+        collate_fn=collate_swapped if args.swap else collate,
         adapter=SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b")),
-        inner=InnerSGD(args.inner_lr), task_inner=InnerSGD(args.inner_lr),
-        callbacks=[CSVLogger(out / "logs")], checkpoint_dir=out,
+        inner=InnerSGD(args.inner_lr),
+        task_inner=InnerSGD(args.inner_lr),
+        callbacks=[CSVLogger(out / "logs")],
+        checkpoint_dir=out,
     )
     (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str))
+    (out / "config.json").write_text(
+        json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str)
+    )
     trainer.fit(resume=args.resume)
     return trainer
 
@@ -216,7 +229,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     methods: dict[str, Any] = {}
     for folder in map(Path, args.fused):
         rows = []
-        for name, pa, pb in tqdm(matched_names(Path(args.a), Path(args.b)), desc=f"evaluate {folder.name}", disable=args.quiet):
+        for name, pa, pb in tqdm(
+            matched_names(Path(args.a), Path(args.b)), desc=f"evaluate {folder.name}", disable=args.quiet
+        ):
             candidates = [folder / f"{name}{s}" for s in IMAGE_SUFFIXES]
             pf = next((p for p in candidates if p.is_file()), None)
             if pf is None:
@@ -238,8 +253,12 @@ def write_comparison(out: Path, means: dict[str, dict[str, float]], convention: 
         (out / "metrics.json").write_text(json.dumps(next(iter(json.loads(json.dumps(means)).values())), indent=2))
     cols = list(METRICS)
     best = {c: max(m[c] for m in means.values()) for c in cols}
-    lines = [f"Fusion metrics (two-source convention: {convention}; higher is better, best in bold)", "",
-             "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = [
+        f"Fusion metrics (two-source convention: {convention}; higher is better, best in bold)",
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     csv = ["method," + ",".join(cols)]
     for name, m in means.items():
         cells = [f"**{m[c]:.4f}**" if m[c] == best[c] else f"{m[c]:.4f}" for c in cols]
@@ -267,14 +286,18 @@ def write_bar_chart(path: Path, means: dict[str, dict[str, float]], convention: 
 
 
 # ---------------------------------------------------------------------------------- demo
-def _test_task_loss(task_model: torch.nn.Module, fused: list[np.ndarray], scenes: list[Scene], size: tuple[int, int]) -> float:
+def _test_task_loss(
+    task_model: torch.nn.Module, fused: list[np.ndarray], scenes: list[Scene], size: tuple[int, int]
+) -> float:
     """Cross-entropy of the jointly trained task network on the fused test scenes (lower is better)."""
     task_model.eval()
     losses = []
     with torch.no_grad():
         for f, s in zip(fused, scenes):
             x = torch.nn.functional.interpolate(to_unit(f * 255.0), size=size, mode="bilinear", align_corners=False)
-            logits = torch.nn.functional.interpolate(task_model(x), size=s.mask.shape, mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(
+                task_model(x), size=s.mask.shape, mode="bilinear", align_corners=False
+            )
             losses.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(s.mask)[None]).item())
     return float(np.mean(losses))
 
@@ -284,7 +307,9 @@ def demo(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     started = time.time()
     results: dict[str, Any] = {}
-    test_scenes = make_scenes(args.synthetic_test, size=DATASETS["synthetic"]["task_size"], seed=args.seed, start=10_000)
+    test_scenes = make_scenes(
+        args.synthetic_test, size=DATASETS["synthetic"]["task_size"], seed=args.seed, start=10_000
+    )
     for method, ablation in (("tdfusion", "none"), ("fixed_half", "I")):
         print(f"[demo] training {method}: {ABLATIONS[ablation]}", flush=True)
         run_args = argparse.Namespace(**{**vars(args), "ablation": ablation, "out": str(out / method), "resume": None})
@@ -295,12 +320,17 @@ def demo(args: argparse.Namespace) -> Path:
         fused = [fuse_arrays(trainer.model, s.a, s.b, torch.device("cpu")) for s in test_scenes]
         for s, f in zip(test_scenes, fused):
             write_grey(out / method / "fused" / f"{s.name}.png", f * 255.0)
-        metrics = evaluate_fusion(torch.from_numpy(np.stack(fused) * 255.0), torch.from_numpy(np.stack([s.a for s in test_scenes])),
-                                  torch.from_numpy(np.stack([s.b for s in test_scenes])))
+        metrics = evaluate_fusion(
+            torch.from_numpy(np.stack(fused) * 255.0),
+            torch.from_numpy(np.stack([s.a for s in test_scenes])),
+            torch.from_numpy(np.stack([s.b for s in test_scenes])),
+        )
         results[method] = {
             "train_seconds": round(seconds, 1),
             "fusion_metrics": {k: float(v.mean()) for k, v in metrics.items()},
-            "test_task_loss": _test_task_loss(trainer.task_model, fused, test_scenes, DATASETS["synthetic"]["task_size"]),
+            "test_task_loss": _test_task_loss(
+                trainer.task_model, fused, test_scenes, DATASETS["synthetic"]["task_size"]
+            ),
         }
         if method == "tdfusion":
             write_weight_figure(out / "weights.png", trainer.loss, test_scenes[:4], fused[:4])
@@ -318,7 +348,9 @@ def write_weight_figure(path: Path, loss: LearnableLoss, scenes: list[Scene], fu
         weights = [loss.weights([to_unit(s.a), to_unit(s.b)])[0].numpy() for s in scenes]
     fig, axes = plt.subplots(len(scenes), 5, figsize=(12, 2.2 * len(scenes)))
     for row, (s, w, f) in enumerate(zip(scenes, weights, fused)):
-        for col, (img, title, vmax) in enumerate(((s.a, "infrared A", 255), (s.b, "visible B", 255), (w[0], "w_a", 1), (w[1], "w_b", 1), (f, "fused", 1))):
+        for col, (img, title, vmax) in enumerate(
+            ((s.a, "infrared A", 255), (s.b, "visible B", 255), (w[0], "w_a", 1), (w[1], "w_b", 1), (f, "fused", 1))
+        ):
             ax = axes[row, col]
             shown = ax.imshow(img, cmap="gray" if col in (0, 1, 4) else "viridis", vmin=0, vmax=vmax)
             ax.set_axis_off()
@@ -333,15 +365,23 @@ def write_weight_figure(path: Path, loss: LearnableLoss, scenes: list[Scene], fu
 
 def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> None:
     ours, base = results["tdfusion"], results["fixed_half"]
-    lines = ["# TDFusion demo: learned loss vs fixed w = 1/2 (ablation I)", "",
-             f"Procedural paired scenes, {seconds:.0f} s in all on this machine. Fusion metrics use the 'mean' convention.", "",
-             "| metric | TDFusion | fixed w = 1/2 |", "|---|---|---|"]
+    lines = [
+        "# TDFusion demo: learned loss vs fixed w = 1/2 (ablation I)",
+        "",
+        f"Procedural paired scenes, {seconds:.0f} s in all on this machine. Fusion metrics use the 'mean' convention.",
+        "",
+        "| metric | TDFusion | fixed w = 1/2 |",
+        "|---|---|---|",
+    ]
     for k in METRICS:
         lines.append(f"| {k} | {ours['fusion_metrics'][k]:.4f} | {base['fusion_metrics'][k]:.4f} |")
-    lines += [f"| test task loss (CE of the jointly trained SegFormer; lower is better) | {ours['test_task_loss']:.4f} | {base['test_task_loss']:.4f} |",
-              f"| training time (s) | {ours['train_seconds']} | {base['train_seconds']} |", "",
-              "A demo this short shows the machinery working end to end, not the paper's numbers.",
-              "`weights.png`: the learned w_a / w_b maps beside the sources (the paper's Fig. 5)."]
+    lines += [
+        f"| test task loss (CE of the jointly trained SegFormer; lower is better) | {ours['test_task_loss']:.4f} | {base['test_task_loss']:.4f} |",  # noqa: E501
+        f"| training time (s) | {ours['train_seconds']} | {base['train_seconds']} |",
+        "",
+        "A demo this short shows the machinery working end to end, not the paper's numbers.",
+        "`weights.png`: the learned w_a / w_b maps beside the sources (the paper's Fig. 5).",
+    ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -364,7 +404,10 @@ def downstream(args: argparse.Namespace) -> dict[str, Any]:
         for split, folder in (("train", Path(train_dir)), ("test", Path(test_dir))):
             images[split] = []
             for scene in scenes[split]:
-                path = next((folder / f"{scene.name}{s}" for s in IMAGE_SUFFIXES if (folder / f"{scene.name}{s}").is_file()), None)
+                path = next(
+                    (folder / f"{scene.name}{s}" for s in IMAGE_SUFFIXES if (folder / f"{scene.name}{s}").is_file()),
+                    None,
+                )
                 if path is None:
                     raise SystemExit(f"method {name}: {folder} has no fused image for {scene.name}")
                 images[split].append(read_grey(path))
@@ -372,18 +415,32 @@ def downstream(args: argparse.Namespace) -> dict[str, Any]:
         task = build_task(args.task_net, len(names))
         task.model.to(args.device)
         print(f"[downstream] {name}: training {args.task_net} for {args.epochs} epochs", flush=True)
-        results[name] = train_and_evaluate(task, images["train"], list(scenes["train"]), images["test"], list(scenes["test"]),
-                                           names, size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                           seed=args.seed, progress=not args.quiet)
+        results[name] = train_and_evaluate(
+            task,
+            images["train"],
+            list(scenes["train"]),
+            images["test"],
+            list(scenes["test"]),
+            names,
+            size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "downstream.json").write_text(json.dumps(results, indent=2))
     keys = ("IoU", "Acc") if kind == "seg" else ("AP50", "AP75")
     overall = ("mIoU", "mAcc") if kind == "seg" else ("mAP50", "mAP75")
     classes = [c for c in names if any(c in r["per_class"] for r in results.values())]
-    lines = [f"Downstream {kind} with {args.task_net} ({args.epochs} epochs per method), in %", "",
-             "| method | " + " | ".join(f"{c} {k}" for c in classes for k in keys) + " | " + " | ".join(overall) + " |",
-             "|---" * (len(classes) * len(keys) + len(overall) + 1) + "|"]
+    lines = [
+        f"Downstream {kind} with {args.task_net} ({args.epochs} epochs per method), in %",
+        "",
+        "| method | " + " | ".join(f"{c} {k}" for c in classes for k in keys) + " | " + " | ".join(overall) + " |",
+        "|---" * (len(classes) * len(keys) + len(overall) + 1) + "|",
+    ]
     for name, r in results.items():
         cells = [f"{r['per_class'].get(c, {}).get(k, float('nan')):.1f}" for c in classes for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{r[o]:.1f}" for o in overall) + " |")
@@ -405,7 +462,9 @@ def check_data(args: argparse.Namespace) -> None:
             problems.append(f"[{split}] {err}")
             continue
         if args.write_splits and args.dataset in ("m3fd", "llvip"):
-            ds.write_split(Path(args.write_splits) / f"{split}.txt", [f.name for f in files], f"{args.dataset} {split} split")
+            ds.write_split(
+                Path(args.write_splits) / f"{split}.txt", [f.name for f in files], f"{args.dataset} {split} split"
+            )
         if args.dataset == "msrs" and not args.det:
             files = [PairFiles(f.name, f.a, f.b, f.mask, None) for f in files]
         report = ds.check_pairs(files, seg_classes, box_classes)
@@ -426,24 +485,63 @@ def check_data(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------- CLI
 def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> None:
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic", help="data set (default: synthetic; folders: --root unused)")
+    p.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="synthetic",
+        help="data set (default: synthetic; folders: --root unused)",
+    )
     p.add_argument("--root", help="the data set's folder as downloaded")
     p.add_argument("--split-dir", help="folder with train.txt / test.txt name lists (M3FD; default: the paper's split)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (labels and boxes follow)")
     p.add_argument("--swap", action="store_true", help="double each batch with its (B, A)-swapped copy (released code)")
-    p.add_argument("--task-net", choices=sorted(TASK_KINDS), default="segformer", help="task network: segformer/unet (seg) or yolov8 (det)")
+    p.add_argument(
+        "--task-net",
+        choices=sorted(TASK_KINDS),
+        default="segformer",
+        help="task network: segformer/unet (seg) or yolov8 (det)",
+    )
     p.add_argument("--epochs", type=int, default=5 if demo_defaults else 50, help="epochs L (paper: 50)")
-    p.add_argument("--meta-iterations", type=int, default=20 if demo_defaults else 200, help="meta iterations M per epoch (paper: 200)")
-    p.add_argument("--model-iterations", type=int, default=None, help="ordinary iterations N per epoch (default: one pass)")
+    p.add_argument(
+        "--meta-iterations",
+        type=int,
+        default=20 if demo_defaults else 200,
+        help="meta iterations M per epoch (paper: 200)",
+    )
+    p.add_argument(
+        "--model-iterations", type=int, default=None, help="ordinary iterations N per epoch (default: one pass)"
+    )
     p.add_argument("--batch-size", type=int, default=2, help="batch size (paper: 2)")
-    p.add_argument("--lr", type=float, default=2e-3 if demo_defaults else 1e-4, help="Adam learning rate of F and T (paper: 1e-4)")
-    p.add_argument("--inner-lr", type=float, default=1e-3 if demo_defaults else 1e-4, help="step size of the virtual steps (released: F's lr)")
-    p.add_argument("--outer", choices=("adam", "sgd", "max_normalized"), default="adam", help="G's update rule (released code: max_normalized)")
+    p.add_argument(
+        "--lr", type=float, default=2e-3 if demo_defaults else 1e-4, help="Adam learning rate of F and T (paper: 1e-4)"
+    )
+    p.add_argument(
+        "--inner-lr",
+        type=float,
+        default=1e-3 if demo_defaults else 1e-4,
+        help="step size of the virtual steps (released: F's lr)",
+    )
+    p.add_argument(
+        "--outer",
+        choices=("adam", "sgd", "max_normalized"),
+        default="adam",
+        help="G's update rule (released code: max_normalized)",
+    )
     p.add_argument("--outer-lr", type=float, default=1e-3 if demo_defaults else 1e-4, help="G's learning rate")
-    p.add_argument("--mode", choices=("exact", "finite_difference"), default="exact", help="hypergradient: exact second order or finite differences")
+    p.add_argument(
+        "--mode",
+        choices=("exact", "finite_difference"),
+        default="exact",
+        help="hypergradient: exact second order or finite differences",
+    )
     p.add_argument("--form", choices=("paper", "released"), default="paper", help="fusion-loss form")
     p.add_argument("--alpha", type=float, default=1.0, help="gradient-term weight alpha")
-    p.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
+    p.add_argument(
+        "--ablation",
+        choices=sorted(ABLATIONS),
+        default="none",
+        help="; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
+    )
     p.add_argument("--crop", type=int, default=64 if demo_defaults else 256, help="fusion crop size (released: 256)")
     p.add_argument("--task-size", type=int, nargs=2, metavar=("H", "W"), help="task view size (default: per data set)")
     p.add_argument("--synthetic-train", type=int, default=32, help="procedural training scenes")
@@ -482,16 +580,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a", required=True, help="infrared folder")
     p.add_argument("--b", required=True, help="visible folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--convention", choices=("mean", "sum"), default="mean", help="two-source VIF/SSIM: mean (TDFusion) or sum (CDDFuse)")
+    p.add_argument(
+        "--convention",
+        choices=("mean", "sum"),
+        default="mean",
+        help="two-source VIF/SSIM: mean (TDFusion) or sum (CDDFuse)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=evaluate)
-    p = sub.add_parser("downstream", help="the paper's protocol: train a task network on each method's fused images, score it")
+    p = sub.add_parser(
+        "downstream", help="the paper's protocol: train a task network on each method's fused images, score it"
+    )
     p.add_argument("--dataset", required=True, choices=("msrs", "fmb", "m3fd", "llvip"))
     p.add_argument("--root", required=True, help="the data set's folder as downloaded (labels come from here)")
     p.add_argument("--split-dir", help="folder with train.txt / test.txt name lists (M3FD)")
     p.add_argument("--task-net", choices=sorted(TASK_KINDS), default="segformer")
-    p.add_argument("--method", action="append", required=True, metavar="NAME:TRAIN_DIR:TEST_DIR",
-                   help="a method's fused training and test folders (repeat for each method)")
+    p.add_argument(
+        "--method",
+        action="append",
+        required=True,
+        metavar="NAME:TRAIN_DIR:TEST_DIR",
+        help="a method's fused training and test folders (repeat for each method)",
+    )
     p.add_argument("--epochs", type=int, default=300, help="task-network epochs per method (paper: 300)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the task network")

@@ -114,7 +114,11 @@ class GradientTerm(nn.Module):
 
 
 def tdfusion_loss(
-    generator: nn.Module, *, form: LossForm = "paper", alpha: float = 1.0, weights: Literal["softmax", "given"] = "given"
+    generator: nn.Module,
+    *,
+    form: LossForm = "paper",
+    alpha: float = 1.0,
+    weights: Literal["softmax", "given"] = "given",
 ) -> LearnableLoss:
     """TDFusion's learnable fusion loss ``L_int + alpha * L_grad`` around ``generator``.
 

@@ -172,7 +172,9 @@ def _edge_strength_orientation(x: Tensor) -> tuple[Tensor, Tensor]:
 def _q_edge(g_src: Tensor, a_src: Tensor, g_f: Tensor, a_f: Tensor) -> Tensor:
     # The reference's ratio: g_F/g_A where g_A > g_F, g_A/g_F where g_A < g_F, and g_F on a tie.
     ratio = torch.where(
-        g_src > g_f, g_f / torch.where(g_src == 0, 1.0, g_src), torch.where(g_src == g_f, g_f, g_src / torch.where(g_f == 0, 1.0, g_f))
+        g_src > g_f,
+        g_f / torch.where(g_src == 0, 1.0, g_src),
+        torch.where(g_src == g_f, g_f, g_src / torch.where(g_f == 0, 1.0, g_f)),
     )
     orientation = 1 - (a_src - a_f).abs() / (math.pi / 2)
     q_g = 0.9994 / (1 + torch.exp(-15 * (ratio - 0.5)))
@@ -255,12 +257,14 @@ def evaluate_fusion(
     parts = []
     for i in range(0, f.shape[0], max(1, chunk)):
         fc, ac, bc = f[i : i + chunk], a[i : i + chunk], b[i : i + chunk]
-        parts.append({
-            "EN": en(fc),
-            "SF": sf(fc),
-            "SCD": scd(fc, ac, bc),
-            "VIF": vif(fc, ac, bc, convention),
-            "Qabf": qabf(fc, ac, bc),
-            "SSIM": ssim(fc, ac, bc, convention),
-        })
+        parts.append(
+            {
+                "EN": en(fc),
+                "SF": sf(fc),
+                "SCD": scd(fc, ac, bc),
+                "VIF": vif(fc, ac, bc, convention),
+                "Qabf": qabf(fc, ac, bc),
+                "SSIM": ssim(fc, ac, bc, convention),
+            }
+        )
     return {name: torch.cat([p[name] for p in parts]) for name in METRICS}

@@ -224,5 +224,7 @@ def load_released_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.
     state = {k.removeprefix("module."): v for k, v in state.items() if ".conv." not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     return model
