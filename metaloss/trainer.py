@@ -397,6 +397,20 @@ class MetaTrainer:
         """
         if resume is not None:
             self.load_state_dict(load_checkpoint(resume, map_location=self.device))
+        try:
+            self._fit(max_steps)
+        except KeyboardInterrupt:
+            where = (
+                f"resume from {self.checkpoint_dir / 'last.pt'}" if self.checkpoint_dir else "no checkpoint_dir was set"
+            )
+            print(
+                f"\ninterrupted at epoch {self.position.epoch + 1}, {self.position.phase} step {self.position.step}; "
+                f"{where} (the last checkpoint written, with checkpoint_every={self.config.checkpoint_every})",
+                flush=True,
+            )
+            raise
+
+    def _fit(self, max_steps: int | None) -> None:
         cfg = self.config
         budget = [max_steps if max_steps is not None else -1]
         self.model.train()

@@ -28,7 +28,7 @@ def _img(path: Path, h: int = 32, w: int = 40, value: int = 100, colour: bool = 
 
 def _check(capsys, *args: str) -> tuple[int, str]:
     try:
-        run.main(["check-data", *args])
+        run.main(["check-data", "--quiet", *args])
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)

@@ -155,3 +155,20 @@ def test_empty_and_wrong_data_are_named() -> None:
         MetaTrainer(fusion, loss, task, seg_loss, InformativeSource(n=1))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         _trainer(InformativeSource(n=4)).fit(resume="/nonexistent/last.pt")
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    class Interrupt:
+        def on_meta_step(self, trainer, stats) -> None:
+            if trainer.global_step == 2:
+                raise KeyboardInterrupt
+
+    dataset = InformativeSource(n=8, size=8)
+    trainer = _trainer(dataset, tmp_path, epochs=1, meta_iterations=4, checkpoint_every=2)
+    trainer.callbacks = [Interrupt()]
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert f"resume from {tmp_path / 'last.pt'}" in capsys.readouterr().out
+    resumed = _trainer(dataset, tmp_path, epochs=1, meta_iterations=4, checkpoint_every=2)
+    resumed.fit(resume=tmp_path / "last.pt")
+    assert resumed.global_step == 4 + 2  # 4 meta steps and 2 model steps in all

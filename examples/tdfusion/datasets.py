@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from data import PairFiles, find_dir, paired_files, read_yolo_boxes
+from tqdm.auto import tqdm
 
 from metaloss.fusion.image_io import read_bgr
 
@@ -193,7 +194,7 @@ class SplitReport:
 
 
 def check_pairs(
-    pairs: list[PairFiles], classes: tuple[str, ...], box_classes: tuple[str, ...] | None = None
+    pairs: list[PairFiles], classes: tuple[str, ...], box_classes: tuple[str, ...] | None = None, progress: bool = False
 ) -> SplitReport:
     """Read every pair and label; collect sizes, class counts and each offending file.
 
@@ -201,10 +202,11 @@ def check_pairs(
         pairs: the split's pairs.
         classes: the label maps' classes.
         box_classes: the boxes' classes (default: ``classes``).
+        progress: show a progress bar.
     """
     box_classes = classes if box_classes is None else box_classes
     report = SplitReport(pairs=len(pairs))
-    for p in pairs:
+    for p in tqdm(pairs, desc="check", disable=not progress, leave=False):
         try:
             a, b = read_bgr(p.a), read_bgr(p.b)
         except (ValueError, FileNotFoundError) as err:

@@ -472,7 +472,7 @@ def check_data(args: argparse.Namespace) -> None:
             )
         if args.dataset == "msrs" and not args.det:
             files = [PairFiles(f.name, f.a, f.b, f.mask, None) for f in files]
-        report = ds.check_pairs(files, seg_classes, box_classes)
+        report = ds.check_pairs(files, seg_classes, box_classes, progress=not args.quiet)
         sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in report.sizes.most_common())
         print(f"[{split}] {report.pairs} pairs; sizes {sizes or '-'}")
         for what, counts, names in (("label pixels", report.pixels, seg_classes), ("boxes", report.boxes, box_classes)):
@@ -624,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-dir", help="read train.txt / test.txt from here (M3FD)")
     p.add_argument("--write-splits", help="write the generated splits (M3FD, LLVIP) as name lists here")
     p.add_argument("--det", action="store_true", help="MSRS: check the detection labels (det_labels) as well")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", help="unused; accepted for symmetry with the other commands")
     p.set_defaults(func=check_data)
     return parser
