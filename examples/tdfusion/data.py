@@ -70,6 +70,11 @@ def _images(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
+def find_image(folder: Path, stem: str) -> Path | None:
+    """The image called ``stem`` (any of the known suffixes) in ``folder``, or ``None``."""
+    return next((folder / f"{stem}{s}" for s in IMAGE_SUFFIXES if (folder / f"{stem}{s}").is_file()), None)
+
+
 def paired_files(
     a_dir: Path, b_dir: Path, mask_dir: Path | None = None, box_dir: Path | None = None
 ) -> list[PairFiles]:

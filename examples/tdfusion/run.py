@@ -25,14 +25,24 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import datasets as ds  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from data import FusionDataset, PairFiles, Scene, SceneList, collate, collate_swapped, to_unit  # noqa: E402
+from data import (  # noqa: E402
+    FusionDataset,
+    PairFiles,
+    Scene,
+    SceneList,
+    collate,
+    collate_swapped,
+    find_image,
+    paired_files,
+    to_unit,
+)
 from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
 from tasks import TASK_KINDS, build_task  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from metaloss import ConstantWeights, CSVLogger, InnerSGD, LearnableLoss, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss  # noqa: E402
-from metaloss.fusion.image_io import IMAGE_SUFFIXES, blend_chroma, read_grey, read_ycrcb, write_grey, write_ycrcb_as_rgb  # noqa: E402
+from metaloss.fusion.image_io import blend_chroma, read_grey, read_ycrcb, write_grey, write_ycrcb_as_rgb  # noqa: E402
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
 
 # Section 4.1 of the paper and the released code: dataset -> (classes incl. background, task size).
@@ -184,19 +194,17 @@ def stretch(raw: np.ndarray) -> np.ndarray:
     return (raw - lo) / (hi - lo + 1e-12) * 255.0
 
 
-def matched_names(a_dir: Path, b_dir: Path) -> list[tuple[str, Path, Path]]:
-    """Files present in both folders, by stem; a clear error for anything unmatched."""
-    for d in (a_dir, b_dir):
-        if not d.is_dir():
-            raise SystemExit(f"no folder {d}")
-    a = {p.stem: p for p in sorted(a_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    b = {p.stem: p for p in sorted(b_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    lonely = sorted(set(a) ^ set(b))
-    if lonely:
-        raise SystemExit("these images have no partner in the other folder: " + ", ".join(lonely[:20]))
-    if not a:
+def matched_names(a_dir: Path, b_dir: Path) -> list[PairFiles]:
+    """The pairs of two folders by stem (:func:`data.paired_files`), as command-line errors."""
+    try:
+        pairs = paired_files(a_dir, b_dir)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    except ValueError as err:
+        raise SystemExit(f"these images have no partner in the other folder: {err}") from None
+    if not pairs:
         raise SystemExit(f"no images in {a_dir}")
-    return [(n, a[n], b[n]) for n in sorted(a)]
+    return pairs
 
 
 def fuse(args: argparse.Namespace) -> Path:
@@ -205,8 +213,9 @@ def fuse(args: argparse.Namespace) -> Path:
     model = load_released_weights(ReFusion(), args.weights).to(device).eval()
     out = Path(args.out)
     a, b = Path(args.a), Path(args.b)
-    pairs = [(a.stem, a, b)] if a.is_file() else matched_names(a, b)
-    for name, pa, pb in tqdm(pairs, desc="fuse", disable=args.quiet):
+    pairs = [PairFiles(a.stem, a, b)] if a.is_file() else matched_names(a, b)
+    for pair in tqdm(pairs, desc="fuse", disable=args.quiet):
+        name, pa, pb = pair.name, pair.a, pair.b
         ya, yb = read_ycrcb(pa), read_ycrcb(pb)
         if ya.shape != yb.shape:
             raise SystemExit(f"{pa} and {pb} differ in size: {ya.shape[:2]} vs {yb.shape[:2]}")
@@ -227,18 +236,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods: dict[str, Any] = {}
+    pairs = matched_names(Path(args.a), Path(args.b))
     for folder in map(Path, args.fused):
         rows = []
-        for name, pa, pb in tqdm(
-            matched_names(Path(args.a), Path(args.b)), desc=f"evaluate {folder.name}", disable=args.quiet
-        ):
-            candidates = [folder / f"{name}{s}" for s in IMAGE_SUFFIXES]
-            pf = next((p for p in candidates if p.is_file()), None)
+        for pair in tqdm(pairs, desc=f"evaluate {folder.name}", disable=args.quiet):
+            pf = find_image(folder, pair.name)
             if pf is None:
-                raise SystemExit(f"{folder} has no fused image for {name}")
-            f, a, b = (torch.from_numpy(read_grey(p)) for p in (pf, pa, pb))
+                raise SystemExit(f"{folder} has no fused image for {pair.name}")
+            f, a, b = (torch.from_numpy(read_grey(p)) for p in (pf, pair.a, pair.b))
             values = evaluate_fusion(f, a, b, args.convention)
-            rows.append({"name": name, **{k: float(v[0]) for k, v in values.items()}})
+            rows.append({"name": pair.name, **{k: float(v[0]) for k, v in values.items()}})
         mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
         methods[folder.name] = {"convention": args.convention, "images": rows, "mean": mean}
         (out / folder.name).mkdir(exist_ok=True)
@@ -409,10 +416,7 @@ def downstream(args: argparse.Namespace) -> dict[str, Any]:
         for split, folder in (("train", Path(train_dir)), ("test", Path(test_dir))):
             images[split] = []
             for scene in scenes[split]:
-                path = next(
-                    (folder / f"{scene.name}{s}" for s in IMAGE_SUFFIXES if (folder / f"{scene.name}{s}").is_file()),
-                    None,
-                )
+                path = find_image(folder, scene.name)
                 if path is None:
                     raise SystemExit(f"method {name}: {folder} has no fused image for {scene.name}")
                 images[split].append(read_grey(path))
