@@ -25,6 +25,7 @@ __all__ = [
     "LossTerm",
     "check_sources",
     "check_weight_map",
+    "weight_statistics",
 ]
 
 
@@ -105,6 +106,12 @@ def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | N
                 f"the {k} sources (max deviation {err:.3g}); use weights='softmax' or end the "
                 "generator in a Softmax over dim 1"
             )
+
+
+def weight_statistics(weights: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and standard deviation of each source's weight over a ``(B, K, ...)`` weight map."""
+    per_source = weights.detach().float().transpose(0, 1).reshape(weights.shape[1], -1)
+    return tuple(per_source.mean(dim=1).tolist()), tuple(per_source.std(dim=1).tolist())
 
 
 class ConstantWeights(nn.Module):

@@ -29,7 +29,7 @@ from metaloss.hypergradient import (
     hypergradient,
 )
 from metaloss.inner_step import BufferPolicy, InnerRule, InnerSGD, StatelessModule
-from metaloss.learnable_loss import LearnableLoss, check_sources
+from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
 
 __all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
 
@@ -213,14 +213,14 @@ class MetaStep:
         result = hypergradient(
             inner_loss, update, outer_loss, self._model_view.snapshot(), wrt, mode=self.mode, fd_eps=self.fd_eps
         )
-        w = weights.detach().float().transpose(0, 1).reshape(weights.shape[1], -1)
+        weight_mean, weight_std = weight_statistics(weights)
         stats = MetaStepStats(
             inner_loss=float(result.inner_loss),
             task_inner_loss=float(task_inner_loss),
             outer_loss=float(result.outer_loss),
             hypergrad_norm=result.norm(),
-            weight_mean=tuple(float(x) for x in w.mean(dim=1)),
-            weight_std=tuple(float(x) for x in w.std(dim=1)),
+            weight_mean=weight_mean,
+            weight_std=weight_std,
             terms={k: float(v.detach()) for k, v in seen.get("terms", {}).items()},
             skipped_total=self.skipped_total,
         )

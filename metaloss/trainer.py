@@ -35,7 +35,7 @@ from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
 from metaloss.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from metaloss.hypergradient import HypergradientMode
 from metaloss.inner_step import BufferPolicy, InnerRule
-from metaloss.learnable_loss import LearnableLoss, check_sources
+from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
 from metaloss.meta_step import MetaStep, TaskLoss, checked_task_loss
 from metaloss.outer import OuterRule, make_outer_optimizer
 
@@ -288,11 +288,10 @@ class MetaTrainer:
         self.task_optimizer.zero_grad(set_to_none=True)
         task_value.backward()
         self.task_optimizer.step()
-        w = out.weights.detach().float().transpose(0, 1).reshape(out.weights.shape[1], -1)
         return ModelStepStats(
             model_loss=float(out.total.detach()),
             task_loss=float(task_value.detach()),
-            weight_mean=tuple(float(x) for x in w.mean(dim=1)),
+            weight_mean=weight_statistics(out.weights)[0],
             terms={k: float(v.detach()) for k, v in out.terms.items()},
         )
 
@@ -362,6 +361,7 @@ class MetaTrainer:
         start = self.position.step
         desc = f"epoch {self.position.epoch + 1}/{cfg.epochs} {name}"
         with tqdm(total=steps, initial=start, desc=desc, disable=not cfg.progress, leave=False) as bar:
+            # range first: once it is exhausted, zip pulls (and loads) no further batch.
             for step, item in zip(range(start, steps), items):
                 postfix = run_one(item)
                 self.position.step = step + 1
@@ -422,15 +422,13 @@ class MetaTrainer:
             if self.position.phase == "meta":
                 steps = cfg.meta_iterations if self.learns_loss else 0
                 pairs = zip(self._batches(meta_train, self.position.step), self._batches(meta_test, self.position.step))
-                if self._run_phase(
-                    "meta", steps, pairs if steps > self.position.step else iter(()), self._meta_iteration, budget
-                ):
+                if self._run_phase("meta", steps, pairs, self._meta_iteration, budget):
                     return
                 self.position = Position(epoch, "model", 0)
                 self.save()
             if self.position.phase == "model":
                 steps = math.ceil(len(order) / cfg.batch_size) if cfg.model_phase else 0
-                batches = self._batches(order, self.position.step) if steps > self.position.step else iter(())
+                batches = self._batches(order, self.position.step)
                 if self._run_phase("model", steps, batches, self._model_iteration, budget):
                     return
                 for scheduler in self.schedulers:
