@@ -109,6 +109,11 @@ class RestormerBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+def _stage(num_blocks: int, dim: int, heads: int, expansion: float, precise: bool) -> nn.Sequential:
+    """``num_blocks`` Restormer blocks in a row (children ``0``, ``1``, ... as in the release)."""
+    return nn.Sequential(*(RestormerBlock(dim, heads, expansion, precise) for _ in range(num_blocks)))
+
+
 class AdaptiveFusion(nn.Module):
     """ReFusion's adaptive fusion module: cross transposed attention, then a gated merge."""
 
@@ -165,10 +170,10 @@ class ReFusion(nn.Module):
         p = precise_attention
         self.project_in_1 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
         self.project_in_2 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
-        self.encoder1 = nn.ModuleList(RestormerBlock(dim, heads, expansion, p) for _ in range(num_blocks))
-        self.encoder2 = nn.ModuleList(RestormerBlock(dim, heads, expansion, p) for _ in range(num_blocks))
+        self.encoder1 = _stage(num_blocks, dim, heads, expansion, p)
+        self.encoder2 = _stage(num_blocks, dim, heads, expansion, p)
         self.FM = AdaptiveFusion(dim, heads, p)
-        self.decoder = nn.ModuleList(RestormerBlock(dim * 2, heads, expansion, p) for _ in range(num_blocks))
+        self.decoder = _stage(num_blocks, dim * 2, heads, expansion, p)
         self.project_out_0 = nn.Conv2d(dim * 2, dim, 3, padding=1, bias=False)
         self.project_out_1 = nn.Conv2d(dim, 1, 3, padding=1, bias=False)
 
@@ -177,13 +182,7 @@ class ReFusion(nn.Module):
             raise ValueError(f"ReFusion takes (B, 2, H, W) = [A, B] stacked on channels, got {tuple(x.shape)}")
         x1 = self.project_in_1(x[:, :1])
         x2 = self.project_in_2(x[:, 1:])
-        for block in self.encoder1:
-            x1 = block(x1)
-        for block in self.encoder2:
-            x2 = block(x2)
-        out = self.FM(x1, x2)
-        for block in self.decoder:
-            out = block(out)
+        out = self.decoder(self.FM(self.encoder1(x1), self.encoder2(x2)))
         out = F.leaky_relu(self.project_out_0(out), 0.01)
         return torch.sigmoid(self.project_out_1(out))
 
@@ -205,22 +204,17 @@ class LossGenerator(nn.Module):
         p = precise_attention
         self.patch_embed1 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
         self.patch_embed2 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
-        self.encoder1 = nn.ModuleList(RestormerBlock(dim, heads, expansion, p) for _ in range(num_blocks))
-        self.encoder2 = nn.ModuleList(RestormerBlock(dim, heads, expansion, p) for _ in range(num_blocks))
-        self.encoder3 = nn.ModuleList(RestormerBlock(dim * 2, heads, expansion, p) for _ in range(num_blocks))
+        self.encoder1 = _stage(num_blocks, dim, heads, expansion, p)
+        self.encoder2 = _stage(num_blocks, dim, heads, expansion, p)
+        self.encoder3 = _stage(num_blocks, dim * 2, heads, expansion, p)
         self.out1 = nn.Conv2d(dim * 2, dim, 3, padding=1, bias=False)
         self.out2 = nn.PReLU()
         self.out3 = nn.Conv2d(dim, 2, 3, padding=1, bias=False)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        x1, x2 = self.patch_embed1(a), self.patch_embed2(b)
-        for block in self.encoder1:
-            x1 = block(x1)
-        for block in self.encoder2:
-            x2 = block(x2)
-        out = torch.cat([x1, x2], dim=1)
-        for block in self.encoder3:
-            out = block(out)
+        out = self.encoder3(
+            torch.cat([self.encoder1(self.patch_embed1(a)), self.encoder2(self.patch_embed2(b))], dim=1)
+        )
         return torch.softmax(self.out3(self.out2(self.out1(out))), dim=1)
 
 
