@@ -38,12 +38,13 @@ Convention = Literal["mean", "sum"]
 METRICS = ("EN", "SF", "SCD", "VIF", "Qabf", "SSIM")
 
 
-def _batch(x: Tensor) -> Tensor:
+def _batch(x: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
+    """``(N, H, W)`` view of ``x`` in ``dtype`` (``None``: as it is)."""
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3:
         raise ValueError(f"metrics take (N, H, W) or (H, W) images, got shape {tuple(x.shape)}")
-    return x.double()
+    return x if dtype is None else x.to(dtype)
 
 
 def _combine(per_source: Tensor, convention: Convention) -> Tensor:
@@ -71,24 +72,24 @@ def sf(fused: Tensor) -> Tensor:
     return torch.sqrt(dx.pow(2).mean(dim=(1, 2)) + dy.pow(2).mean(dim=(1, 2)))
 
 
-def scd(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Sum of the correlations of differences, ``corr2(F-B, A) + corr2(F-A, B)``.
+def _corr2(x: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation of centred ``(N, P)`` rows."""
+    dot = torch.linalg.vecdot
+    return dot(x, y) / torch.sqrt(dot(x, x) * dot(y, y))
 
-    The centred images' inner products come from one Gram matrix per image (one BLAS call).
-    """
-    f, a, b = _batch(fused), _batch(a), _batch(b)
-    a, b, f = (x.flatten(1) - x.mean(dim=(1, 2)).unsqueeze(1) for x in (a, b, f))
-    rows = torch.stack([f - b, a, f - a, b], dim=1)  # centred, since each factor is
-    gram = rows @ rows.transpose(1, 2)
-    d = gram.diagonal(dim1=1, dim2=2)
-    return gram[:, 0, 1] / torch.sqrt(d[:, 0] * d[:, 1]) + gram[:, 2, 3] / torch.sqrt(d[:, 2] * d[:, 3])
+
+def scd(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Sum of the correlations of differences, ``corr2(F-B, A) + corr2(F-A, B)``."""
+    f, a, b = (x.flatten(1) - x.flatten(1).mean(dim=1, keepdim=True) for x in (_batch(fused), _batch(a), _batch(b)))
+    return _corr2(f - b, a) + _corr2(f - a, b)
 
 
 def _fast_fft_length(n: int) -> int:
-    """The smallest 5-smooth number (2^a 3^b 5^c) >= ``n``: FFT sizes with a large prime
-    factor (236 = 4 * 59 at VIF's second scale of a 480-row image) are 4x slower."""
+    """The smallest even 5-smooth number (2^a 3^b 5^c, a >= 1) >= ``n``: FFT sizes with a large
+    prime factor (236 = 4 * 59 at VIF's second scale of a 480-row image) are 4x slower, and even
+    sizes let :func:`_filter_valid_downsampled` fold the spectrum."""
     best = 2 * n
-    power2 = 1
+    power2 = 2
     while power2 < best:
         power3 = power2
         while power3 < best:
@@ -101,24 +102,28 @@ def _fast_fft_length(n: int) -> int:
     return best
 
 
-@functools.lru_cache(maxsize=32)
-def _gaussian_window_spectrum(size: int, fft_shape: tuple[int, int], device: torch.device) -> Tensor:
-    """The real ``rfft2`` of the VIF window ``g g^T`` (N = ``size``, sigma = N / 5), centred on
-    pixel (0, 0) of an ``fft_shape`` grid: a symmetric kernel centred on the origin has a real
-    spectrum, so filtering multiplies by a real array."""
+@functools.lru_cache(maxsize=64)
+def _window_spectrum(size: int, fft_shape: tuple[int, int], device: torch.device, centred: bool) -> Tensor:
+    """``rfft2`` of the VIF window ``g g^T`` (N = ``size``, sigma = N / 5) on an ``fft_shape`` grid.
+
+    ``centred``: the window's centre on pixel (0, 0); a symmetric kernel centred on the origin
+    has a real spectrum (returned as float64), so filtering multiplies by a real array.
+    Otherwise its corner is on (0, 0) (complex spectrum), which delays the output by ``size - 1``.
+    """
     sigma = size / 5.0
     x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     g = g / g.sum()
     kernel = torch.zeros(fft_shape, dtype=torch.float64, device=device)
     kernel[:size, :size] = torch.outer(g, g)
-    kernel = kernel.roll((-(size // 2), -(size // 2)), dims=(0, 1))
-    return torch.fft.rfft2(kernel).real.contiguous()
+    if not centred:
+        return torch.fft.rfft2(kernel)
+    return torch.fft.rfft2(kernel.roll((-(size // 2), -(size // 2)), dims=(0, 1))).real.contiguous()
 
 
 def _filter_valid(spectrum: Tensor, size: int, shape: tuple[int, int], fft_shape: tuple[int, int]) -> Tensor:
     """'valid' filtering, by the Gaussian window of ``size``, of the ``shape`` map whose
-    ``rfft2`` zero-padded to ``fft_shape`` is ``spectrum``.
+    ``rfft2`` zero-padded to ``fft_shape`` is ``spectrum`` (which is overwritten).
 
     The maps are float64 and filtered through the FFT: float64 direct convolution has no fast
     CPU kernel, and float32 is not enough (VIF takes variances as E[x^2] - E[x]^2 on the 0-255
@@ -126,10 +131,32 @@ def _filter_valid(spectrum: Tensor, size: int, shape: tuple[int, int], fft_shape
     far below those thresholds. The window is symmetric, so this convolution is the reference's
     correlation.
     """
-    window = _gaussian_window_spectrum(size, fft_shape, spectrum.device)
-    filtered = torch.view_as_complex(torch.view_as_real(spectrum) * window[..., None])
+    torch.view_as_real(spectrum).mul_(_window_spectrum(size, fft_shape, spectrum.device, True)[..., None])
     r = size // 2  # the window is centred: outputs closer than r to a border wrap around
-    return torch.fft.irfft2(filtered, s=fft_shape)[r : shape[0] - r, r : shape[1] - r]
+    return torch.fft.irfft2(spectrum, s=fft_shape)[r : shape[0] - r, r : shape[1] - r]
+
+
+def _filter_valid_downsampled(
+    spectrum: Tensor, size: int, shape: tuple[int, int], fft_shape: tuple[int, int]
+) -> Tensor:
+    """:func:`_filter_valid`, then every second row and column kept (VIF's step between scales).
+
+    Keeping every second sample of a length-P signal sums its spectrum's two halves, so the
+    inverse transform runs at a quarter of the size; the columns beyond the stored half of the
+    ``rfft2`` spectrum come from its Hermitian symmetry, ``Y[u, v] = conj(Y[-u, -v])``. The
+    window's corner sits on the origin, so the kept samples start at the even offset
+    ``size - 1``.
+    """
+    p, q = fft_shape
+    y = spectrum * _window_spectrum(size, fft_shape, spectrum.device, False)
+    ncols = q // 4 + 1  # the stored columns of a length-q/2 real transform
+    mirrored = y[:, q // 2 - ncols + 1 : q // 2 + 1].flip(1).conj()  # columns q/2 - v, v < ncols
+    mirrored = mirrored.flip(0).roll(1, 0)  # rows -u mod p
+    both = y[:, :ncols] + mirrored
+    folded = (both[: p // 2] + both[p // 2 :]) / 4
+    r = size // 2
+    rows, cols = (shape[0] - 2 * r + 1) // 2, (shape[1] - 2 * r + 1) // 2
+    return torch.fft.irfft2(folded, s=(p // 2, q // 2))[r : r + rows, r : r + cols]
 
 
 def _vif_one(refs: list[Tensor], dist: Tensor, sigma_nsq: float = 2.0, eps: float = 1e-10) -> Tensor:
@@ -150,12 +177,16 @@ def _vif_one(refs: list[Tensor], dist: Tensor, sigma_nsq: float = 2.0, eps: floa
         fft_shape = (_fast_fft_length(shape[0]), _fast_fft_length(shape[1]))
         spectrum = functools.partial(torch.fft.rfft2, s=fft_shape)
         mean = functools.partial(_filter_valid, shape=shape, fft_shape=fft_shape)
+        downsample = functools.partial(_filter_valid_downsampled, size=next_size, shape=shape, fft_shape=fft_shape)
         dist_spectrum = spectrum(dist)
+        next_dist = downsample(dist_spectrum) if scale < 4 else dist
         mu2 = mean(dist_spectrum, size)
         s2 = mean(spectrum(dist * dist), size).addcmul_(mu2, mu2, value=-1).clamp_(min=0)
         low2 = s2 < eps
         for j, ref in enumerate(refs):
             ref_spectrum = spectrum(ref)
+            if scale < 4:
+                refs[j] = downsample(ref_spectrum)
             mu1 = mean(ref_spectrum, size)
             s1 = mean(spectrum(ref * ref), size).addcmul_(mu1, mu1, value=-1)
             s1.masked_fill_(s1 < eps, 0)
@@ -165,10 +196,7 @@ def _vif_one(refs: list[Tensor], dist: Tensor, sigma_nsq: float = 2.0, eps: floa
             info = gain.square_().mul_(s1).div_(sv).masked_fill_(low2, 0)
             num[j] += info.log1p_().sum()
             den[j] += s1.div_(sigma_nsq).log1p_().sum()
-            if scale < 4:
-                refs[j] = mean(ref_spectrum, next_size)[::2, ::2]
-        if scale < 4:
-            dist = mean(dist_spectrum, next_size)[::2, ::2]
+        dist = next_dist
     return num / den
 
 
@@ -229,7 +257,7 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
     Computed in float32, as the reference evaluator computes it (its images are OpenCV float32).
     """
-    f, a, b = (_batch(x).float() for x in (fused, a, b))
+    f, a, b = (_batch(x, torch.float32) for x in (fused, a, b))
     return torch.stack([_qabf_one(f[i], a[i], b[i]) for i in range(f.shape[0])])
 
 
@@ -283,7 +311,8 @@ def _ssim_one(x: Tensor, refs: list[Tensor], data_range: float = 255.0, win: int
 
 def ssim(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") -> Tensor:
     """SSIM of the uint8-rounded fused image with each source, combined by ``convention``."""
-    f, a, b = (_batch(x).round().clamp_(0, 255).int() for x in (fused, a, b))
+    f, a, b = (_batch(x, None) for x in (fused, a, b))
+    f, a, b = ((x.round() if x.is_floating_point() else x).clamp(0, 255).int() for x in (f, a, b))
     return _combine(torch.stack([_ssim_one(f[i], [a[i], b[i]]) for i in range(f.shape[0])]), convention)
 
 
@@ -300,7 +329,7 @@ def evaluate_fusion(fused: Tensor, a: Tensor, b: Tensor, convention: Convention 
     """
     if convention not in ("mean", "sum"):
         raise ValueError(f"convention must be 'mean' or 'sum', got {convention!r}")
-    f, a, b = _batch(fused), _batch(a), _batch(b)
+    f, a, b = _batch(fused, None), _batch(a, None), _batch(b, None)
     if not f.shape == a.shape == b.shape:
         raise ValueError(f"fused {tuple(f.shape)}, A {tuple(a.shape)} and B {tuple(b.shape)} must share one shape")
     rows = []
