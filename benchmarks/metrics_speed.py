@@ -5,9 +5,11 @@ a time, ``scipy.signal.convolve2d`` for the VIF windows and the Sobel responses,
 ``structural_similarity``, float32 where the reference uses float32. It is written here from the
 definitions (no public code is copied) and checked against ours before timing.
 
-    python benchmarks/metrics_speed.py [--pairs 8] [--threads 2]
+    python benchmarks/metrics_speed.py [--pairs 8] [--rounds 3] [--threads 2] [--device cuda]
 
-Prints seconds per 640x480 image for both, the ratio, and the largest relative difference.
+Alternates the two on the same pairs (these machines are shared and noisy) and prints the time
+per 640x480 image of each, their ratio per round and its median, ours per metric, and the
+largest relative difference between the two.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from scipy.signal import convolve2d
 from skimage.metrics import structural_similarity
 
 from metaloss.fusion.image_io import read_grey
-from metaloss.fusion.metrics import METRICS, evaluate_fusion
+from metaloss.fusion.metrics import METRICS, en, evaluate_fusion, qabf, scd, sf, ssim, vif
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "MSRS"
 
@@ -102,41 +104,72 @@ def baseline(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"EN": en, "SF": sf, "SCD": scd, "VIF": vif, "Qabf": qabf, "SSIM": ssim}
 
 
+def _timed(fn, sync: bool) -> float:  # type: ignore[no-untyped-def]
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _one_at_a_time(fn, f: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sync: bool) -> float:  # type: ignore[no-untyped-def]
+    """Seconds per image of ``fn`` called image by image, as evaluate_fusion calls it (best of 3)."""
+
+    def run() -> None:
+        for i in range(f.shape[0]):
+            fn(f[i : i + 1], a[i : i + 1], b[i : i + 1])
+
+    return min(_timed(run, sync) for _ in range(3)) / f.shape[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=8, help="MSRS sample pairs to time")
+    p.add_argument("--rounds", type=int, default=3, help="alternating baseline / ours rounds")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for ours")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    sync = args.device.startswith("cuda")
     irs = sorted((DATA / "test" / "ir").glob("*.png"))[: args.pairs]
     images = []
     for ir in irs:
         a, b = read_grey(ir), read_grey(ir.parent.parent / "vi" / ir.name)
         images.append((np.maximum(a, b), a, b))
-
-    t = time.perf_counter()
-    base = [baseline(*x) for x in images]
-    t_base = (time.perf_counter() - t) / len(images)
-
     f, a, b = (torch.from_numpy(np.stack([x[i] for x in images])).to(args.device) for i in range(3))
-    runs = []
-    for _ in range(3):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        ours = evaluate_fusion(f, a, b)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        runs.append((time.perf_counter() - t) / len(images))
-    t_ours = statistics.median(runs)
-    worst = max(abs(float(ours[k][i]) - base[i][k]) / abs(base[i][k]) for k in METRICS for i in range(len(images)))
-    print(
-        f"{len(images)} MSRS pairs of 640x480, fused = max(A, B); ours on {args.device} with {args.threads} torch threads"  # noqa: E501
-    )
-    print(f"baseline (NumPy/SciPy, one image at a time): {t_base:.3f} s per image")
-    print(f"metaloss.fusion.metrics (batched torch):      {t_ours:.3f} s per image")
-    print(f"speed-up {t_base / t_ours:.1f}x; largest relative difference between the two {worst:.1e}")
+    n = len(images)
+
+    base = [baseline(*x) for x in images]  # also the warm-up
+    ours = evaluate_fusion(f, a, b)
+    worst = max(abs(float(ours[k][i]) - base[i][k]) / abs(base[i][k]) for k in METRICS for i in range(n))
+    print(f"{n} MSRS pairs of 640x480, fused = max(A, B); ours on {args.device} with {args.threads} torch threads")
+    # Side by side: each round times the baseline, then ours (best of 3 passes), on the same pairs.
+    ratios, base_times, our_times = [], [], []
+    for r in range(args.rounds):
+        t_base = _timed(lambda: [baseline(*x) for x in images], False) / n
+        t_ours = min(_timed(lambda: evaluate_fusion(f, a, b), sync) for _ in range(3)) / n
+        base_times.append(t_base)
+        our_times.append(t_ours)
+        ratios.append(t_base / t_ours)
+        print(f"round {r + 1}: baseline {t_base:.3f} s, ours {t_ours * 1000:.1f} ms per image: {ratios[-1]:.1f}x")
+    single = {name: _one_at_a_time(fn, f, a, b, sync) * 1000 for name, fn in SINGLE.items()}
+    print("ours per metric (ms per image): " + ", ".join(f"{k} {v:.1f}" for k, v in single.items()))
+    print(f"baseline (NumPy/SciPy, one image at a time): {statistics.median(base_times):.3f} s per image, median")
+    print(f"metaloss.fusion.metrics: {statistics.median(our_times) * 1000:.1f} ms per image, median")
+    print(f"speed-up {statistics.median(ratios):.1f}x (median of {args.rounds} rounds, lowest {min(ratios):.1f}x);")
+    print(f"largest relative difference between the two {worst:.1e}")
+
+
+SINGLE = {
+    "EN": lambda f, a, b: en(f),
+    "SF": lambda f, a, b: sf(f),
+    "SCD": scd,
+    "VIF": vif,
+    "Qabf": qabf,
+    "SSIM": ssim,
+}
 
 
 if __name__ == "__main__":
