@@ -136,8 +136,8 @@ def main() -> None:
     irs = sorted((DATA / "test" / "ir").glob("*.png"))[: args.pairs]
     images = []
     for ir in irs:
-        a, b = read_grey(ir), read_grey(ir.parent.parent / "vi" / ir.name)
-        images.append((np.maximum(a, b), a, b))
+        ir_image, vi_image = read_grey(ir), read_grey(ir.parent.parent / "vi" / ir.name)
+        images.append((np.maximum(ir_image, vi_image), ir_image, vi_image))
     f, a, b = (torch.from_numpy(np.stack([x[i] for x in images])).to(args.device) for i in range(3))
     n = len(images)
 

@@ -132,7 +132,7 @@ class MetaTrainer:
         loss: the learnable loss (its generator is ``G``).
         task_model: ``T``.
         task_loss: ``task_loss(task_model_output, batch) -> scalar``.
-        dataset: a map-style data set of the user's samples.
+        dataset: a map-style data set of the user's samples (a torch Dataset, or any sequence).
         config: the schedule (:class:`MetaTrainerConfig`).
         collate_fn: builds a batch from samples (default: PyTorch's).
         adapter: reads batches (default :class:`~metaloss.SourcesAdapter`).
@@ -152,7 +152,7 @@ class MetaTrainer:
         loss: LearnableLoss,
         task_model: nn.Module,
         task_loss: TaskLoss,
-        dataset: Dataset[Any],
+        dataset: Dataset[Any] | Sequence[Any],
         *,
         config: MetaTrainerConfig | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -177,7 +177,7 @@ class MetaTrainer:
         self.loss = loss
         self.task_model = task_model
         self.task_loss = task_loss
-        self.dataset = dataset
+        self.dataset: Dataset[Any] = dataset  # type: ignore[assignment]  # a Sequence is a map-style data set
         self.collate_fn = collate_fn
         self.adapter: BatchAdapter[Any] = adapter or SourcesAdapter()
         cfg = self.config

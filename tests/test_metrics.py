@@ -47,6 +47,60 @@ def test_sum_convention_doubles_the_two_source_metrics() -> None:
         evaluate_fusion(f, a, b, "median")  # type: ignore[arg-type]
 
 
+def _vifp_direct(ref: torch.Tensor, dist: torch.Tensor, sigma_nsq: float = 2.0, eps: float = 1e-10) -> float:
+    """VIF-P written plainly from the definition: float64 direct 'valid' filtering, masks in order."""
+
+    def filt(x: torch.Tensor, n: int) -> torch.Tensor:
+        t = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+        g = torch.exp(-(t**2) / (2 * (n / 5) ** 2))
+        w = torch.outer(g, g) / torch.outer(g, g).sum()
+        return torch.nn.functional.conv2d(x[None, None], w[None, None])[0, 0]
+
+    num = den = 0.0
+    for scale in range(1, 5):
+        n = 2 ** (5 - scale) + 1
+        if scale > 1:
+            ref, dist = filt(ref, n)[::2, ::2], filt(dist, n)[::2, ::2]
+        mu1, mu2 = filt(ref, n), filt(dist, n)
+        s1 = (filt(ref * ref, n) - mu1 * mu1).clamp(min=0)
+        s2 = (filt(dist * dist, n) - mu2 * mu2).clamp(min=0)
+        s12 = filt(ref * dist, n) - mu1 * mu2
+        g = s12 / (s1 + eps)
+        sv = s2 - g * s12
+        g[s1 < eps], sv[s1 < eps] = 0, s2[s1 < eps]
+        s1[s1 < eps] = 0
+        g[s2 < eps], sv[s2 < eps] = 0, 0
+        sv[g < 0] = s2[g < 0]
+        g[g < 0] = 0
+        sv[sv <= eps] = eps
+        num += torch.log10(1 + g * g * s1 / (sv + sigma_nsq)).sum().item()
+        den += torch.log10(1 + s1 / sigma_nsq).sum().item()
+    return num / den
+
+
+@pytest.mark.parametrize("shape", [(57, 77), (75, 99), (64, 45), (130, 162)])
+def test_vif_matches_direct_filtering_at_any_size(shape: tuple[int, int]) -> None:
+    """The FFT path pads to fast sizes and folds spectra between scales; odd and prime-factor
+    sizes exercise both. Flat blocks and a fused image equal to one source in places exercise
+    every mask (s1 < eps, s2 < eps, negative gain)."""
+    g = torch.Generator().manual_seed(shape[0])
+    a, b = (torch.randint(0, 256, shape, generator=g).double() for _ in range(2))
+    a[: shape[0] // 2, : shape[1] // 2] = 40.0  # flat in A
+    fused = torch.where(torch.rand(shape, generator=g) < 0.5, a, 255 - b)  # anticorrelated with B in places
+    fused[shape[0] // 2 :, shape[1] // 2 :] = 200.0  # flat in F
+    expected = (_vifp_direct(a, fused) + _vifp_direct(b, fused)) / 2
+    assert vif(fused, a, b).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_integer_images_give_the_float_results() -> None:
+    g = torch.Generator().manual_seed(2)
+    f, a, b = (torch.randint(0, 256, (2, 41, 52), generator=g).to(torch.uint8) for _ in range(3))
+    from_uint8 = evaluate_fusion(f, a, b)
+    from_float = evaluate_fusion(f.float(), a.float(), b.float())
+    for name in from_uint8:
+        torch.testing.assert_close(from_uint8[name], from_float[name], rtol=1e-12, atol=0)
+
+
 def test_ssim_matches_scikit_image() -> None:
     from skimage.metrics import structural_similarity
 
@@ -56,6 +110,8 @@ def test_ssim_matches_scikit_image() -> None:
     assert ssim(f, a, a).item() == pytest.approx(expected, rel=1e-6)  # float32 pooling: ~1e-8 measured
 
 
-def test_shape_mismatch_is_named() -> None:
+def test_shape_mismatch_and_small_images_are_named() -> None:
     with pytest.raises(ValueError, match="must share one shape"):
         evaluate_fusion(torch.zeros(4, 5), torch.zeros(4, 5), torch.zeros(4, 6))
+    with pytest.raises(ValueError, match=r"at least 41x41 pixels .* got \(40, 52\)"):
+        evaluate_fusion(torch.zeros(40, 52), torch.zeros(40, 52), torch.zeros(40, 52))

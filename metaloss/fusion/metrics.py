@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["METRICS", "Convention", "en", "evaluate_fusion", "qabf", "scd", "sf", "ssim", "vif"]
+__all__ = ["METRICS", "VIF_MIN_SIZE", "Convention", "en", "evaluate_fusion", "qabf", "scd", "sf", "ssim", "vif"]
 
 Convention = Literal["mean", "sum"]
 METRICS = ("EN", "SF", "SCD", "VIF", "Qabf", "SSIM")
+VIF_MIN_SIZE = 41  # 41 -> 16 -> 6 -> 3 rows at VIF's four scales, the last filtered by a 3x3 window
 
 
 def _batch(x: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
@@ -215,6 +216,11 @@ def _vif_one(refs: list[Tensor], dist: Tensor, sigma_nsq: float = 2.0, eps: floa
 def vif(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") -> Tensor:
     """Pixel-domain VIF of the fused image against each source, combined by ``convention``."""
     f, a, b = _batch(fused), _batch(a), _batch(b)
+    if min(f.shape[-2:]) < VIF_MIN_SIZE:
+        raise ValueError(
+            f"VIF needs images of at least {VIF_MIN_SIZE}x{VIF_MIN_SIZE} pixels (its fourth scale would be empty), "
+            f"got {tuple(f.shape[-2:])}"
+        )
     return _combine(torch.stack([_vif_one([a[i], b[i]], f[i]) for i in range(f.shape[0])]), convention)
 
 
