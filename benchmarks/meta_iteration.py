@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "metaloss-ultralytics"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
@@ -46,7 +47,7 @@ def main() -> None:
     model, loss = ReFusion().to(device), tdfusion_loss(LossGenerator()).to(device)
     task.model.to(device)
     b, (h, w), c = args.batch_size, args.task_size, args.crop
-    batch = {
+    batch: dict[str, Any] = {
         "a": torch.rand(b, 1, c, c),
         "b": torch.rand(b, 1, c, c),
         "task_a": torch.rand(b, 1, h, w),

@@ -106,6 +106,7 @@ def test_m3fd_native_layout_and_voc_boxes(tmp_path: Path, capsys) -> None:
     test = ds.m3fd_files(tmp_path, "test")
     assert "00003" in [p.name for p in test]
     scene = SceneList(test, ds.CLASSES["m3fd"])[0]
+    assert scene.boxes is not None and scene.classes is not None
     np.testing.assert_allclose(scene.boxes[0], [12 / 64, 23 / 48, 16 / 64, 34 / 48])
     assert scene.classes.tolist() == [0, 1]  # 'car' matches 'Car'
     code, out = _check(capsys, "--dataset", "m3fd", "--root", str(tmp_path), "--write-splits", str(tmp_path / "splits"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -56,7 +57,10 @@ def test_downstream_protocol_on_real_msrs_pairs(shared_data: Path, tmp_path: Pat
     """MSRS sample pairs; detection with its boxes, segmentation with label PNGs written here in
     MSRS's format; two 'methods' (max and mean fusion), a few epochs each."""
     root = tmp_path / "MSRS"
-    methods = {"max": np.maximum, "mean": lambda a, b: np.round(0.5 * a + 0.5 * b)}
+    methods: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+        "max": np.maximum,
+        "mean": lambda a, b: np.round(0.5 * a + 0.5 * b),
+    }
     for split in ("train", "test"):
         for sub in ("ir", "vi", "det_labels"):
             shutil.copytree(shared_data / "MSRS" / split / sub, root / split / sub)

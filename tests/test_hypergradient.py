@@ -40,7 +40,7 @@ def _adam_optimizer(module: torch.nn.Module) -> torch.optim.Adam:
     opt = torch.optim.Adam(module.parameters(), lr=LR_F)
     for _ in range(2):
         opt.zero_grad()
-        sum(((p + 0.1) ** 2).sum() for p in module.parameters()).backward()
+        torch.stack([((p + 0.1) ** 2).sum() for p in module.parameters()]).sum().backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
     return opt
@@ -129,9 +129,9 @@ def test_exact_hypergradient_matches_float64_central_differences(rule: str, poli
     g = torch.Generator().manual_seed(7)
     for _ in range(3):
         direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in gen_params]
-        norm = torch.sqrt(sum((d**2).sum() for d in direction))
+        norm = torch.stack([(d**2).sum() for d in direction]).sum().sqrt()
         direction = [d / norm for d in direction]
-        analytic = sum((r * d).sum() for r, d in zip(result.grads, direction)).item()
+        analytic = torch.stack([(r * d).sum() for r, d in zip(result.grads, direction)]).sum().item()
         numeric = _central_difference(outer, gen_params, direction, eps=1e-3)
         assert abs(analytic) > 1e-9, "degenerate test: the directional meta-gradient is zero"
         assert abs(analytic - numeric) <= 1e-6 * abs(numeric), (analytic, numeric)

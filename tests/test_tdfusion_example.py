@@ -18,7 +18,7 @@ sys.path.insert(0, str(EXAMPLE))
 import run  # noqa: E402
 from data import FusionDataset, SceneList, collate  # noqa: E402
 from datasets import msrs_files  # noqa: E402
-from tasks import build_task  # noqa: E402
+from tasks import TaskName, build_task  # noqa: E402
 
 from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
@@ -62,7 +62,7 @@ class _Recorder:
 @pytest.mark.parametrize(
     ("task_net", "task_size"), [("segformer", (64, 96)), ("unet", (64, 96)), ("yolov8", (96, 128))]
 )
-def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, task_net: str, task_size) -> None:
+def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, task_net: TaskName, task_size) -> None:
     root = _msrs_tree(shared_data, tmp_path, ["00001D", "00003N"])
     torch.manual_seed(0)  # before any network is built: the test is deterministic
     task = build_task(task_net, MSRS_CLASSES if task_net != "yolov8" else 3)
@@ -119,8 +119,9 @@ def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -
     reference = np.load(shared_data / "ReFusion/ivif_raw_outputs.npz")["00710N"]
     assert raw.dtype == np.float32 and np.abs(raw - reference).max() < 5e-5
     grey = cv2.imread(str(out / "00710N.png"), cv2.IMREAD_UNCHANGED)
-    assert grey.ndim == 2 and grey.min() == 0 and grey.max() == 255  # stretched as the release saves
     rgb = cv2.imread(str(out / "rgb/00710N.png"), cv2.IMREAD_UNCHANGED)
+    assert grey is not None and rgb is not None
+    assert grey.ndim == 2 and grey.min() == 0 and grey.max() == 255  # stretched as the release saves
     assert rgb.shape == (*grey.shape, 3) and not np.array_equal(rgb[..., 0], rgb[..., 2])
 
 

@@ -69,7 +69,7 @@ def test_generator_learns_to_weigh_the_informative_source(informative: str, inde
 
 
 def _all_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for prefix, module in (("F", trainer.model), ("G", trainer.loss), ("T", trainer.task_model)):
         state |= {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
     for prefix, opt in (
@@ -77,6 +77,7 @@ def _all_state(trainer: MetaTrainer) -> dict[str, torch.Tensor]:
         ("oT", trainer.task_optimizer),
         ("oG", trainer.outer_optimizer),
     ):
+        assert opt is not None
         for pid, st in opt.state_dict()["state"].items():
             state |= {f"{prefix}.{pid}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)}
     return state
@@ -150,7 +151,7 @@ def test_empty_and_wrong_data_are_named() -> None:
     with pytest.raises(ValueError, match="data set is empty"):
         MetaTrainer(fusion, loss, task, seg_loss, InformativeSource(n=0))
     with pytest.raises(TypeError, match="takes a Dataset"):
-        MetaTrainer(fusion, loss, task, seg_loss, DataLoader(InformativeSource(n=4)))
+        MetaTrainer(fusion, loss, task, seg_loss, DataLoader(InformativeSource(n=4)))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 2 samples"):
         MetaTrainer(fusion, loss, task, seg_loss, InformativeSource(n=1))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

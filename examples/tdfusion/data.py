@@ -43,6 +43,12 @@ class Scene:
     boxes: np.ndarray | None = None  # (n, 4) normalised cx, cy, w, h
     classes: np.ndarray | None = None  # (n,)
 
+    def label_mask(self) -> np.ndarray:
+        """The segmentation labels; a clear error for a scene that has none."""
+        if self.mask is None:
+            raise ValueError(f"scene {self.name!r} has no segmentation label image")
+        return self.mask
+
 
 @dataclass(frozen=True)
 class PairFiles:

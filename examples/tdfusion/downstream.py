@@ -53,7 +53,8 @@ def _match(pred_cls: Tensor, true_cls: Tensor, iou: Tensor) -> np.ndarray:
     from ultralytics.engine.validator import BaseValidator
 
     holder = SimpleNamespace(iouv=torch.linspace(0.5, 0.95, 10))
-    return BaseValidator.match_predictions(holder, pred_cls, true_cls, iou)  # type: ignore[arg-type]
+    correct = BaseValidator.match_predictions(holder, pred_cls, true_cls, iou)  # type: ignore[arg-type]
+    return correct.cpu().numpy()
 
 
 def detection_scores(
@@ -118,8 +119,9 @@ def evaluate_task(
         conf = np.zeros((len(names), len(names)), np.int64)
         for image, scene in zip(images, scenes):
             x = F.interpolate(to_unit(image).to(device), size=size, mode="bilinear", align_corners=False)
-            logits = F.interpolate(task.model(x), size=scene.mask.shape, mode="bilinear", align_corners=False)
-            conf += confusion_matrix(logits.argmax(1)[0].cpu().numpy(), scene.mask, len(names))
+            mask = scene.label_mask()
+            logits = F.interpolate(task.model(x), size=mask.shape, mode="bilinear", align_corners=False)
+            conf += confusion_matrix(logits.argmax(1)[0].cpu().numpy(), mask, len(names))
         return segmentation_scores(conf, names)
     from ultralytics.utils.nms import non_max_suppression
 

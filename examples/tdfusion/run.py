@@ -302,10 +302,11 @@ def _test_task_loss(
     with torch.no_grad():
         for f, s in zip(fused, scenes):
             x = torch.nn.functional.interpolate(to_unit(f * 255.0), size=size, mode="bilinear", align_corners=False)
+            mask = s.label_mask()
             logits = torch.nn.functional.interpolate(
-                task_model(x), size=s.mask.shape, mode="bilinear", align_corners=False
+                task_model(x), size=mask.shape, mode="bilinear", align_corners=False
             )
-            losses.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(s.mask)[None]).item())
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(mask)[None]).item())
     return float(np.mean(losses))
 
 
@@ -412,7 +413,7 @@ def downstream(args: argparse.Namespace) -> dict[str, Any]:
             name, train_dir, test_dir = spec.split(":")
         except ValueError:
             raise SystemExit(f"--method {spec!r}: expected NAME:TRAIN_FUSED_DIR:TEST_FUSED_DIR") from None
-        images = {}
+        images: dict[str, list[np.ndarray]] = {}
         for split, folder in (("train", Path(train_dir)), ("test", Path(test_dir))):
             images[split] = []
             for scene in scenes[split]:

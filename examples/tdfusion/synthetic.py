@@ -41,8 +41,9 @@ def make_scene(index: int, size: tuple[int, int] = (96, 128), seed: int = 0) -> 
     horizon = int(h * rng.uniform(0.3, 0.45))
     sky = yy < horizon
     mask = np.zeros((h, w), np.int64)
-    vis = np.where(sky, 150 + 40 * (1 - yy / max(horizon, 1)), 95.0).astype(np.float32) + _texture(rng, h, w)
-    ir = np.where(sky, 40.0, 80 + 20 * (yy - horizon) / max(h - horizon, 1)).astype(np.float32)
+    vis: np.ndarray = np.where(sky, 150 + 40 * (1 - yy / max(horizon, 1)), 95.0).astype(np.float32)
+    vis = vis + _texture(rng, h, w)
+    ir: np.ndarray = np.where(sky, 40.0, 80 + 20 * (yy - horizon) / max(h - horizon, 1)).astype(np.float32)
 
     # Lane markings: bright paint on the road, visible only.
     for _ in range(rng.integers(1, 3)):

@@ -45,7 +45,8 @@ class SegFormerB0(nn.Module):
         super().__init__()
         from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-        config = SegformerConfig(num_channels=1, num_labels=num_classes)  # the defaults are MiT-b0
+        config = SegformerConfig(num_channels=1)  # the defaults are MiT-b0
+        config.num_labels = num_classes
         self.net = SegformerForSemanticSegmentation(config)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,7 +106,8 @@ class DetectionLoss:
         from ultralytics.utils.loss import v8DetectionLoss
 
         if not hasattr(model, "args") or isinstance(model.args, dict):
-            model.args = get_cfg()  # ultralytics' default hyper-parameters: box 7.5, cls 0.5, dfl 1.5
+            # ultralytics' default hyper-parameters: box 7.5, cls 0.5, dfl 1.5
+            model.args = get_cfg()  # type: ignore[assignment]  # a plain attribute, as ultralytics sets it
         self.inner = v8DetectionLoss(model)
         self.key = key
 
