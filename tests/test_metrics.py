@@ -80,9 +80,10 @@ def _vifp_direct(ref: torch.Tensor, dist: torch.Tensor, sigma_nsq: float = 2.0, 
 
 @pytest.mark.parametrize("shape", [(57, 77), (75, 99), (64, 45), (130, 162)])
 def test_vif_matches_direct_filtering_at_any_size(shape: tuple[int, int]) -> None:
-    """The FFT path pads to fast sizes and folds spectra between scales; odd and prime-factor
-    sizes exercise both. Flat blocks and a fused image equal to one source in places exercise
-    every mask (s1 < eps, s2 < eps, negative gain)."""
+    """Odd and prime-factor sizes exercise the strided downsampling between scales (its last
+    row and column); flat blocks and a fused image equal to one source in places exercise every
+    mask (s1 < eps, s2 < eps, negative gain). The reference here filters with the 2-D window
+    directly, ours with separable 1-D passes."""
     g = torch.Generator().manual_seed(shape[0])
     a, b = (torch.randint(0, 256, shape, generator=g).double() for _ in range(2))
     a[: shape[0] // 2, : shape[1] // 2] = 40.0  # flat in A

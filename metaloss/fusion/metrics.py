@@ -85,131 +85,66 @@ def scd(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return _corr2(f - b, a) + _corr2(f - a, b)
 
 
-def _fast_fft_length(n: int) -> int:
-    """The smallest even 5-smooth number (2^a 3^b 5^c, a >= 1) >= ``n``: FFT sizes with a large
-    prime factor (236 = 4 * 59 at VIF's second scale of a 480-row image) are 4x slower, and even
-    sizes let :func:`_filter_valid_downsampled` fold the spectrum."""
-    best = 2 * n
-    power2 = 2
-    while power2 < best:
-        power3 = power2
-        while power3 < best:
-            power5 = power3
-            while power5 < n:
-                power5 *= 5
-            best = min(best, power5)
-            power3 *= 3
-        power2 *= 2
-    return best
-
-
-@functools.lru_cache(maxsize=64)
-def _window_spectrum(size: int, fft_shape: tuple[int, int], device: torch.device, centred: bool) -> Tensor:
-    """``rfft2`` of the VIF window ``g g^T`` (N = ``size``, sigma = N / 5) on an ``fft_shape`` grid.
-
-    ``centred``: the window's centre on pixel (0, 0); a symmetric kernel centred on the origin
-    has a real spectrum, returned as float64 ``(..., 2)`` (each value twice, to multiply
-    ``view_as_real`` of a spectrum without broadcasting, which is 8x slower on CPU).
-    Otherwise its corner is on (0, 0) (complex spectrum), which delays the output by ``size - 1``.
-    """
+@functools.lru_cache(maxsize=8)
+def _gaussian_taps(size: int) -> tuple[float, ...]:
+    """The 1-D factor ``g`` of VIF's window ``g g^T``: N = ``size``, sigma = N / 5, sum 1."""
     sigma = size / 5.0
-    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = torch.zeros(fft_shape, dtype=torch.float64, device=device)
-    kernel[:size, :size] = torch.outer(g, g)
-    if not centred:
-        return torch.fft.rfft2(kernel)
-    real = torch.fft.rfft2(kernel.roll((-(size // 2), -(size // 2)), dims=(0, 1))).real
-    return real[..., None].expand(*real.shape, 2).contiguous()
+    g = [math.exp(-((i - (size - 1) / 2) ** 2) / (2 * sigma**2)) for i in range(size)]
+    return tuple(v / math.fsum(g) for v in g)
 
 
-def _filter_valid(spectrum: Tensor, size: int, shape: tuple[int, int], fft_shape: tuple[int, int]) -> Tensor:
-    """'valid' filtering, by the Gaussian window of ``size``, of the ``shape`` map whose
-    ``rfft2`` zero-padded to ``fft_shape`` is ``spectrum`` (which is overwritten).
+def _gaussian_filter_valid(x: Tensor, size: int, step: int = 1) -> Tensor:
+    """'valid' filtering of a float64 ``(H, W)`` map by VIF's Gaussian window of ``size``,
+    keeping every ``step``-th output row and column (2: the step between scales).
 
-    The maps are float64 and filtered through the FFT: float64 direct convolution has no fast
-    CPU kernel, and float32 is not enough (VIF takes variances as E[x^2] - E[x]^2 on the 0-255
-    scale and thresholds them at 1e-10). The FFT's round-off is ~1e-16 of the largest value,
-    far below those thresholds. The window is symmetric, so this convolution is the reference's
-    correlation.
+    Direct separable sums of shifted slices, one map at a time: float64 throughout, since VIF
+    takes variances as E[x^2] - E[x]^2 on the 0-255 scale and thresholds them at 1e-10 (float32
+    is not enough). On CPU this beats float64 FFT filtering (measured 0.97 ms against ~1.4 ms for
+    a 17x17 window on 480x640), and strided outputs cost only what is kept. The window is
+    symmetric, so this is the reference's correlation.
     """
-    torch.view_as_real(spectrum).mul_(_window_spectrum(size, fft_shape, spectrum.device, True))
-    r = size // 2  # the window is centred: outputs closer than r to a border wrap around
-    return torch.fft.irfft2(spectrum, s=fft_shape)[r : shape[0] - r, r : shape[1] - r]
-
-
-@functools.lru_cache(maxsize=64)
-def _fold_plan(size: int, fft_shape: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Indices and window values for :func:`_filter_valid_downsampled`: rows ``-u mod p``,
-    columns ``q/2 - v``, the window on the kept columns and its mirrored conjugate."""
-    p, q = fft_shape
-    window = _window_spectrum(size, fft_shape, device, False)
-    rows = (-torch.arange(p, device=device)) % p
-    cols = q // 2 - torch.arange(q // 4 + 1, device=device)
-    return rows, cols, window[:, : q // 4 + 1].contiguous(), window[rows][:, cols].conj().resolve_conj()
-
-
-def _filter_valid_downsampled(
-    spectrum: Tensor, size: int, shape: tuple[int, int], fft_shape: tuple[int, int]
-) -> Tensor:
-    """:func:`_filter_valid`, then every second row and column kept (VIF's step between scales).
-
-    Keeping every second sample of a length-p signal sums its spectrum's two halves, so the
-    inverse transform runs at a quarter of the size; the columns beyond the stored half of the
-    ``rfft2`` spectrum come from its Hermitian symmetry, ``Y[u, v] = conj(Y[-u, -v])``. The
-    window's corner sits on the origin, so the kept samples start at the even offset
-    ``size - 1``. ``spectrum`` is left as it is.
-    """
-    p, q = fft_shape
-    rows, cols, window, mirrored_window = _fold_plan(size, fft_shape, spectrum.device)
-    mirrored = spectrum.index_select(1, cols).index_select(0, rows).conj_physical_().mul_(mirrored_window)
-    both = mirrored.addcmul_(spectrum[:, : q // 4 + 1], window)  # columns v and v + q/2
-    folded = (both[: p // 2] + both[p // 2 :]).mul_(0.25)  # rows u and u + p/2
-    r = size // 2
-    rows_out, cols_out = (shape[0] - 2 * r + 1) // 2, (shape[1] - 2 * r + 1) // 2
-    return torch.fft.irfft2(folded, s=(p // 2, q // 2))[r : r + rows_out, r : r + cols_out]
+    g = _gaussian_taps(size)
+    rows = (x.shape[-2] - size) // step + 1
+    cols = (x.shape[-1] - size) // step + 1
+    last_row, last_col = (rows - 1) * step + 1, (cols - 1) * step + 1
+    down = x[0:last_row:step] * g[0]  # down the columns first: contiguous row blocks
+    for i in range(1, size):
+        down.add_(x[i : i + last_row : step], alpha=g[i])
+    out = down[:, 0:last_col:step] * g[0]
+    for i in range(1, size):
+        out.add_(down[:, i : i + last_col : step], alpha=g[i])
+    return out
 
 
 def _vif_one(refs: list[Tensor], dist: Tensor, sigma_nsq: float = 2.0, eps: float = 1e-10) -> Tensor:
     """VIF-P of one ``(H, W)`` float64 image ``dist`` against each of ``refs``; returns ``(R,)``.
 
-    Each map is transformed once per scale and that spectrum serves both its statistics and the
-    next scale's downsampled image (filtered by the next, smaller window, then every second
-    pixel kept). The reference's masking (``g = 0`` where ``s1 < eps`` or ``s2 < eps``, ``sv = s2``
-    where ``g < 0``, ``s1 = 0`` where ``s1 < eps``, ``sv >= eps``) reduces to: zero ``s1`` below
-    eps, clamp the gain at 0 and drop the pixels where ``s2 < eps`` from the numerator. Natural
-    logs replace log10: the base cancels in the ratio.
+    The reference's masking (``g = 0`` where ``s1 < eps`` or ``s2 < eps``, ``sv = s2`` where
+    ``g < 0``, ``s1 = 0`` where ``s1 < eps``, ``sv >= eps``) reduces to: zero ``s1`` below eps,
+    clamp the gain at 0 and drop the pixels where ``s2 < eps`` from the numerator. Natural logs
+    replace log10: the base cancels in the ratio.
     """
     num = dist.new_zeros(len(refs))
     den = dist.new_zeros(len(refs))
     for scale in range(1, 5):
-        size, next_size = 2 ** (5 - scale) + 1, 2 ** (4 - scale) + 1
-        shape = (dist.shape[0], dist.shape[1])
-        fft_shape = (_fast_fft_length(shape[0]), _fast_fft_length(shape[1]))
-        spectrum = functools.partial(torch.fft.rfft2, s=fft_shape)
-        mean = functools.partial(_filter_valid, shape=shape, fft_shape=fft_shape)
-        downsample = functools.partial(_filter_valid_downsampled, size=next_size, shape=shape, fft_shape=fft_shape)
-        dist_spectrum = spectrum(dist)
-        next_dist = downsample(dist_spectrum) if scale < 4 else dist
-        mu2 = mean(dist_spectrum, size)
-        s2 = mean(spectrum(dist * dist), size).addcmul_(mu2, mu2, value=-1).clamp_(min=0)
+        size = 2 ** (5 - scale) + 1
+        if scale > 1:  # filter, then keep every second pixel
+            refs = [_gaussian_filter_valid(ref, size, step=2) for ref in refs]
+            dist = _gaussian_filter_valid(dist, size, step=2)
+        mu2 = _gaussian_filter_valid(dist, size)
+        s2 = _gaussian_filter_valid(dist * dist, size).addcmul_(mu2, mu2, value=-1).clamp_(min=0)
         low2 = s2 < eps
         s2_noise = s2 + sigma_nsq
         for j, ref in enumerate(refs):
-            ref_spectrum = spectrum(ref)
-            if scale < 4:
-                refs[j] = downsample(ref_spectrum)
-            mu1 = mean(ref_spectrum, size)
-            s1 = mean(spectrum(ref * ref), size).addcmul_(mu1, mu1, value=-1)
+            mu1 = _gaussian_filter_valid(ref, size)
+            s1 = _gaussian_filter_valid(ref * ref, size).addcmul_(mu1, mu1, value=-1)
             s1.masked_fill_(s1 < eps, 0)
-            s12 = mean(spectrum(ref * dist), size).addcmul_(mu1, mu2, value=-1)
+            s12 = _gaussian_filter_valid(ref * dist, size).addcmul_(mu1, mu2, value=-1)
             gain = (s12 / (s1 + eps)).clamp_(min=0)
             sv = torch.addcmul(s2_noise, gain, s12, value=-1).clamp_(min=eps + sigma_nsq)  # max(sv, eps) + sn^2
             info = gain.square_().mul_(s1).div_(sv).masked_fill_(low2, 0)
             num[j] += info.log1p_().sum()
             den[j] += s1.div_(sigma_nsq).log1p_().sum()
-        dist = next_dist
     return num / den
 
 
