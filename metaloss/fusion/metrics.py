@@ -1,8 +1,10 @@
 """The six fusion metrics of the TDFusion paper's evaluator, as batched torch functions.
 
-Every function takes ``(N, H, W)`` (or ``(H, W)``) tensors on the 0-255 scale, on any device,
-and returns ``(N,)`` float64 values. Images should be read as the reference pipeline reads them
-(:func:`metaloss.fusion.image_io.read_grey`). Definitions follow ``spec/fusion-metrics.md``:
+Every function takes ``(N, H, W)`` (or ``(H, W)``) tensors on the 0-255 scale (float or
+integer), on any device, and returns ``(N,)`` float64 values; VIF, Q^AB/F and SSIM work through
+the batch one image at a time, which keeps each map in cache on CPU. Images should be read as the
+reference pipeline reads them (:func:`metaloss.fusion.image_io.read_grey`). Definitions follow
+``spec/fusion-metrics.md``:
 
 - EN: entropy (log2) of the 256-bin histogram of ``uint8(round(F))``;
 - SF: spatial frequency;
@@ -40,7 +42,7 @@ VIF_MIN_SIZE = 41  # 41 -> 16 -> 6 -> 3 rows at VIF's four scales, the last filt
 
 
 def _batch(x: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
-    """``(N, H, W)`` view of ``x`` in ``dtype`` (``None``: as it is)."""
+    """``x`` as ``(N, H, W)`` in ``dtype`` (``None``: its own)."""
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3:
