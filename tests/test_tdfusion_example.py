@@ -22,7 +22,7 @@ from tasks import TaskName, build_task  # noqa: E402
 
 from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
-from metaloss.fusion.image_io import read_grey  # noqa: E402
+from metaloss.fusion.image_io import read_grey, read_ycrcb  # noqa: E402
 
 MSRS_CLASSES = 9
 
@@ -123,6 +123,24 @@ def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -
     assert grey is not None and rgb is not None
     assert grey.ndim == 2 and grey.min() == 0 and grey.max() == 255  # stretched as the release saves
     assert rgb.shape == (*grey.shape, 3) and not np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_fuse_loads_an_ablation_v_checkpoint_from_train(shared_data: Path, tmp_path: Path) -> None:
+    """`train --ablation V` saves the weighted-sum network; `fuse` recognises it from its keys."""
+    run.main(
+        ["train", "--ablation", "V", "--epochs", "1", "--meta-iterations", "1", "--model-iterations", "1"]
+        + ["--synthetic-train", "4", "--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path / "v"), "--quiet"]
+    )
+    pairs = shared_data / "ReFusion/test_cases/IVIF"
+    out = tmp_path / "fused"
+    args = ["--a", str(pairs / "infrared/00710N.png"), "--b", str(pairs / "visible/00710N.png"), "--out", str(out)]
+    run.main(["fuse", "--weights", str(tmp_path / "v" / "last.pt"), *args, "--raw", "--quiet"])
+    a, b = (read_ycrcb(pairs / name)[..., 0] / 255.0 for name in ("infrared/00710N.png", "visible/00710N.png"))
+    raw = np.load(out / "00710N.npy")
+    between = (raw >= np.minimum(a, b) - 1e-5) & (raw <= np.maximum(a, b) + 1e-5)
+    assert between.all()  # a convex combination of the two sources, pixel by pixel
+    with pytest.raises(SystemExit, match="--weights"):
+        run.main(["fuse", "--weights", str(tmp_path / "missing.pt"), *args, "--quiet"])
 
 
 def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) -> None:

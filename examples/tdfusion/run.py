@@ -207,10 +207,24 @@ def matched_names(a_dir: Path, b_dir: Path) -> list[PairFiles]:
     return pairs
 
 
+def load_fusion_network(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """ReFusion, or ablation V's weighted sum, whichever the checkpoint at ``path`` holds."""
+    try:
+        return load_released_weights(ReFusion(), path)
+    except ValueError as refusion_error:
+        try:
+            return load_released_weights(WeightedSumFusion(), path)
+        except ValueError:
+            raise refusion_error from None  # name the network the user most likely meant
+
+
 def fuse(args: argparse.Namespace) -> Path:
     """Fuse one pair or two folders with our checkpoint or the authors' released weights."""
     device = torch.device(args.device)
-    model = load_released_weights(ReFusion(), args.weights).to(device).eval()
+    try:
+        model = load_fusion_network(args.weights).to(device).eval()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--weights: {err}") from None
     out = Path(args.out)
     a, b = Path(args.a), Path(args.b)
     pairs = [PairFiles(a.stem, a, b)] if a.is_file() else matched_names(a, b)
@@ -577,7 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.set_defaults(func=train)
     p = sub.add_parser("fuse", help="fuse a pair or two folders with a checkpoint (ours or the authors' .pth)")
-    p.add_argument("--weights", required=True, help="our last.pt or the released ReFusion/TDFusion .pth")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="our last.pt (ReFusion, or --ablation V's weighted sum) or the released ReFusion/TDFusion .pth",
+    )
     p.add_argument("--a", required=True, help="infrared image or folder")
     p.add_argument("--b", required=True, help="visible image or folder (names matched by stem)")
     p.add_argument("--out", required=True, help="output folder: <name>.png grey (stretched to 0-255), rgb/<name>.png")
