@@ -9,6 +9,10 @@ The three lines of TDFusion's Algorithm 1 (Bai et al., CVPR 2025, eq. 4-6):
 
 The user's modules are never modified (parameters or buffers); only the loss generator's
 parameters receive a gradient, and only the outer optimiser given here steps them.
+
+Under DistributedDataParallel the virtual steps run on the wrapped modules' ``.module`` (DDP's
+hooks must not fire on a ``create_graph=True`` backward) and the generator's meta-gradient is
+averaged over the ranks explicitly before it is stepped.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from metaloss.batch import BatchAdapter, SourcesAdapter
 from metaloss.hypergradient import (
@@ -35,6 +41,11 @@ __all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
 
 TaskLoss = Callable[[Any, Any], Tensor]
 """``task_loss(task_output, batch) -> scalar tensor``."""
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wrapper holds (the module itself otherwise)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def checked_task_loss(task_loss: TaskLoss, output: Any, batch: Any) -> Tensor:
@@ -96,6 +107,10 @@ class MetaStep:
             :class:`~metaloss.NonFiniteHypergradientError`.
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16``, ``torch.float16``); losses stay in float32.
+        average_over_ranks: all-reduce the meta-gradient to its mean over the ranks of the
+            default process group before stepping (``None``: whenever ``torch.distributed`` is
+            initialised with more than one rank). Every rank must then call :meth:`step`
+            together; the statistics it returns stay those of the rank's own batches.
 
     Example:
         >>> meta = MetaStep(fusion, loss, segformer, ce_loss, outer_optimizer=opt_g,
@@ -122,6 +137,7 @@ class MetaStep:
         buffer_policy: BufferPolicy | str = BufferPolicy.DISCARD,
         nonfinite: Literal["skip", "raise"] = "skip",
         autocast_dtype: torch.dtype | None = None,
+        average_over_ranks: bool | None = None,
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -141,9 +157,23 @@ class MetaStep:
         self.fd_eps = fd_eps
         self.nonfinite = nonfinite
         self.autocast_dtype = autocast_dtype
+        self.average_over_ranks = average_over_ranks
         self.skipped_total = 0
-        self._model_view = StatelessModule(model, buffer_policy)
-        self._task_view = StatelessModule(task_model, buffer_policy)
+        self._model_view = StatelessModule(_unwrap(model), buffer_policy)
+        self._task_view = StatelessModule(_unwrap(task_model), buffer_policy)
+
+    def _across_ranks(self) -> bool:
+        if self.average_over_ranks is not None:
+            return self.average_over_ranks
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @staticmethod
+    def _mean_over_ranks(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """All-reduce the meta-gradient (one flat buffer, one call) to its mean over the ranks."""
+        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        return tuple(part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True))
 
     @property
     def generator_parameters(self) -> list[nn.Parameter]:
@@ -234,7 +264,8 @@ class MetaStep:
         """
         result, stats = self.hypergradient(train_batch, test_batch)
         params = self.generator_parameters
-        if not result.is_finite():
+        grads = self._mean_over_ranks(result.grads) if self._across_ranks() else result.grads
+        if not all(bool(torch.isfinite(g).all()) for g in grads):  # the same verdict on every rank
             if self.nonfinite == "raise":
                 raise NonFiniteHypergradientError(
                     f"the loss generator's meta-gradient is not finite (outer loss {stats.outer_loss}, "
@@ -242,7 +273,7 @@ class MetaStep:
                 )
             self.skipped_total += 1
             return replace(stats, skipped=True, skipped_total=self.skipped_total)
-        for p, g in zip(params, result.grads, strict=True):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g.detach().to(p.dtype)
         if self.outer_optimizer is not None:
             self.outer_optimizer.step()
