@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the meta step")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -72,6 +73,7 @@ def main() -> None:
         outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-4),
         mode=args.mode,
         autocast_dtype=dtype,
+        activation_checkpointing=args.checkpointing,
     )
     trainer = MetaTrainer(
         model,
@@ -102,7 +104,8 @@ def main() -> None:
     t_plain, t_meta = min(plain), min(metas)
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "  # noqa: E501
-        f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}"
+        f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}, "
+        f"activation checkpointing {args.checkpointing}"
     )
     print(f"plain iteration  {t_plain:.3f} s")
     print(f"meta iteration   {t_meta:.3f} s  ({t_meta / t_plain:.2f}x plain)")

@@ -59,6 +59,9 @@ class MetaTrainerConfig:
         buffer_policy: BatchNorm buffers in virtual steps.
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite meta-gradient.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run forwards under autocast.
+        activation_checkpointing: recompute the model's activations in the meta step's
+            backward passes (less memory in ``"finite_difference"`` mode; see
+            :class:`~metaloss.MetaStep`).
         joint_task_weight: also train the model on ``weight * task loss`` in its ordinary
             step (ablation III of the paper); 0 disables it.
         model_phase: ``False`` drops the ordinary phase; the model and task model then take
@@ -81,6 +84,7 @@ class MetaTrainerConfig:
     buffer_policy: str = BufferPolicy.DISCARD.value
     nonfinite: Literal["skip", "raise"] = "skip"
     autocast_dtype: Literal["bfloat16", "float16"] | None = None
+    activation_checkpointing: bool = False
     joint_task_weight: float = 0.0
     model_phase: bool = True
     seed: int = 0
@@ -209,6 +213,7 @@ class MetaTrainer:
             buffer_policy=cfg.buffer_policy,
             nonfinite=cfg.nonfinite,
             autocast_dtype=dtype,
+            activation_checkpointing=cfg.activation_checkpointing,
         )
         self.position = Position()
         self.global_step = 0

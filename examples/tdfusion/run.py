@@ -151,6 +151,7 @@ def train(args: argparse.Namespace) -> MetaTrainer:
         outer_lr=args.outer_lr,
         mode=args.mode,
         autocast_dtype="bfloat16" if args.bf16 else None,
+        activation_checkpointing=args.activation_checkpointing,
         joint_task_weight=1.0 if args.ablation in ("III", "V") else 0.0,
         model_phase=args.ablation != "IV",
         seed=args.seed,
@@ -572,6 +573,11 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     p.add_argument("--synthetic-test", type=int, default=8, help="procedural test scenes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on the forward passes (losses in float32)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute F's activations in the meta step's backward (saves memory with --mode finite_difference)",
+    )
     p.add_argument("--workers", type=int, default=0, help="data-loader workers")
     p.add_argument("--checkpoint-every", type=int, default=50, help="also checkpoint every this many steps")
     p.add_argument("--seed", type=int, default=0)
