@@ -23,12 +23,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from metaloss.batch import BatchAdapter, SourcesAdapter
+from metaloss.distributed import all_reduce_mean, rank_and_world_size, unwrap
 from metaloss.hypergradient import (
     HypergradientMode,
     HypergradientResult,
@@ -42,11 +41,6 @@ __all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
 
 TaskLoss = Callable[[Any, Any], Tensor]
 """``task_loss(task_output, batch) -> scalar tensor``."""
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module a DistributedDataParallel wrapper holds (the module itself otherwise)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def checked_task_loss(task_loss: TaskLoss, output: Any, batch: Any) -> Tensor:
@@ -168,21 +162,13 @@ class MetaStep:
         self.activation_checkpointing = activation_checkpointing
         self.average_over_ranks = average_over_ranks
         self.skipped_total = 0
-        self._model_view = StatelessModule(_unwrap(model), buffer_policy)
-        self._task_view = StatelessModule(_unwrap(task_model), buffer_policy)
+        self._model_view = StatelessModule(unwrap(model), buffer_policy)
+        self._task_view = StatelessModule(unwrap(task_model), buffer_policy)
 
     def _across_ranks(self) -> bool:
         if self.average_over_ranks is not None:
             return self.average_over_ranks
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    @staticmethod
-    def _mean_over_ranks(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """All-reduce the meta-gradient (one flat buffer, one call) to its mean over the ranks."""
-        flat = torch.cat([g.detach().reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        return tuple(part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True))
+        return rank_and_world_size()[1] > 1
 
     @property
     def generator_parameters(self) -> list[nn.Parameter]:
@@ -279,7 +265,7 @@ class MetaStep:
         """
         result, stats = self.hypergradient(train_batch, test_batch)
         params = self.generator_parameters
-        grads = self._mean_over_ranks(result.grads) if self._across_ranks() else result.grads
+        grads = all_reduce_mean(result.grads) if self._across_ranks() else result.grads
         if not all(bool(torch.isfinite(g).all()) for g in grads):  # the same verdict on every rank
             if self.nonfinite == "raise":
                 raise NonFiniteHypergradientError(

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
 from metaloss.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from metaloss.distributed import all_gather_objects, rank_and_world_size, unwrap
 from metaloss.hypergradient import HypergradientMode
 from metaloss.inner_step import BufferPolicy, InnerRule
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
@@ -195,6 +196,7 @@ class MetaTrainer:
         self.schedulers = list(schedulers)
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.rank, self.world_size = rank_and_world_size()
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[cfg.autocast_dtype]
         self.autocast_dtype = dtype
         self.meta_step = MetaStep(
@@ -234,11 +236,15 @@ class MetaTrainer:
         perm = torch.randperm(n, generator=g).tolist()
         half = n // 2
         need = cfg.meta_iterations * cfg.batch_size
-        meta_train = [perm[i % half] for i in range(need)] if half else []
-        meta_test = [perm[half + i % half] for i in range(need)] if half else []
+        # Under DDP, rank r takes every world-th sample of the one global order, from the r-th on.
+        r, w = self.rank, self.world_size
+        meta_train = [perm[(i * w + r) % half] for i in range(need)] if half else []
+        meta_test = [perm[half + (i * w + r) % half] for i in range(need)] if half else []
         order = torch.randperm(n, generator=g).tolist()
         if cfg.model_iterations is not None:
-            order = [order[i % n] for i in range(cfg.model_iterations * cfg.batch_size)]
+            order = [order[(i * w + r) % n] for i in range(cfg.model_iterations * cfg.batch_size)]
+        else:
+            order = order[r::w][: n // w]  # the same number of steps on every rank
         return meta_train, meta_test, order
 
     def _loader(self, indices: list[int]) -> DataLoader[Any]:
@@ -281,8 +287,8 @@ class MetaTrainer:
         with self._autocast(), torch.set_grad_enabled(joint > 0):
             task_view = self.model(*adapter.task_model_args(batch))
         if joint > 0:
-            with self._autocast():
-                joint_out = self.task_model(*adapter.task_args(batch, task_view))
+            with self._autocast():  # unwrapped: this backward steps only the model
+                joint_out = unwrap(self.task_model)(*adapter.task_args(batch, task_view))
             model_total = model_total + joint * checked_task_loss(self.task_loss, joint_out, batch)
         self.model_optimizer.zero_grad(set_to_none=True)
         model_total.backward(inputs=[p for p in self.model.parameters() if p.requires_grad])
@@ -304,14 +310,14 @@ class MetaTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: modules, optimisers, schedulers, RNG, position."""
         return {
-            "model": self.model.state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "loss": self.loss.state_dict(),
-            "task_model": self.task_model.state_dict(),
+            "task_model": unwrap(self.task_model).state_dict(),
             "model_optimizer": self.model_optimizer.state_dict(),
             "task_optimizer": self.task_optimizer.state_dict(),
             "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer else None,
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "rng": get_rng_state(),
+            "rng": all_gather_objects(get_rng_state()),  # one per rank
             "position": dataclasses.asdict(self.position),
             "global_step": self.global_step,
             "skipped_total": self.meta_step.skipped_total,
@@ -320,30 +326,41 @@ class MetaTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state written by :meth:`state_dict`."""
-        self.model.load_state_dict(state["model"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) != self.world_size:
+            raise ValueError(f"the checkpoint was written by {len(rng)} rank(s); this run has {self.world_size}")
+        unwrap(self.model).load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
-        self.task_model.load_state_dict(state["task_model"])
+        unwrap(self.task_model).load_state_dict(state["task_model"])
         self.model_optimizer.load_state_dict(state["model_optimizer"])
         self.task_optimizer.load_state_dict(state["task_optimizer"])
         if self.outer_optimizer is not None and state["outer_optimizer"] is not None:
             self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         for scheduler, s in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(s)
-        set_rng_state(state["rng"])
+        set_rng_state(rng[self.rank])
         self.position = Position(**state["position"])
         self.global_step = int(state["global_step"])
         self.meta_step.skipped_total = int(state["skipped_total"])
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
-        """Write the checkpoint atomically (default ``checkpoint_dir/last.pt``)."""
+        """Write the checkpoint atomically (default ``checkpoint_dir/last.pt``).
+
+        Under DDP every rank must call it (the RNG states are gathered); rank 0 writes.
+        """
         if path is None:
             if self.checkpoint_dir is None:
                 return None
             path = self.checkpoint_dir / "last.pt"
-        return save_checkpoint(self.state_dict(), path)
+        state = self.state_dict()
+        if self.rank != 0:
+            return None
+        return save_checkpoint(state, path)
 
     # ------------------------------------------------------------------- fit
     def _emit(self, hook: str, *args: Any) -> None:
+        if self.rank != 0:  # loggers write once
+            return
         for cb in self.callbacks:
             method = getattr(cb, hook, None)
             if method is not None:
@@ -365,7 +382,8 @@ class MetaTrainer:
         cfg = self.config
         start = self.position.step
         desc = f"epoch {self.position.epoch + 1}/{cfg.epochs} {name}"
-        with tqdm(total=steps, initial=start, desc=desc, disable=not cfg.progress, leave=False) as bar:
+        quiet = not cfg.progress or self.rank != 0
+        with tqdm(total=steps, initial=start, desc=desc, disable=quiet, leave=False) as bar:
             # range first: once it is exhausted, zip pulls (and loads) no further batch.
             for step, item in zip(range(start, steps), items):
                 postfix = run_one(item)

@@ -1,7 +1,9 @@
-"""MetaStep under DistributedDataParallel: two CPU processes (gloo), different batches per rank.
+"""MetaStep and MetaTrainer under DistributedDataParallel: two CPU processes (gloo).
 
-The generator must end up identical on both ranks and equal to one step along the mean of the
-two ranks' meta-gradients, computed here in a single process without any wrapper.
+One meta step with different batches per rank must leave the generator identical on both ranks
+and equal to one step along the mean of the two ranks' meta-gradients, computed here in a single
+process without any wrapper. A whole MetaTrainer run must agree across the ranks, shard the
+samples, and resume from a checkpoint bit for bit on every rank.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ import torch.multiprocessing as mp
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from metaloss import InnerSGD, LearnableLoss, MetaStep
-from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
+from metaloss import InnerSGD, LearnableLoss, MetaStep, MetaTrainer, MetaTrainerConfig
+from metaloss.distributed import unwrap
+from tests.toy import (
+    InformativeSource,
+    SmallFusion,
+    SmallGenerator,
+    SmallSegmenter,
+    seg_loss,
+    weighted_squared_error,
+)
 
 WORLD = 2
 OUTER_LR = 0.5
@@ -75,3 +85,67 @@ def test_meta_gradient_is_averaged_over_ranks(tmp_path: Path) -> None:
         assert torch.equal(ranks[0]["loss"][name], ranks[1]["loss"][name])  # the ranks agree exactly
     # The two ranks' batches differ, so their meta-gradients do (the mean is not trivially either).
     assert not all(torch.allclose(a, b) for a, b in zip(*per_rank, strict=True))
+
+
+def _ddp_trainer(out: Path) -> MetaTrainer:
+    torch.manual_seed(0)
+    fusion, task = SmallFusion(batchnorm=True), SmallSegmenter(batchnorm=True)
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    config = MetaTrainerConfig(
+        epochs=2, meta_iterations=3, batch_size=2, lr=1e-2, outer_lr=1e-2, checkpoint_every=2, progress=False
+    )
+    return MetaTrainer(
+        DistributedDataParallel(fusion),
+        loss,
+        DistributedDataParallel(task),
+        seg_loss,
+        InformativeSource(n=16, size=8, flip=True),  # flips draw from each rank's global RNG
+        config=config,
+        inner=InnerSGD(0.1),
+        task_inner=InnerSGD(0.1),
+        checkpoint_dir=out,
+    )
+
+
+def _state(trainer: MetaTrainer) -> dict[str, Tensor]:
+    modules = {"F": unwrap(trainer.model), "G": trainer.loss, "T": unwrap(trainer.task_model)}
+    return {f"{name}.{k}": v.clone() for name, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def _trainer_rank(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        out = Path(out_dir)
+        full = _ddp_trainer(out / "full")
+        full.fit()
+        cut = _ddp_trainer(out / "cut")
+        cut.fit(max_steps=5)  # mid meta phase of the second epoch
+        torch.manual_seed(100 + rank)  # the resumed processes start from other RNG states
+        resumed = _ddp_trainer(out / "cut")
+        resumed.fit(resume=out / "cut" / "last.pt")
+        meta_train, meta_test, order = full._orders(0)
+        torch.save(
+            {"full": _state(full), "resumed": _state(resumed), "orders": (meta_train, meta_test, order)},
+            out / f"trainer{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+def test_trainer_under_ddp_agrees_across_ranks_and_resumes_bit_identically(tmp_path: Path) -> None:
+    mp.spawn(_trainer_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"trainer{r}.pt") for r in range(WORLD)]
+    for key, value in ranks[0]["full"].items():
+        # DDP keeps parameters in step; BatchNorm buffers are broadcast from rank 0 at each
+        # forward, then updated by the rank's own batch, so they agree only within a rank.
+        if "running_" not in key and "num_batches" not in key:
+            assert torch.equal(value, ranks[1]["full"][key]), f"{key} differs between the ranks"
+        for r in ranks:
+            assert torch.equal(r["full"][key], r["resumed"][key]), f"{key} differs after resume"
+    (train0, test0, order0), (train1, test1, order1) = (r["orders"] for r in ranks)
+    assert not set(train0) & set(train1) and not set(test0) & set(test1) and not set(order0) & set(order1)
+    assert len(order0) == len(order1) == 8  # 16 samples shared by 2 ranks
+    state = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    assert len(state["rng"]) == WORLD and not any(k.startswith("module.") for k in state["model"])

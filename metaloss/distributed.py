@@ -1,0 +1,45 @@
+"""Helpers for running under ``torch.distributed`` (DistributedDataParallel), one process per rank.
+
+The core never requires a process group: with none initialised every helper is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["all_gather_objects", "all_reduce_mean", "rank_and_world_size", "unwrap"]
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks (``(0, 1)`` without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wrapper holds (the module itself otherwise)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def all_reduce_mean(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The mean of ``tensors`` over the ranks: one flat buffer, one all-reduce."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True))
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    _, world = rank_and_world_size()
+    if world == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
