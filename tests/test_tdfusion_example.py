@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -141,6 +143,27 @@ def test_fuse_loads_an_ablation_v_checkpoint_from_train(shared_data: Path, tmp_p
     assert between.all()  # a convex combination of the two sources, pixel by pixel
     with pytest.raises(SystemExit, match="--weights"):
         run.main(["fuse", "--weights", str(tmp_path / "missing.pt"), *args, "--quiet"])
+
+
+def test_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 run.py train` (gloo on CPU): one checkpoint, written by rank 0
+    with both ranks' RNG states and unwrapped weights that `fuse` loads; logs written once."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(Path(run.__file__)), "train", "--device", "cpu", "--epochs", "1", "--meta-iterations", "2"]
+    command += ["--model-iterations", "2", "--synthetic-train", "8", "--crop", "32", "--task-size", "32", "48"]
+    done = subprocess.run(
+        [*command, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["global_step"] == 4
+    assert isinstance(run.load_fusion_network(out / "last.pt"), ReFusion)
+    assert len((out / "logs" / "meta.csv").read_text().splitlines()) == 1 + 2  # header + 2 meta steps
 
 
 def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) -> None:

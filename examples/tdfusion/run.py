@@ -125,10 +125,34 @@ def load_scenes(args: argparse.Namespace, split: str, kind: str) -> list[Scene] 
         raise SystemExit(f"{args.dataset}: {err}") from err
 
 
+def _join_process_group(device: torch.device) -> torch.device:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU)
+    and return this rank's device; otherwise ``device`` unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel when a process group runs, else itself."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
 def train(args: argparse.Namespace) -> MetaTrainer:
-    """Train F, G and T with Algorithm 1; returns the trainer (its checkpoint is in --out)."""
+    """Train F, G and T with Algorithm 1; returns the trainer (its checkpoint is in --out).
+
+    Under ``torchrun --nproc-per-node N`` every rank trains on its shard, F and T wrapped in
+    DistributedDataParallel; rank 0 writes the checkpoints, logs and config.
+    """
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = _join_process_group(torch.device(args.device))
     kind = TASK_KINDS[args.task_net]
     spec = DATASETS[args.dataset]
     if kind not in spec:
@@ -138,9 +162,9 @@ def train(args: argparse.Namespace) -> MetaTrainer:
     task = build_task(args.task_net, spec[kind])
     task_size = tuple(args.task_size) if args.task_size else spec["task_size"]
     dataset = FusionDataset(load_scenes(args, "train", kind), kind, crop=args.crop, task_size=task_size, flip=args.flip)
-    model = (WeightedSumFusion() if args.ablation == "V" else ReFusion()).to(device)
+    model = _ddp((WeightedSumFusion() if args.ablation == "V" else ReFusion()).to(device), device)
     loss = build_loss(args).to(device)
-    task.model.to(device)
+    task_model = _ddp(task.model.to(device), device)
     config = MetaTrainerConfig(
         epochs=args.epochs,
         meta_iterations=args.meta_iterations,
@@ -163,7 +187,7 @@ def train(args: argparse.Namespace) -> MetaTrainer:
     trainer = MetaTrainer(
         model,
         loss,
-        task.model,
+        task_model,
         task.loss,
         dataset,
         config=config,
@@ -174,10 +198,11 @@ def train(args: argparse.Namespace) -> MetaTrainer:
         callbacks=[CSVLogger(out / "logs")],
         checkpoint_dir=out,
     )
-    (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(
-        json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str)
-    )
+    if trainer.rank == 0:
+        (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(
+            json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str)
+        )
     trainer.fit(resume=args.resume)
     return trainer
 
