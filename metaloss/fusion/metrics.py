@@ -101,9 +101,9 @@ def _gaussian_filter_valid(x: Tensor, size: int, step: int = 1) -> Tensor:
 
     Direct separable sums of shifted slices, one map at a time: float64 throughout, since VIF
     takes variances as E[x^2] - E[x]^2 on the 0-255 scale and thresholds them at 1e-10 (float32
-    is not enough). On CPU this beats float64 FFT filtering (measured 0.97 ms against ~1.4 ms for
-    a 17x17 window on 480x640), and strided outputs cost only what is kept. The window is
-    symmetric, so this is the reference's correlation.
+    is not enough). On CPU this beats float64 FFT filtering (a 17x17 window on 480x640, one run:
+    1.2 ms against 3.5 ms for rfft2, product and irfft2), and strided outputs cost only what is
+    kept. The window is symmetric, so this is the reference's correlation.
     """
     g = _gaussian_taps(size)
     rows = (x.shape[-2] - size) // step + 1
