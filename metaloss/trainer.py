@@ -308,7 +308,10 @@ class MetaTrainer:
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: modules, optimisers, schedulers, RNG, position."""
+        """Everything needed to resume: modules, optimisers, schedulers, RNG, position.
+
+        Under DDP it gathers every rank's RNG state, so every rank must call it together.
+        """
         return {
             "model": unwrap(self.model).state_dict(),
             "loss": self.loss.state_dict(),
