@@ -93,6 +93,19 @@ def test_vif_matches_direct_filtering_at_any_size(shape: tuple[int, int]) -> Non
     assert vif(fused, a, b).item() == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("per_pass", [2, 5])
+def test_batched_passes_give_the_one_at_a_time_results(per_pass: int) -> None:
+    """The accelerator path (several images per pass) computes what the CPU path (one) does."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(0, 256, (5, 48, 61), generator=g).float() for _ in range(2))
+    a[1, :20, :30] = 17.0  # flat blocks in some images only
+    fused = torch.where(torch.rand(a.shape, generator=g) < 0.5, a, b)
+    one = evaluate_fusion(fused, a, b, images_per_pass=1)
+    batched = evaluate_fusion(fused, a, b, images_per_pass=per_pass)
+    for name in one:  # Q^AB/F's float32 maps are summed in another order when batched: ~1e-9
+        torch.testing.assert_close(batched[name], one[name], rtol=1e-8, atol=0, msg=name)
+
+
 def test_integer_images_give_the_float_results() -> None:
     g = torch.Generator().manual_seed(2)
     f, a, b = (torch.randint(0, 256, (2, 41, 52), generator=g).to(torch.uint8) for _ in range(3))

@@ -1,8 +1,9 @@
 """The six fusion metrics of the TDFusion paper's evaluator, as batched torch functions.
 
 Every function takes ``(N, H, W)`` (or ``(H, W)``) tensors on the 0-255 scale (float or
-integer), on any device, and returns ``(N,)`` float64 values; VIF, Q^AB/F and SSIM work through
-the batch one image at a time, which keeps each map in cache on CPU. Images should be read as the
+integer), on any device, and returns ``(N,)`` float64 values. VIF, Q^AB/F and SSIM work through
+the batch :func:`default_images_per_pass` images at a time: one on CPU, which keeps each map in
+cache, 16 on an accelerator. Images should be read as the
 reference pipeline reads them (:func:`metaloss.fusion.image_io.read_grey`). Definitions follow
 ``spec/fusion-metrics.md``:
 
@@ -28,13 +29,26 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["METRICS", "VIF_MIN_SIZE", "Convention", "en", "evaluate_fusion", "qabf", "scd", "sf", "ssim", "vif"]
+__all__ = [
+    "METRICS",
+    "VIF_MIN_SIZE",
+    "Convention",
+    "default_images_per_pass",
+    "en",
+    "evaluate_fusion",
+    "qabf",
+    "scd",
+    "sf",
+    "ssim",
+    "vif",
+]
 
 Convention = Literal["mean", "sum"]
 METRICS = ("EN", "SF", "SCD", "VIF", "Qabf", "SSIM")
@@ -55,6 +69,19 @@ def _combine(per_source: Tensor, convention: Convention) -> Tensor:
     if convention not in ("mean", "sum"):
         raise ValueError(f"convention must be 'mean' or 'sum', got {convention!r}")
     return per_source.mean(dim=1) if convention == "mean" else per_source.sum(dim=1)
+
+
+def default_images_per_pass(device: torch.device) -> int:
+    """How many images VIF, Q^AB/F and SSIM process at once by default: 1 on CPU (each image's
+    maps then stay in cache, measured faster than batching there), 16 on an accelerator (fewer
+    kernel launches)."""
+    return 1 if device.type == "cpu" else 16
+
+
+def _in_passes(fn: Callable[..., Tensor], *images: Tensor, per_pass: int | None = None) -> Tensor:
+    """``fn`` over consecutive groups of ``per_pass`` images (default :func:`default_images_per_pass`)."""
+    step = per_pass or default_images_per_pass(images[0].device)
+    return torch.cat([fn(*(x[i : i + step] for x in images)) for i in range(0, images[0].shape[0], step)])
 
 
 def en(fused: Tensor) -> Tensor:
@@ -96,7 +123,7 @@ def _gaussian_taps(size: int) -> tuple[float, ...]:
 
 
 def _gaussian_filter_valid(x: Tensor, size: int, step: int = 1) -> Tensor:
-    """'valid' filtering of a float64 ``(H, W)`` map by VIF's Gaussian window of ``size``,
+    """'valid' filtering of float64 ``(..., H, W)`` maps by VIF's Gaussian window of ``size``,
     keeping every ``step``-th output row and column (2: the step between scales).
 
     Direct separable sums of shifted slices, one map at a time: float64 throughout, since VIF
@@ -109,29 +136,29 @@ def _gaussian_filter_valid(x: Tensor, size: int, step: int = 1) -> Tensor:
     rows = (x.shape[-2] - size) // step + 1
     cols = (x.shape[-1] - size) // step + 1
     last_row, last_col = (rows - 1) * step + 1, (cols - 1) * step + 1
-    down = x[0:last_row:step] * g[0]  # down the columns first: contiguous row blocks
+    down = x[..., 0:last_row:step, :] * g[0]  # down the columns first: contiguous row blocks
     for i in range(1, size):
-        down.add_(x[i : i + last_row : step], alpha=g[i])
-    out = down[:, 0:last_col:step] * g[0]
+        down.add_(x[..., i : i + last_row : step, :], alpha=g[i])
+    out = down[..., 0:last_col:step] * g[0]
     for i in range(1, size):
-        out.add_(down[:, i : i + last_col : step], alpha=g[i])
+        out.add_(down[..., i : i + last_col : step], alpha=g[i])
     return out
 
 
-def _vif_one(refs: list[Tensor], dist: Tensor, sigma_nsq: float = 2.0, eps: float = 1e-10) -> Tensor:
-    """VIF-P of one ``(H, W)`` float64 image ``dist`` against each of ``refs``; returns ``(R,)``.
+def _vif_pass(dist: Tensor, *refs: Tensor, sigma_nsq: float = 2.0, eps: float = 1e-10) -> Tensor:
+    """VIF-P of float64 ``(N, H, W)`` images ``dist`` against each of ``refs``; returns ``(N, R)``.
 
     The reference's masking (``g = 0`` where ``s1 < eps`` or ``s2 < eps``, ``sv = s2`` where
     ``g < 0``, ``s1 = 0`` where ``s1 < eps``, ``sv >= eps``) reduces to: zero ``s1`` below eps,
     clamp the gain at 0 and drop the pixels where ``s2 < eps`` from the numerator. Natural logs
     replace log10: the base cancels in the ratio.
     """
-    num = dist.new_zeros(len(refs))
-    den = dist.new_zeros(len(refs))
+    num = dist.new_zeros(dist.shape[0], len(refs))
+    den = torch.zeros_like(num)
     for scale in range(1, 5):
         size = 2 ** (5 - scale) + 1
         if scale > 1:  # filter, then keep every second pixel
-            refs = [_gaussian_filter_valid(ref, size, step=2) for ref in refs]
+            refs = tuple(_gaussian_filter_valid(ref, size, step=2) for ref in refs)
             dist = _gaussian_filter_valid(dist, size, step=2)
         mu2 = _gaussian_filter_valid(dist, size)
         s2 = _gaussian_filter_valid(dist * dist, size).addcmul_(mu2, mu2, value=-1).clamp_(min=0)
@@ -145,24 +172,29 @@ def _vif_one(refs: list[Tensor], dist: Tensor, sigma_nsq: float = 2.0, eps: floa
             gain = (s12 / (s1 + eps)).clamp_(min=0)
             sv = torch.addcmul(s2_noise, gain, s12, value=-1).clamp_(min=eps + sigma_nsq)  # max(sv, eps) + sn^2
             info = gain.square_().mul_(s1).div_(sv).masked_fill_(low2, 0)
-            num[j] += info.log1p_().sum()
-            den[j] += s1.div_(sigma_nsq).log1p_().sum()
+            num[:, j] += info.log1p_().sum(dim=(-2, -1))
+            den[:, j] += s1.div_(sigma_nsq).log1p_().sum(dim=(-2, -1))
     return num / den
 
 
-def vif(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") -> Tensor:
-    """Pixel-domain VIF of the fused image against each source, combined by ``convention``."""
+def vif(
+    fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean", *, images_per_pass: int | None = None
+) -> Tensor:
+    """Pixel-domain VIF of the fused image against each source, combined by ``convention``.
+
+    ``images_per_pass``: images filtered at once (default :func:`default_images_per_pass`).
+    """
     f, a, b = _batch(fused), _batch(a), _batch(b)
     if min(f.shape[-2:]) < VIF_MIN_SIZE:
         raise ValueError(
             f"VIF needs images of at least {VIF_MIN_SIZE}x{VIF_MIN_SIZE} pixels (its fourth scale would be empty), "
             f"got {tuple(f.shape[-2:])}"
         )
-    return _combine(torch.stack([_vif_one([a[i], b[i]], f[i]) for i in range(f.shape[0])]), convention)
+    return _combine(_in_passes(_vif_pass, f, a, b, per_pass=images_per_pass), convention)
 
 
 def _sobel_same(x: Tensor) -> tuple[Tensor, Tensor]:
-    """3x3 Sobel responses of an ``(H, W)`` map with zero padding ('same'), signed as the
+    """3x3 Sobel responses of ``(..., H, W)`` maps with zero padding ('same'), signed as the
     reference's ``convolve2d(img, [[-1,0,1],[-2,0,2],[-1,0,1]])`` and
     ``convolve2d(img, [[1,2,1],[0,0,0],[-1,-2,-1]])``.
 
@@ -171,14 +203,14 @@ def _sobel_same(x: Tensor) -> tuple[Tensor, Tensor]:
     as separable slice sums (exact for integer images, and faster than a 1-channel conv2d).
     """
     p = F.pad(x, (1, 1, 1, 1))
-    vertical = p[:-2] + 2 * p[1:-1] + p[2:]  # [1, 2, 1] down the columns
-    horizontal = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # [1, 2, 1] along the rows
-    return vertical[:, :-2] - vertical[:, 2:], horizontal[2:] - horizontal[:-2]
+    vertical = p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]  # [1, 2, 1] down the columns
+    horizontal = p[..., :-2] + 2 * p[..., 1:-1] + p[..., 2:]  # [1, 2, 1] along the rows
+    return vertical[..., :-2] - vertical[..., 2:], horizontal[..., 2:, :] - horizontal[..., :-2, :]
 
 
 def _edge_strength_orientation(x: Tensor) -> tuple[Tensor, Tensor]:
     """Edge strength ``sqrt(S_x^2 + S_y^2)`` and orientation ``arctan(S_y / S_x)`` (pi/2 where
-    ``S_x = 0``) of an ``(H, W)`` map."""
+    ``S_x = 0``) of ``(..., H, W)`` maps."""
     sx, sy = _sobel_same(x)
     strength = (sx * sx).addcmul_(sy, sy).sqrt_()
     # arctan(S_y / S_x) = atan2(S_y sign(S_x), |S_x|): no division, and atan2 is the faster kernel
@@ -187,33 +219,34 @@ def _edge_strength_orientation(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _weighted_edge_preservation(g_src: Tensor, a_src: Tensor, g_f: Tensor, a_f: Tensor) -> Tensor:
-    """``sum(Q_SF * g_S)``, without the constant 0.9994 * 0.9879."""
+    """``sum(Q_SF * g_S)`` per image, without the constant 0.9994 * 0.9879."""
     # The reference's ratio: g_F/g_S where g_S > g_F, g_S/g_F where g_S < g_F, and g_F on a tie.
     ratio = torch.minimum(g_src, g_f).div_(torch.maximum(g_src, g_f))
     ratio = torch.where(g_src == g_f, g_f, ratio)
     # 1 / (1 + exp(-15 (ratio - 0.5))) and 1 / (1 + exp(-22 (1 - |da| / (pi/2) - 0.8))) as sigmoids
     q = ratio.mul_(15).sub_(7.5).sigmoid_()
     q *= (a_src - a_f).abs_().mul_(-44 / math.pi).add_(4.4).sigmoid_()
-    return q.mul_(g_src).sum(dtype=torch.float64)
+    return q.mul_(g_src).sum(dim=(-2, -1), dtype=torch.float64)
 
 
-def _qabf_one(f: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Q^AB/F of one float32 ``(H, W)`` image; the three sums are accumulated in float64."""
+def _qabf_pass(f: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Q^AB/F of float32 ``(N, H, W)`` images; the three sums are accumulated in float64."""
     g_a, o_a = _edge_strength_orientation(a)
     g_b, o_b = _edge_strength_orientation(b)
     g_f, o_f = _edge_strength_orientation(f)
     num = _weighted_edge_preservation(g_a, o_a, g_f, o_f) + _weighted_edge_preservation(g_b, o_b, g_f, o_f)
-    total = g_a.sum(dtype=torch.float64) + g_b.sum(dtype=torch.float64)
+    total = g_a.sum(dim=(-2, -1), dtype=torch.float64) + g_b.sum(dim=(-2, -1), dtype=torch.float64)
     return 0.9994 * 0.9879 * num / total
 
 
-def qabf(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def qabf(fused: Tensor, a: Tensor, b: Tensor, *, images_per_pass: int | None = None) -> Tensor:
     """Xydeas-Petrovic Q^AB/F (gradient-weighted edge preservation of both sources).
 
     Computed in float32, as the reference evaluator computes it (its images are OpenCV float32).
+    ``images_per_pass``: images processed at once (default :func:`default_images_per_pass`).
     """
     f, a, b = (_batch(x, torch.float32) for x in (fused, a, b))
-    return torch.stack([_qabf_one(f[i], a[i], b[i]) for i in range(f.shape[0])])
+    return _in_passes(_qabf_pass, f, a, b, per_pass=images_per_pass)
 
 
 def _window_sum(x: Tensor, win: int, dim: int) -> Tensor:
@@ -236,12 +269,13 @@ def _window_sum(x: Tensor, win: int, dim: int) -> Tensor:
 
 
 def _box_sum(x: Tensor, win: int) -> Tensor:
-    """Sum over every ``win x win`` window fully inside the ``(H, W)`` map ``x``."""
+    """Sum over every ``win x win`` window fully inside the ``(..., H, W)`` maps ``x``."""
     return _window_sum(_window_sum(x, win, -1), win, -2)
 
 
-def _ssim_one(x: Tensor, refs: list[Tensor], data_range: float = 255.0, win: int = 7) -> Tensor:
-    """SSIM of one int32 ``(H, W)`` image with values 0-255 against each of ``refs`` (same kind).
+def _ssim_pass(x: Tensor, *refs: Tensor, data_range: float = 255.0, win: int = 7) -> Tensor:
+    """SSIM of int32 ``(N, H, W)`` images with values 0-255 against each of ``refs`` (same kind);
+    returns ``(N, R)``.
 
     scikit-image's defaults: uniform 7x7 window, sample covariance, mean over the interior (the
     border of (win-1)//2 pixels is cropped, so 'valid' windows give exactly that region). The
@@ -260,44 +294,53 @@ def _ssim_one(x: Tensor, refs: list[Tensor], data_range: float = 255.0, win: int
         luminance = (2 * sx_sy).float().add_(c1).div_((sx_sx + sy_sy).float().add_(c1))
         structure = (2 * (n * sxy - sx_sy)).float().add_(c2)
         structure /= (n * (sxx + syy) - sx_sx - sy_sy).float().add_(c2)
-        values.append(luminance.mul_(structure).mean(dtype=torch.float64))
-    return torch.stack(values)
+        values.append(luminance.mul_(structure).mean(dim=(-2, -1), dtype=torch.float64))
+    return torch.stack(values, dim=1)
 
 
-def ssim(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") -> Tensor:
-    """SSIM of the uint8-rounded fused image with each source, combined by ``convention``."""
+def ssim(
+    fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean", *, images_per_pass: int | None = None
+) -> Tensor:
+    """SSIM of the uint8-rounded fused image with each source, combined by ``convention``.
+
+    ``images_per_pass``: images processed at once (default :func:`default_images_per_pass`).
+    """
     f, a, b = (_batch(x, None) for x in (fused, a, b))
     f, a, b = ((x.round() if x.is_floating_point() else x).clamp(0, 255).int() for x in (f, a, b))
-    return _combine(torch.stack([_ssim_one(f[i], [a[i], b[i]]) for i in range(f.shape[0])]), convention)
+    return _combine(_in_passes(_ssim_pass, f, a, b, per_pass=images_per_pass), convention)
 
 
-def evaluate_fusion(fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean") -> dict[str, Tensor]:
+def evaluate_fusion(
+    fused: Tensor, a: Tensor, b: Tensor, convention: Convention = "mean", *, images_per_pass: int | None = None
+) -> dict[str, Tensor]:
     """All six metrics, ``{"EN": (N,), "SF": ..., "SCD": ..., "VIF": ..., "Qabf": ..., "SSIM": ...}``.
-
-    Images are evaluated one at a time (on CPU the maps then stay in cache).
 
     Args:
         fused: ``(N, H, W)`` or ``(H, W)`` on 0-255.
         a: the first source, same shape.
         b: the second source, same shape.
         convention: ``"mean"`` or ``"sum"`` of the two-source VIF and SSIM.
+        images_per_pass: images evaluated at once (default :func:`default_images_per_pass`: 1 on CPU,
+            where the maps then stay in cache; 16 on an accelerator).
     """
     if convention not in ("mean", "sum"):
         raise ValueError(f"convention must be 'mean' or 'sum', got {convention!r}")
     f, a, b = _batch(fused, None), _batch(a, None), _batch(b, None)
     if not f.shape == a.shape == b.shape:
         raise ValueError(f"fused {tuple(f.shape)}, A {tuple(a.shape)} and B {tuple(b.shape)} must share one shape")
+    step = images_per_pass or default_images_per_pass(f.device)
     rows = []
-    for fi, ai, bi in zip(f.split(1), a.split(1), b.split(1), strict=True):
+    for i in range(0, f.shape[0], step):
+        fi, ai, bi = f[i : i + step], a[i : i + step], b[i : i + step]
         f64, a64, b64 = fi.double(), ai.double(), bi.double()  # once, for the float64 metrics
         rows.append(
             {
                 "EN": en(fi),
                 "SF": sf(f64),
                 "SCD": scd(f64, a64, b64),
-                "VIF": vif(f64, a64, b64, convention),
-                "Qabf": qabf(fi, ai, bi),
-                "SSIM": ssim(fi, ai, bi, convention),
+                "VIF": vif(f64, a64, b64, convention, images_per_pass=step),
+                "Qabf": qabf(fi, ai, bi, images_per_pass=step),
+                "SSIM": ssim(fi, ai, bi, convention, images_per_pass=step),
             }
         )
     return {name: torch.cat([row[name] for row in rows]) for name in METRICS}
