@@ -3,9 +3,8 @@
 Every function takes ``(N, H, W)`` (or ``(H, W)``) tensors on the 0-255 scale (float or
 integer), on any device, and returns ``(N,)`` float64 values. VIF, Q^AB/F and SSIM work through
 the batch :func:`default_images_per_pass` images at a time: one on CPU, which keeps each map in
-cache, 16 on an accelerator. Images should be read as the
-reference pipeline reads them (:func:`metaloss.fusion.image_io.read_grey`). Definitions follow
-``spec/fusion-metrics.md``:
+cache, 16 on an accelerator. Images should be read as the reference pipeline reads them
+(:func:`metaloss.fusion.image_io.read_grey`). Definitions follow ``spec/fusion-metrics.md``:
 
 - EN: entropy (log2) of the 256-bin histogram of ``uint8(round(F))``;
 - SF: spatial frequency;
