@@ -41,6 +41,7 @@ from tasks import TASK_KINDS, build_task  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from metaloss import ConstantWeights, CSVLogger, InnerSGD, LearnableLoss, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
+from metaloss.distributed import rank_and_world_size  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss  # noqa: E402
 from metaloss.fusion.image_io import blend_chroma, read_grey, read_ycrcb, write_grey, write_ycrcb_as_rgb  # noqa: E402
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
@@ -139,7 +140,7 @@ def _join_process_group(device: torch.device) -> torch.device:
 
 def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``module`` wrapped in DistributedDataParallel when a process group runs, else itself."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+    if rank_and_world_size()[1] == 1:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
