@@ -265,8 +265,9 @@ class MetaStep:
         """
         result, stats = self.hypergradient(train_batch, test_batch)
         params = self.generator_parameters
-        grads = all_reduce_mean(result.grads) if self._across_ranks() else result.grads
-        if not all(bool(torch.isfinite(g).all()) for g in grads):  # the same verdict on every rank
+        if self._across_ranks():  # then every rank reaches the same verdict below
+            result = replace(result, grads=all_reduce_mean(result.grads))
+        if not result.is_finite():
             if self.nonfinite == "raise":
                 raise NonFiniteHypergradientError(
                     f"the loss generator's meta-gradient is not finite (outer loss {stats.outer_loss}, "
@@ -274,7 +275,7 @@ class MetaStep:
                 )
             self.skipped_total += 1
             return replace(stats, skipped=True, skipped_total=self.skipped_total)
-        for p, g in zip(params, grads, strict=True):
+        for p, g in zip(params, result.grads, strict=True):
             p.grad = g.detach().to(p.dtype)
         if self.outer_optimizer is not None:
             self.outer_optimizer.step()

@@ -8,7 +8,9 @@ samples, and resume from a checkpoint bit for bit on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,6 +48,12 @@ def _parts() -> tuple[SmallFusion, LearnableLoss, SmallSegmenter]:
     return SmallFusion(), LearnableLoss(SmallGenerator(), {"int": weighted_squared_error}), SmallSegmenter()
 
 
+def _spawn(fn: Callable[[int, str, str], None], tmp_path: Path, prefix: str) -> list[dict[str, Any]]:
+    """Run ``fn(rank, init_file, out_dir)`` in WORLD processes; what each saved as ``prefix{rank}.pt``."""
+    mp.spawn(fn, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(WORLD)]
+
+
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -70,8 +78,7 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 def test_meta_gradient_is_averaged_over_ranks(tmp_path: Path) -> None:
-    mp.spawn(_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = _spawn(_rank, tmp_path, "rank")
     assert all(r["fusion_unchanged"] for r in ranks)
 
     # The same step in one process: each rank's meta-gradient, their mean, one SGD step.
@@ -135,8 +142,7 @@ def _trainer_rank(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 def test_trainer_under_ddp_agrees_across_ranks_and_resumes_bit_identically(tmp_path: Path) -> None:
-    mp.spawn(_trainer_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"trainer{r}.pt") for r in range(WORLD)]
+    ranks = _spawn(_trainer_rank, tmp_path, "trainer")
     for key, value in ranks[0]["full"].items():
         # DDP keeps parameters in step; BatchNorm buffers are broadcast from rank 0 at each
         # forward, then updated by the rank's own batch, so they agree only within a rank.
