@@ -199,6 +199,9 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
     table = (out / "comparison.md").read_text()
     assert "| mean |" in table and "| max |" in table and "**" in table and "convention: mean" in table
     assert (out / "comparison.png").stat().st_size > 1000
+    cv2.imwrite(str(methods["max"] / "00003N.png"), np.zeros((100, 120), np.uint8))  # not the sources' size
+    with pytest.raises(SystemExit, match=r"max/00003N.png: .*must share one shape"):
+        run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
     with pytest.raises(SystemExit, match="no partner"):
         (b_dir / "00003N.png").unlink()
         run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])

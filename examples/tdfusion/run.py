@@ -276,6 +276,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """The six metrics for each --fused folder; metrics.json, CSV and a markdown table in --out."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
     methods: dict[str, Any] = {}
     pairs = matched_names(Path(args.a), Path(args.b))
     for folder in map(Path, args.fused):
@@ -284,8 +285,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             pf = find_image(folder, pair.name)
             if pf is None:
                 raise SystemExit(f"{folder} has no fused image for {pair.name}")
-            f, a, b = (torch.from_numpy(read_grey(p)) for p in (pf, pair.a, pair.b))
-            values = evaluate_fusion(f, a, b, args.convention)
+            f, a, b = (torch.from_numpy(read_grey(p)).to(device) for p in (pf, pair.a, pair.b))
+            try:
+                values = evaluate_fusion(f, a, b, args.convention)
+            except ValueError as err:  # sizes that differ, an image too small for VIF
+                raise SystemExit(f"{pf}: {err}") from None
             rows.append({"name": pair.name, **{k: float(v[0]) for k, v in values.items()}})
         mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
         methods[folder.name] = {"convention": args.convention, "images": rows, "mean": mean}
@@ -646,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean",
         help="two-source VIF/SSIM: mean (TDFusion) or sum (CDDFuse)",
     )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser(
