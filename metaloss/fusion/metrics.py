@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
 from typing import Literal
 
@@ -121,9 +122,47 @@ def _gaussian_taps(size: int) -> tuple[float, ...]:
     return tuple(v / math.fsum(g) for v in g)
 
 
-def _gaussian_filter_valid(x: Tensor, size: int, step: int = 1) -> Tensor:
+class _Scratch(threading.local):
+    """Named scratch tensors kept between calls, one set per thread, on CPU only.
+
+    A fresh multi-megabyte CPU tensor costs a page fault per 4 KiB page when first written, and
+    the C allocator returns freed blocks of that size to the system: measured here, VIF on one
+    640x480 image took 6,900 minor page faults per call, which was most of its time. Reusing
+    the same buffers from image to image removes them. (CUDA's caching allocator already
+    reuses memory, so on other devices this hands out fresh tensors.)
+    """
+
+    LIMIT = 96  # buffers kept; past it (images of many sizes) the set starts afresh
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, tuple[int, ...]], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or like.dtype
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=like.device)
+        key = (name, dtype, tuple(shape))
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            if len(self.buffers) >= self.LIMIT:
+                self.buffers.clear()
+            buffer = self.buffers[key] = torch.empty(shape, dtype=dtype)
+        return buffer
+
+
+_SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free the scratch tensors the metrics keep between calls on this thread (tens of MB for
+    640x480 images)."""
+    _SCRATCH.buffers.clear()
+
+
+def _gaussian_filter_valid(x: Tensor, size: int, step: int = 1, *, into: str) -> Tensor:
     """'valid' filtering of float64 ``(..., H, W)`` maps by VIF's Gaussian window of ``size``,
-    keeping every ``step``-th output row and column (2: the step between scales).
+    keeping every ``step``-th output row and column (2: the step between scales); the result is
+    the scratch tensor named ``into``.
 
     Direct separable sums of shifted slices, one map at a time: float64 throughout, since VIF
     takes variances as E[x^2] - E[x]^2 on the 0-255 scale and thresholds them at 1e-10 (float32
@@ -135,10 +174,11 @@ def _gaussian_filter_valid(x: Tensor, size: int, step: int = 1) -> Tensor:
     rows = (x.shape[-2] - size) // step + 1
     cols = (x.shape[-1] - size) // step + 1
     last_row, last_col = (rows - 1) * step + 1, (cols - 1) * step + 1
-    down = x[..., 0:last_row:step, :] * g[0]  # down the columns first: contiguous row blocks
+    # down the columns first: contiguous row blocks
+    down = torch.mul(x[..., 0:last_row:step, :], g[0], out=_SCRATCH.get("down", (*x.shape[:-2], rows, x.shape[-1]), x))
     for i in range(1, size):
         down.add_(x[..., i : i + last_row : step, :], alpha=g[i])
-    out = down[..., 0:last_col:step] * g[0]
+    out = torch.mul(down[..., 0:last_col:step], g[0], out=_SCRATCH.get(into, (*x.shape[:-2], rows, cols), x))
     for i in range(1, size):
         out.add_(down[..., i : i + last_col : step], alpha=g[i])
     return out
@@ -150,26 +190,33 @@ def _vif_pass(dist: Tensor, *refs: Tensor, sigma_nsq: float = 2.0, eps: float = 
     The reference's masking (``g = 0`` where ``s1 < eps`` or ``s2 < eps``, ``sv = s2`` where
     ``g < 0``, ``s1 = 0`` where ``s1 < eps``, ``sv >= eps``) reduces to: zero ``s1`` below eps,
     clamp the gain at 0 and drop the pixels where ``s2 < eps`` from the numerator. Natural logs
-    replace log10: the base cancels in the ratio.
+    replace log10: the base cancels in the ratio. Every map lives in a named scratch tensor.
     """
     num = dist.new_zeros(dist.shape[0], len(refs))
     den = torch.zeros_like(num)
+    scratch = _SCRATCH.get
     for scale in range(1, 5):
         size = 2 ** (5 - scale) + 1
         if scale > 1:  # filter, then keep every second pixel
-            refs = tuple(_gaussian_filter_valid(ref, size, step=2) for ref in refs)
-            dist = _gaussian_filter_valid(dist, size, step=2)
-        mu2 = _gaussian_filter_valid(dist, size)
-        s2 = _gaussian_filter_valid(dist * dist, size).addcmul_(mu2, mu2, value=-1).clamp_(min=0)
-        low2 = s2 < eps
-        s2_noise = s2 + sigma_nsq
+            refs = tuple(_gaussian_filter_valid(r, size, 2, into=f"ref{j}@{scale}") for j, r in enumerate(refs))
+            dist = _gaussian_filter_valid(dist, size, 2, into=f"dist@{scale}")
+        product = scratch("product", dist.shape, dist)
+        mu2 = _gaussian_filter_valid(dist, size, into="mu2")
+        s2 = _gaussian_filter_valid(torch.mul(dist, dist, out=product), size, into="s2")
+        s2.addcmul_(mu2, mu2, value=-1).clamp_(min=0)
+        low2 = torch.lt(s2, eps, out=scratch("low2", s2.shape, s2, torch.bool))
+        s2_noise = s2.add_(sigma_nsq)
+        low1 = scratch("low1", s2.shape, s2, torch.bool)
+        gain, sv = scratch("gain", s2.shape, s2), scratch("sv", s2.shape, s2)
         for j, ref in enumerate(refs):
-            mu1 = _gaussian_filter_valid(ref, size)
-            s1 = _gaussian_filter_valid(ref * ref, size).addcmul_(mu1, mu1, value=-1)
-            s1.masked_fill_(s1 < eps, 0)
-            s12 = _gaussian_filter_valid(ref * dist, size).addcmul_(mu1, mu2, value=-1)
-            gain = (s12 / (s1 + eps)).clamp_(min=0)
-            sv = torch.addcmul(s2_noise, gain, s12, value=-1).clamp_(min=eps + sigma_nsq)  # max(sv, eps) + sn^2
+            mu1 = _gaussian_filter_valid(ref, size, into="mu1")
+            s1 = _gaussian_filter_valid(torch.mul(ref, ref, out=product), size, into="s1")
+            s1.addcmul_(mu1, mu1, value=-1)
+            s1.masked_fill_(torch.lt(s1, eps, out=low1), 0)
+            s12 = _gaussian_filter_valid(torch.mul(ref, dist, out=product), size, into="s12")
+            s12.addcmul_(mu1, mu2, value=-1)
+            torch.div(s12, torch.add(s1, eps, out=gain), out=gain).clamp_(min=0)
+            torch.addcmul(s2_noise, gain, s12, value=-1, out=sv).clamp_(min=eps + sigma_nsq)  # max(sv, eps) + sn^2
             info = gain.square_().mul_(s1).div_(sv).masked_fill_(low2, 0)
             num[:, j] += info.log1p_().sum(dim=(-2, -1))
             den[:, j] += s1.div_(sigma_nsq).log1p_().sum(dim=(-2, -1))
