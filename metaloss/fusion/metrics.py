@@ -378,7 +378,8 @@ def evaluate_fusion(
     rows = []
     for i in range(0, f.shape[0], step):
         fi, ai, bi = f[i : i + step], a[i : i + step], b[i : i + step]
-        f64, a64, b64 = fi.double(), ai.double(), bi.double()  # once, for the float64 metrics
+        # once, for the float64 metrics, into buffers kept between calls (see _Scratch)
+        f64, a64, b64 = (_SCRATCH.get(name, x.shape, x, torch.float64).copy_(x) for name, x in zip("fab", (fi, ai, bi)))
         rows.append(
             {
                 "EN": en(fi),
