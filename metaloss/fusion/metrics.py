@@ -44,6 +44,7 @@ __all__ = [
     "en",
     "evaluate_fusion",
     "qabf",
+    "release_scratch",
     "scd",
     "sf",
     "ssim",
