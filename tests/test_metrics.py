@@ -129,3 +129,22 @@ def test_shape_mismatch_and_small_images_are_named() -> None:
         evaluate_fusion(torch.zeros(4, 5), torch.zeros(4, 5), torch.zeros(4, 6))
     with pytest.raises(ValueError, match=r"at least 41x41 pixels .* got \(40, 52\)"):
         evaluate_fusion(torch.zeros(40, 52), torch.zeros(40, 52), torch.zeros(40, 52))
+
+
+def test_kept_buffers_are_per_thread_and_can_be_released() -> None:
+    """VIF keeps its maps in buffers between calls; two threads must not share them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from metaloss.fusion import metrics
+
+    g = torch.Generator().manual_seed(4)
+    images = [torch.randint(0, 256, (3, 1, 64, 80), generator=g).double() for _ in range(6)]  # (F, A, B) each
+    alone = [vif(x[0], x[1], x[2]) for x in images]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):  # interleaved calls on two threads
+            together = list(pool.map(lambda x: vif(x[0], x[1], x[2]), images))
+            for expected, got in zip(alone, together, strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert metrics._SCRATCH.buffers  # this thread's buffers
+    metrics.release_scratch()
+    assert not metrics._SCRATCH.buffers
