@@ -65,10 +65,19 @@ def _batch(x: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
     return x if dtype is None else x.to(dtype)
 
 
-def _combine(per_source: Tensor, convention: Convention) -> Tensor:
-    """``(N, 2)`` values against each source -> ``(N,)``, by ``convention``."""
+def _uint8_values(x: Tensor) -> Tensor:
+    """``(N, H, W)`` int32 values of ``uint8(round(x))``: rounded, clamped to 0-255."""
+    x = _batch(x, None)
+    return (x.round() if x.is_floating_point() else x).clamp(0, 255).int()
+
+
+def _check_convention(convention: str) -> None:
     if convention not in ("mean", "sum"):
         raise ValueError(f"convention must be 'mean' or 'sum', got {convention!r}")
+
+
+def _combine(per_source: Tensor, convention: Convention) -> Tensor:
+    """``(N, 2)`` values against each source -> ``(N,)``, by ``convention``."""
     return per_source.mean(dim=1) if convention == "mean" else per_source.sum(dim=1)
 
 
@@ -87,10 +96,9 @@ def _in_passes(fn: Callable[..., Tensor], *images: Tensor, per_pass: int | None 
 
 def en(fused: Tensor) -> Tensor:
     """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(fused))``."""
-    f = _batch(fused, None)
-    n = f.shape[0]
-    values = (f.round() if f.is_floating_point() else f).clamp(0, 255).long().flatten(1)
-    hist = torch.bincount((values + 256 * torch.arange(n, device=f.device)[:, None]).flatten(), minlength=256 * n)
+    values = _uint8_values(fused).long().flatten(1)
+    n = values.shape[0]
+    hist = torch.bincount((values + 256 * torch.arange(n, device=values.device)[:, None]).flatten(), minlength=256 * n)
     p = hist.view(n, 256).double() / values.shape[1]
     return -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(dim=1)
 
@@ -231,6 +239,7 @@ def vif(
 
     ``images_per_pass``: images filtered at once (default :func:`default_images_per_pass`).
     """
+    _check_convention(convention)
     f, a, b = _batch(fused), _batch(a), _batch(b)
     if min(f.shape[-2:]) < VIF_MIN_SIZE:
         raise ValueError(
@@ -352,8 +361,8 @@ def ssim(
 
     ``images_per_pass``: images processed at once (default :func:`default_images_per_pass`).
     """
-    f, a, b = (_batch(x, None) for x in (fused, a, b))
-    f, a, b = ((x.round() if x.is_floating_point() else x).clamp(0, 255).int() for x in (f, a, b))
+    _check_convention(convention)
+    f, a, b = (_uint8_values(x) for x in (fused, a, b))
     return _combine(_in_passes(_ssim_pass, f, a, b, per_pass=images_per_pass), convention)
 
 
@@ -370,8 +379,7 @@ def evaluate_fusion(
         images_per_pass: images evaluated at once (default :func:`default_images_per_pass`: 1 on CPU,
             where the maps then stay in cache; 16 on an accelerator).
     """
-    if convention not in ("mean", "sum"):
-        raise ValueError(f"convention must be 'mean' or 'sum', got {convention!r}")
+    _check_convention(convention)
     f, a, b = _batch(fused, None), _batch(a, None), _batch(b, None)
     if not f.shape == a.shape == b.shape:
         raise ValueError(f"fused {tuple(f.shape)}, A {tuple(a.shape)} and B {tuple(b.shape)} must share one shape")
