@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     from metaloss.meta_step import MetaStepStats
     from metaloss.trainer import MetaTrainer, ModelStepStats
@@ -38,7 +40,10 @@ class Callback:
 def flatten_stats(stats: Any) -> dict[str, float | int | bool]:
     """A stats dataclass as one flat dict (tuples become ``name_0``, dicts ``name/key``)."""
     flat: dict[str, float | int | bool] = {}
-    for key, value in dataclasses.asdict(stats).items():
+    for f in dataclasses.fields(stats):
+        key, value = f.name, getattr(stats, f.name)
+        if value is None or isinstance(value, torch.Tensor):  # maps (diagnostics) are not scalars
+            continue
         if isinstance(value, (tuple, list)):
             flat.update({f"{key}_{i}": v for i, v in enumerate(value)})
         elif isinstance(value, dict):

@@ -66,6 +66,11 @@ class MetaStepStats:
         terms: each term of the learnable loss on the meta-train batch.
         skipped: the meta-gradient was not finite and the generator was not stepped.
         skipped_total: skipped steps so far.
+        weights: the weight map on the meta-train batch ``(B, K, ...)``, detached (only with
+            ``MetaStep(weight_map_grad=True)``; not logged).
+        weight_map_grad: the outer loss's gradient with respect to that weight map: where the
+            task asks the loss to move its weights (the descent direction is its negative; only
+            with ``weight_map_grad=True``; not logged).
     """
 
     inner_loss: float
@@ -77,6 +82,8 @@ class MetaStepStats:
     terms: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
     skipped_total: int = 0
+    weights: Tensor | None = None
+    weight_map_grad: Tensor | None = None
 
 
 class MetaStep:
@@ -112,12 +119,18 @@ class MetaStep:
             default process group before stepping (``None``: whenever ``torch.distributed`` is
             initialised with more than one rank). Every rank must then call :meth:`step`
             together; the statistics it returns stay those of the rank's own batches.
+        weight_map_grad: also return the outer loss's gradient with respect to the weight map
+            (:attr:`MetaStepStats.weight_map_grad`; a diagnostic, at no extra backward pass).
 
     Example:
         >>> meta = MetaStep(fusion, loss, segformer, ce_loss, outer_optimizer=opt_g,
         ...                 model_optimizer=opt_f, task_optimizer=opt_t)
         >>> for train_batch, test_batch in my_meta_batches:
         ...     stats = meta.step(train_batch, test_batch)
+
+        To average the meta-gradient over several (meta-train, meta-test) pairs before one
+        outer step (a less noisy signal for more time), call :meth:`accumulate` for each pair,
+        then :meth:`apply`.
     """
 
     def __init__(
@@ -140,6 +153,7 @@ class MetaStep:
         autocast_dtype: torch.dtype | None = None,
         activation_checkpointing: bool = False,
         average_over_ranks: bool | None = None,
+        weight_map_grad: bool = False,
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -161,7 +175,10 @@ class MetaStep:
         self.autocast_dtype = autocast_dtype
         self.activation_checkpointing = activation_checkpointing
         self.average_over_ranks = average_over_ranks
+        self.weight_map_grad = weight_map_grad
         self.skipped_total = 0
+        self._pending: list[Tensor] | None = None
+        self._pending_count = 0
         self._model_view = StatelessModule(unwrap(model), buffer_policy)
         self._task_view = StatelessModule(unwrap(task_model), buffer_policy)
 
@@ -241,9 +258,14 @@ class MetaStep:
                 output = self._task_view(task_params, *self.adapter.task_args(test_batch, prediction))
             return checked_task_loss(self.task_loss, output, test_batch)
 
+        targets = [*wrt, weights] if self.weight_map_grad else wrt
         result = hypergradient(
-            inner_loss, update, outer_loss, self._model_view.snapshot(), wrt, mode=self.mode, fd_eps=self.fd_eps
+            inner_loss, update, outer_loss, self._model_view.snapshot(), targets, mode=self.mode, fd_eps=self.fd_eps
         )
+        map_grad = None
+        if self.weight_map_grad:
+            map_grad = result.grads[-1].detach()
+            result = replace(result, grads=result.grads[:-1])
         weight_mean, weight_std = weight_statistics(weights)
         stats = MetaStepStats(
             inner_loss=float(result.inner_loss),
@@ -254,30 +276,69 @@ class MetaStep:
             weight_std=weight_std,
             terms={k: float(v.detach()) for k, v in seen.get("terms", {}).items()},
             skipped_total=self.skipped_total,
+            weights=weights.detach() if self.weight_map_grad else None,
+            weight_map_grad=map_grad,
         )
         return result, stats
 
-    def step(self, train_batch: Any, test_batch: Any) -> MetaStepStats:
-        """Compute the meta-gradient and step the loss generator with the outer optimiser.
+    def accumulate(self, train_batch: Any, test_batch: Any) -> MetaStepStats:
+        """Compute the meta-gradient of one pair and add it to the pending sum (no step).
+
+        :meth:`apply` then steps the generator with the mean of the pending meta-gradients.
+        """
+        result, stats = self.hypergradient(train_batch, test_batch)
+        grads = [g.detach() for g in result.grads]
+        if self._pending is None:
+            self._pending = grads
+        else:
+            self._pending = [a + b for a, b in zip(self._pending, grads, strict=True)]
+        self._pending_count += 1
+        return stats
+
+    def apply(self) -> bool:
+        """Step the loss generator with the mean of the accumulated meta-gradients.
 
         A meta-gradient holding NaN or Inf never reaches the generator: the step is skipped
         and counted (``nonfinite="skip"``) or :class:`NonFiniteHypergradientError` is raised.
+        Under several ranks the mean is also taken over the ranks (every rank calls this).
+
+        Returns:
+            ``True`` if the generator was stepped (or its ``.grad`` written), ``False`` if skipped.
+
+        Raises:
+            RuntimeError: nothing was accumulated since the last call.
         """
-        result, stats = self.hypergradient(train_batch, test_batch)
-        params = self.generator_parameters
+        if self._pending is None:
+            raise RuntimeError("MetaStep.apply() needs at least one accumulate() call before it")
+        grads = tuple(g / self._pending_count for g in self._pending)
+        self._pending, self._pending_count = None, 0
         if self._across_ranks():  # then every rank reaches the same verdict below
-            result = replace(result, grads=all_reduce_mean(result.grads))
-        if not result.is_finite():
+            grads = all_reduce_mean(grads)
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.skipped_total += 1
             if self.nonfinite == "raise":
                 raise NonFiniteHypergradientError(
-                    f"the loss generator's meta-gradient is not finite (outer loss {stats.outer_loss}, "
-                    f"inner loss {stats.inner_loss}); lower the learning rates or use nonfinite='skip'"
+                    "the loss generator's meta-gradient is not finite; lower the learning rates or use nonfinite='skip'"
                 )
-            self.skipped_total += 1
-            return replace(stats, skipped=True, skipped_total=self.skipped_total)
-        for p, g in zip(params, result.grads, strict=True):
-            p.grad = g.detach().to(p.dtype)
+            return False
+        for p, g in zip(self.generator_parameters, grads, strict=True):
+            p.grad = g.to(p.dtype)
         if self.outer_optimizer is not None:
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
-        return stats
+        return True
+
+    def step(self, train_batch: Any, test_batch: Any) -> MetaStepStats:
+        """Compute the meta-gradient of one pair and step the loss generator with it.
+
+        :meth:`accumulate` then :meth:`apply`; ``stats.skipped`` says whether the step was
+        skipped for a non-finite meta-gradient.
+        """
+        stats = self.accumulate(train_batch, test_batch)
+        try:
+            stepped = self.apply()
+        except NonFiniteHypergradientError as err:
+            raise NonFiniteHypergradientError(
+                f"{err} (outer loss {stats.outer_loss}, inner loss {stats.inner_loss})"
+            ) from None
+        return replace(stats, skipped=not stepped, skipped_total=self.skipped_total)

@@ -49,7 +49,13 @@ class MetaTrainerConfig:
 
     Attributes:
         epochs: L (paper: 50).
-        meta_iterations: M, meta iterations per epoch (paper: 200).
+        meta_iterations: M, meta iterations (outer steps of the loss generator) per epoch
+            (paper: 200).
+        meta_accumulation: (meta-train, meta-test) pairs whose meta-gradients are averaged into
+            each outer step (paper: 1); more gives a less noisy step for proportionally more time.
+        warmup_epochs: the first epochs run no meta phase, only ordinary iterations, so that the
+            task model's judgement means something when the loss generator starts learning
+            (paper: 0).
         model_iterations: N, ordinary iterations per epoch; ``None`` is one pass over the data.
         batch_size: samples per batch (paper: 2).
         lr: learning rate of the default Adam optimisers of the model and the task model.
@@ -75,6 +81,8 @@ class MetaTrainerConfig:
 
     epochs: int = 50
     meta_iterations: int = 200
+    meta_accumulation: int = 1
+    warmup_epochs: int = 0
     model_iterations: int | None = None
     batch_size: int = 2
     lr: float = 1e-4
@@ -94,9 +102,11 @@ class MetaTrainerConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "meta_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.meta_iterations < 0:
             raise ValueError(f"meta_iterations must be >= 0, got {self.meta_iterations}")
         if self.model_iterations is not None and self.model_iterations < 0:
@@ -235,7 +245,7 @@ class MetaTrainer:
         n = len(self.dataset)  # type: ignore[arg-type]
         perm = torch.randperm(n, generator=g).tolist()
         half = n // 2
-        need = cfg.meta_iterations * cfg.batch_size
+        need = cfg.meta_iterations * cfg.meta_accumulation * cfg.batch_size
         # Under DDP, rank r takes every world-th sample of the one global order, from the r-th on.
         r, w = self.rank, self.world_size
         meta_train = [perm[(i * w + r) % half] for i in range(need)] if half else []
@@ -398,10 +408,15 @@ class MetaTrainer:
                     return True
         return False
 
-    def _meta_iteration(self, pair: tuple[Any, Any]) -> dict[str, str]:
-        stats = self.meta_step.step(*pair)
+    def _meta_iteration(self, pairs: Sequence[tuple[Any, Any]]) -> dict[str, str]:
+        """One outer step of the loss generator on the mean meta-gradient of ``pairs``."""
+        for pair in pairs:
+            stats = self.meta_step.accumulate(*pair)
+        stepped = self.meta_step.apply()
+        stats = dataclasses.replace(stats, skipped=not stepped, skipped_total=self.meta_step.skipped_total)
         if not self.config.model_phase:
-            self.model_step(pair[0])
+            for pair in pairs:
+                self.model_step(pair[0])
         self._emit("on_meta_step", stats)
         return {
             "outer": f"{stats.outer_loss:.4g}",
@@ -446,8 +461,10 @@ class MetaTrainer:
             epoch = self.position.epoch
             meta_train, meta_test, order = self._orders(epoch)
             if self.position.phase == "meta":
-                steps = cfg.meta_iterations if self.learns_loss else 0
-                pairs = zip(self._batches(meta_train, self.position.step), self._batches(meta_test, self.position.step))
+                steps = cfg.meta_iterations if self.learns_loss and epoch >= cfg.warmup_epochs else 0
+                k = cfg.meta_accumulation
+                start = self.position.step * k
+                pairs = _chunks(zip(self._batches(meta_train, start), self._batches(meta_test, start)), k)
                 if self._run_phase("meta", steps, pairs, self._meta_iteration, budget):
                     return
                 self.position = Position(epoch, "model", 0)
@@ -463,3 +480,15 @@ class MetaTrainer:
                 self.save()
                 self._emit("on_epoch_end", epoch)
         self._emit("on_fit_end")
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last one may be shorter), pulled lazily."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

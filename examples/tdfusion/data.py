@@ -6,8 +6,9 @@ turns each into one training sample:
 
 - ``a``, ``b``: a random ``crop x crop`` window of both sources in [0, 1] (the fusion view);
 - ``task_a``, ``task_b``: both sources resized to the task network's size (the task view);
-- ``mask`` (segmentation, resized nearest) or ``boxes``/``classes`` (detection, normalised
-  ``cx, cy, w, h``, which a resize leaves unchanged).
+- ``mask`` (segmentation, resized nearest) and ``crop_mask`` (the labels of the fusion window),
+  or ``boxes``/``classes`` (detection, normalised ``cx, cy, w, h``, which a resize leaves
+  unchanged).
 
 Folder names are matched case-insensitively: MSRS's native ``ir``/``vi``/``Segmentation_labels``
 (also the released code's ``label``) and YOLO txt boxes in ``det_labels``.
@@ -217,6 +218,7 @@ class FusionDataset(Dataset[dict[str, Any]]):
         if self.kind == "seg":
             if mask_np is None:
                 raise ValueError(f"scene {scene.name} has no label map for segmentation")
+            sample["crop_mask"] = torch.from_numpy(np.ascontiguousarray(mask_np[y : y + c, x : x + c]))
             mask = torch.from_numpy(mask_np)[None, None].float()
             sample["mask"] = F.interpolate(mask, size=self.task_size, mode="nearest")[0, 0].long()
         else:
@@ -229,7 +231,7 @@ class FusionDataset(Dataset[dict[str, Any]]):
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of samples into one batch (detection targets in ultralytics' format)."""
     batch: dict[str, Any] = {"name": [s["name"] for s in samples]}
-    for key in ("a", "b", "task_a", "task_b", "mask"):
+    for key in ("a", "b", "task_a", "task_b", "mask", "crop_mask"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     if "boxes" in samples[0]:
@@ -240,6 +242,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def collate_swapped(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """:func:`collate`, with the batch doubled by the (B, A)-swapped copies (the released code's
     ``Switch``): the fusion network learns to be symmetric in its two inputs."""
+    # The window's labels are dropped: the same pixels have the other source first once swapped.
+    samples = [{k: v for k, v in s.items() if k != "crop_mask"} for s in samples]
     swapped = [{**s, "a": s["b"], "b": s["a"], "task_a": s["task_b"], "task_b": s["task_a"]} for s in samples]
     return collate(samples + swapped)
 

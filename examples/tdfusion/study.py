@@ -1,0 +1,260 @@
+"""What a fusion loss is worth downstream: fixed weight maps, fusing scenes, scoring a fresh task net.
+
+The pieces the oracle study (``benchmarks/oracle_weights.py``), the learned-against-fixed
+benchmark (``benchmarks/learned_vs_fixed.py``) and the demo share:
+
+- :func:`train_fusion_fixed` trains ReFusion under a *fixed* per-pixel weight map (the oracle from
+  the ground truth, ``1/2``, one source only), with the same loss terms TDFusion uses;
+- :func:`fuse_scenes` runs a fusion network over whole scenes;
+- :func:`downstream_miou` is the paper's protocol (section 4.3) on those images: a fresh
+  SegFormer-b0 trained on the fused training scenes, scored on the fused test scenes;
+- :func:`weights_at` says where a learned loss puts its weight: the mean infrared weight on
+  hot-target pixels and the mean visible weight on marking pixels, by day and by night;
+- :class:`OracleProbe` is a :class:`metaloss.MetaTrainer` callback that logs, at every epoch's
+  end, those weights and the cosine between what the meta-gradient asks of the weight maps and
+  the direction toward the oracle maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from data import Scene, to_unit
+from downstream import train_and_evaluate
+from synthetic import SEG_CLASSES, oracle_weights
+from tasks import TaskName, build_task
+from torch import nn
+from tqdm.auto import tqdm
+
+from metaloss import ConstantWeights, LearnableLoss, MetaStep, MetaTrainer
+from metaloss.fusion import ReFusion, tdfusion_loss
+
+__all__ = [
+    "FIXED_MAPS",
+    "OracleProbe",
+    "downstream_miou",
+    "fuse_scenes",
+    "paired_interval",
+    "train_fusion_fixed",
+    "weights_at",
+]
+
+WeightMap = Callable[[Scene], np.ndarray]
+
+FIXED_MAPS: dict[str, WeightMap] = {
+    "oracle": lambda s: oracle_weights(s.label_mask()),
+    "half": lambda s: np.full((2, *s.a.shape), 0.5, np.float32),
+    "infrared": lambda s: np.stack([np.ones_like(s.a), np.zeros_like(s.a)]).astype(np.float32),
+    "visible": lambda s: np.stack([np.zeros_like(s.a), np.ones_like(s.a)]).astype(np.float32),
+}
+"""Fixed ``(2, H, W)`` weight maps ``(w_infrared, w_visible)`` by name."""
+
+
+def train_fusion_fixed(
+    scenes: Sequence[Scene],
+    weight_map: WeightMap,
+    *,
+    steps: int,
+    crop: int = 64,
+    batch_size: int = 2,
+    lr: float = 2e-3,
+    alpha: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Module:
+    """ReFusion trained with Adam under ``L_int(w) + alpha L_grad`` for a fixed weight map ``w``.
+
+    Each step takes ``batch_size`` random scenes and the same random ``crop`` window of both
+    sources and of the weight map (as :class:`data.FusionDataset` crops for TDFusion).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ReFusion()
+    loss: LearnableLoss = tdfusion_loss(ConstantWeights(2), alpha=alpha)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    stacks = [torch.from_numpy(np.concatenate([np.stack([s.a, s.b]) / 255.0, weight_map(s)])).float() for s in scenes]
+    model.train()
+    for _ in tqdm(range(steps), desc="fusion (fixed weights)", disable=not progress, leave=False):
+        picks = torch.randint(0, len(stacks), (batch_size,), generator=generator).tolist()
+        windows = []
+        for i in picks:
+            h, w = stacks[i].shape[-2:]
+            c = min(crop, h, w)
+            y = int(torch.randint(0, h - c + 1, (), generator=generator))
+            x = int(torch.randint(0, w - c + 1, (), generator=generator))
+            windows.append(stacks[i][:, y : y + c, x : x + c])
+        batch = torch.stack(windows)
+        a, b, weights = batch[:, :1], batch[:, 1:2], batch[:, 2:]
+        value = loss.combine(model(batch[:, :2]), [a, b], weights).total
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def fuse_scenes(model: nn.Module, scenes: Sequence[Scene]) -> list[np.ndarray]:
+    """The fusion network's output on each whole scene, on the 0-255 scale (float32 ``(H, W)``)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for s in scenes:
+        x = torch.cat([to_unit(s.a), to_unit(s.b)], dim=1).to(device)
+        out.append(model(x)[0, 0].float().cpu().numpy() * 255.0)
+    return out
+
+
+def downstream_miou(
+    train_images: Sequence[np.ndarray],
+    train_scenes: Sequence[Scene],
+    test_images: Sequence[np.ndarray],
+    test_scenes: Sequence[Scene],
+    *,
+    epochs: int,
+    seed: int = 0,
+    size: tuple[int, int] = (96, 128),
+    task_net: TaskName = "segformer",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """A fresh segmentation network (SegFormer-b0 by default) trained on fused training images,
+    scored on fused test images.
+
+    Returns:
+        ``{"mIoU": ..., "mAcc": ..., "per_class": {name: {"IoU": ..., "Acc": ...}}}`` in %.
+    """
+    torch.manual_seed(seed)
+    task = build_task(task_net, len(SEG_CLASSES))
+    return train_and_evaluate(
+        task,
+        list(train_images),
+        list(train_scenes),
+        list(test_images),
+        list(test_scenes),
+        SEG_CLASSES,
+        size,
+        epochs=epochs,
+        seed=seed,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]:
+    """Where a learnable loss puts its weight on whole scenes.
+
+    Returns:
+        ``target_infrared``: mean ``w_infrared`` over hot-target pixels (classes 1 and 2);
+        ``marking_visible``: mean ``w_visible`` over marking pixels (class 3); the same with
+        ``_day`` / ``_night`` suffixes over light and dark scenes apart (``nan`` where a group
+        has no such pixel).
+    """
+    sums: dict[str, list[float]] = {}
+    for s in scenes:
+        device = next(iter(loss.parameters()), torch.empty(0)).device
+        w = loss.weights([to_unit(s.a).to(device), to_unit(s.b).to(device)])[0].float().cpu().numpy()
+        mask = s.label_mask()
+        when = "night" if s.name.endswith("N") else "day"
+        for key, pixels, values in (
+            ("target_infrared", (mask == 1) | (mask == 2), w[0]),
+            ("marking_visible", mask == 3, w[1]),
+        ):
+            for name in (key, f"{key}_{when}"):
+                total = sums.setdefault(name, [0.0, 0.0])
+                total[0] += float(values[pixels].sum())
+                total[1] += float(pixels.sum())
+    keys = [f"{k}{suffix}" for k in ("target_infrared", "marking_visible") for suffix in ("", "_day", "_night")]
+    return {k: (sums[k][0] / sums[k][1] if k in sums and sums[k][1] else float("nan")) for k in keys}
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The mean of paired differences and its two-sided Student-t confidence interval.
+
+    Returns:
+        ``(mean, low, high)``; ``low`` and ``high`` are ``nan`` for fewer than 2 differences.
+    """
+    from scipy.stats import t
+
+    d = np.asarray(differences, np.float64)
+    mean = float(d.mean()) if d.size else float("nan")
+    if d.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
+    return mean, mean - half, mean + half
+
+
+class OracleProbe:
+    """A :class:`metaloss.MetaTrainer` callback: is the meta-gradient heading for the oracle maps?
+
+    At every epoch's end it computes, on fixed probe pairs (meta-train and meta-test batches
+    whose samples carry ``crop_mask``), the outer loss's gradient ``g`` with respect to the
+    weight map ``w`` (no step is taken) and the cosine between the descent direction ``-g`` and
+    the direction toward the oracle ``w* - w`` over the labelled pixels (targets and markings),
+    by day and by night. As ``w_a + w_b = 1``, only ``w_a - w_b`` matters: the cosine is taken
+    between the two directions' ``a - b`` components. and :func:`weights_at` on ``scenes``. Rows go to ``rows``
+    and, with ``path``, to a CSV file.
+
+    Args:
+        pairs: probe ``(meta-train batch, meta-test batch)`` pairs, already collated.
+        scenes: whole scenes for :func:`weights_at`.
+        path: CSV file to append rows to (``None``: keep them in memory only).
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Any, Any]], scenes: Sequence[Scene], path: Any = None) -> None:
+        self.pairs = list(pairs)
+        self.scenes = list(scenes)
+        self.path = path
+        self.rows: list[dict[str, float]] = []
+
+    def _cosines(self, trainer: MetaTrainer) -> dict[str, float]:
+        source = trainer.meta_step
+        probe = MetaStep(
+            trainer.model,
+            trainer.loss,
+            trainer.task_model,
+            trainer.task_loss,
+            model_optimizer=trainer.model_optimizer,
+            task_optimizer=trainer.task_optimizer,
+            adapter=trainer.adapter,
+            inner=source.inner,
+            task_inner=source.task_inner,
+            mode=source.mode,
+            weight_map_grad=True,
+        )
+        dots: dict[str, list[float]] = {}
+        for train_batch, test_batch in self.pairs:
+            _, stats = probe.hypergradient(train_batch, test_batch)
+            assert stats.weights is not None and stats.weight_map_grad is not None
+            masks = train_batch["crop_mask"]
+            oracle = torch.stack([torch.from_numpy(oracle_weights(m.numpy())) for m in masks.cpu()])
+            toward = oracle - stats.weights.float().cpu()
+            descent = -stats.weight_map_grad.float().cpu()
+            for i, name in enumerate(train_batch["name"]):
+                when = "night" if name.endswith("N") else "day"
+                labelled = (masks[i] > 0).cpu()
+                t = toward[i][0, labelled] - toward[i][1, labelled]
+                d = descent[i][0, labelled] - descent[i][1, labelled]
+                for key in ("cos_to_oracle", f"cos_to_oracle_{when}"):
+                    acc = dots.setdefault(key, [0.0, 0.0, 0.0])
+                    acc[0] += float((t * d).sum())
+                    acc[1] += float((t * t).sum())
+                    acc[2] += float((d * d).sum())
+        return {k: v[0] / max(np.sqrt(v[1] * v[2]), 1e-30) for k, v in dots.items()}
+
+    def on_epoch_end(self, trainer: MetaTrainer, epoch: int) -> None:
+        row: dict[str, float] = {"epoch": epoch + 1, **self._cosines(trainer), **weights_at(trainer.loss, self.scenes)}
+        self.rows.append(row)
+        if self.path is not None:
+            import csv
+            from pathlib import Path
+
+            path = Path(self.path)
+            new = not path.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
