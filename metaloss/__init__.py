@@ -8,7 +8,7 @@ schedule of TDFusion's Algorithm 1 (Bai et al., CVPR 2025).
 
 from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
 from metaloss.callbacks import Callback, CSVLogger, TensorBoardLogger
-from metaloss.checkpoint import load_checkpoint, save_checkpoint
+from metaloss.checkpoint import UnsafeCheckpointError, load_checkpoint, load_weights_file, save_checkpoint
 from metaloss.hypergradient import HypergradientResult, NonFiniteHypergradientError, hypergradient
 from metaloss.inner_step import BufferPolicy, InnerAdam, InnerRule, InnerSGD, StatelessModule
 from metaloss.learnable_loss import ConstantWeights, LearnableLoss, LossOutput, LossTerm
@@ -43,8 +43,10 @@ __all__ = [
     "StatelessModule",
     "TaskLoss",
     "TensorBoardLogger",
+    "UnsafeCheckpointError",
     "hypergradient",
     "load_checkpoint",
+    "load_weights_file",
     "make_outer_optimizer",
     "move_to_device",
     "save_checkpoint",

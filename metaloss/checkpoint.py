@@ -1,8 +1,16 @@
-"""Atomic checkpoints and random-number-generator state."""
+"""Atomic checkpoints, loading that never runs code, and random-number-generator state.
+
+Every file is read with ``torch.load(..., weights_only=True)``: a pickle inside a weights file
+that asks for anything but tensors and plain containers (a crafted file can ask to run any
+command) is refused with :class:`UnsafeCheckpointError`, and a file that is no PyTorch file at
+all (text, random bytes, a truncated download) with a ``ValueError`` naming it. Checkpoints hold
+only such types: the RNG states are stored as tensors and plain tuples.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -11,7 +19,50 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "UnsafeCheckpointError",
+    "get_rng_state",
+    "load_checkpoint",
+    "load_weights_file",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+
+class UnsafeCheckpointError(ValueError):
+    """A weights file asks to build objects or run code that loading weights never needs."""
+
+
+def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
+    """``torch.load`` a file with ``weights_only=True``, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        UnsafeCheckpointError: the file's pickle asks for more than tensors and plain containers
+            (it would run code when opened with ``weights_only=False``); it is not opened.
+        ValueError: the file is no PyTorch file (text, random bytes) or is truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights_only" in text.lower() or "Unsupported global" in text:
+            reason = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
+            raise UnsafeCheckpointError(
+                f"{path} was not loaded: it asks to build objects or run code that a weights file does not need"
+                f"{f' ({reason})' if reason else ''}. Open it with torch.load(weights_only=False) only if you "
+                "trust where it came from."
+            ) from None
+        raise ValueError(f"{path} is not a PyTorch weights file (its contents do not unpickle: {text[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
+        truncated = isinstance(err, EOFError) or "central directory" in str(err) or "failed reading" in str(err)
+        what = "is truncated or damaged" if truncated else "is not a PyTorch weights file"
+        raise ValueError(
+            f"{path} {what} ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+        ) from None
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -35,18 +86,33 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (raises ``FileNotFoundError`` naming it)."""
+    """Read a checkpoint written by :func:`save_checkpoint`, never running code it carries.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        UnsafeCheckpointError: the file asks for more than tensors and plain containers.
+        ValueError: not a PyTorch file, truncated, or not a checkpoint of :class:`~metaloss.MetaTrainer`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    state = load_weights_file(path, map_location)
+    needed = {"model", "loss", "task_model", "position", "rng"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        found = f"keys {sorted(state)[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ValueError(f"{path} is not a MetaTrainer checkpoint (it holds {found}; expected {sorted(needed)})")
+    return state
 
 
 def get_rng_state() -> dict[str, Any]:
-    """The state of Python's, NumPy's, torch's and (if present) CUDA's generators."""
+    """The state of Python's, NumPy's, torch's and (if present) CUDA's generators.
+
+    Stored in types ``torch.load(weights_only=True)`` accepts: NumPy's key array as a tensor.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (str(name), torch.from_numpy(np.asarray(keys, np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -56,8 +122,10 @@ def get_rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore generators saved by :func:`get_rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

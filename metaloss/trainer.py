@@ -77,6 +77,8 @@ class MetaTrainerConfig:
         num_workers: data-loader workers.
         checkpoint_every: also checkpoint every this many steps (0: only after each phase).
         progress: show progress bars.
+        map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"`` (its global part per
+            image removed; see :class:`~metaloss.MetaStep`).
     """
 
     epochs: int = 50
@@ -100,6 +102,7 @@ class MetaTrainerConfig:
     num_workers: int = 0
     checkpoint_every: int = 0
     progress: bool = True
+    map_gradient: Literal["full", "centred"] = "full"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "meta_accumulation"):
@@ -226,6 +229,7 @@ class MetaTrainer:
             nonfinite=cfg.nonfinite,
             autocast_dtype=dtype,
             activation_checkpointing=cfg.activation_checkpointing,
+            map_gradient=cfg.map_gradient,
         )
         self.position = Position()
         self.global_step = 0

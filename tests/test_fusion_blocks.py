@@ -121,6 +121,8 @@ def test_tdfusion_loss_assembles_terms() -> None:
 
 
 def test_chroma_blend_prefers_the_saturated_source() -> None:
-    c1 = np.full((2, 2), 200.0)
-    c2 = np.full((2, 2), 128.0)
-    np.testing.assert_allclose(blend_chroma(c1, c2), 200.0, atol=1e-3)
+    """Chroma planes of OpenCV's float YCrCb are centred at 0.5: a neutral plane does not count."""
+    c1 = np.full((2, 2), 40.5)
+    c2 = np.full((2, 2), 0.5)
+    np.testing.assert_allclose(blend_chroma(c1, c2), 40.5, atol=1e-3)
+    np.testing.assert_allclose(blend_chroma(c1, np.full((2, 2), -39.5)), 0.5, atol=1e-3)  # opposite hues cancel

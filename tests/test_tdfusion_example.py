@@ -125,6 +125,43 @@ def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -
     assert grey is not None and rgb is not None
     assert grey.ndim == 2 and grey.min() == 0 and grey.max() == 255  # stretched as the release saves
     assert rgb.shape == (*grey.shape, 3) and not np.array_equal(rgb[..., 0], rgb[..., 2])
+    _assert_chroma_kept(rgb, grey, read_ycrcb(pairs / "visible/00710N.png"))
+
+
+def _assert_chroma_kept(rgb: np.ndarray, grey: np.ndarray, source: np.ndarray) -> None:
+    """The colour image is the fused luminance with the colour source's chroma (the release's
+    recolouring), within 2 grey levels wherever no RGB channel was clipped."""
+    ycrcb = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_BGR2YCrCb)
+    unclipped = (rgb.min(axis=2) > 0) & (rgb.max(axis=2) < 255)
+    assert unclipped.mean() > 0.5
+    assert np.abs(ycrcb[..., 0] - grey)[unclipped].max() <= 2.0
+    assert np.percentile(np.abs(ycrcb[..., 1:] - source[..., 1:])[unclipped], 99) <= 2.0
+
+
+def test_colour_comes_from_the_one_colour_source_and_a_grey_pair_has_none(shared_data: Path, tmp_path: Path) -> None:
+    """MRI (grey) with PET (colour): the fused colour is PET's, with full saturation (the 0.5
+    chroma mid-point of OpenCV's float YCrCb, not 128); two grey sources give no rgb/ image."""
+    mif = shared_data / "ReFusion/test_cases/MIF"
+    out = tmp_path / "mif"
+    weights = str(shared_data / "ReFusion/ReFusion_MIF.pth")
+    run.main(
+        ["fuse", "--weights", weights, "--a", str(mif / "MRI/MRI_PET_14.png")]
+        + ["--b", str(mif / "CT_PET_SPECT/MRI_PET_14.png"), "--out", str(out), "--quiet"]
+    )
+    rgb = cv2.imread(str(out / "rgb/MRI_PET_14.png"), cv2.IMREAD_UNCHANGED)
+    grey = cv2.imread(str(out / "MRI_PET_14.png"), cv2.IMREAD_UNCHANGED)
+    pet = read_ycrcb(mif / "CT_PET_SPECT/MRI_PET_14.png")
+    _assert_chroma_kept(rgb, grey, pet)
+    spread = rgb.astype(np.float32).max(axis=2) - rgb.astype(np.float32).min(axis=2)
+    pet_bgr = cv2.imread(str(mif / "CT_PET_SPECT/MRI_PET_14.png"))
+    pet_spread = pet_bgr.astype(np.float32).max(axis=2) - pet_bgr.astype(np.float32).min(axis=2)
+    assert spread.mean() > 0.7 * pet_spread.mean()  # not desaturated
+    grey_out = tmp_path / "grey"
+    run.main(
+        ["fuse", "--weights", weights, "--a", str(mif / "MRI/MRI_PET_14.png")]
+        + ["--b", str(mif / "MRI/MRI_PET_14.png"), "--out", str(grey_out), "--quiet"]
+    )
+    assert (grey_out / "MRI_PET_14.png").is_file() and not (grey_out / "rgb").exists()
 
 
 def test_fuse_loads_an_ablation_v_checkpoint_from_train(shared_data: Path, tmp_path: Path) -> None:
@@ -217,35 +254,35 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
 
 
 def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's first command, at a tiny size: train both arms, fuse, evaluate, report."""
+    """The README's first command, at a tiny size: both arms trained, each scored by a fresh
+    SegFormer on its fused scenes, the learned maps measured, the verdict written."""
     out = tmp_path / "demo"
     run.main(
-        [
-            "--quiet",
-            "--epochs",
-            "1",
-            "--meta-iterations",
-            "2",
-            "--synthetic-train",
-            "4",
-            "--synthetic-test",
-            "2",
-            "--crop",
-            "32",
-            "--out",
-            str(out),
-        ]
+        ["--quiet", "--epochs", "1", "--warmup-epochs", "0", "--meta-iterations", "2", "--synthetic-train", "4"]
+        + ["--synthetic-test", "2", "--task-epochs", "1", "--crop", "32", "--out", str(out)]
     )
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())  # the last line is the report folder
     results = json.loads((out / "metrics.json").read_text())
-    assert set(results) == {"tdfusion", "fixed_half", "convention"}
+    assert set(results) == {"tdfusion", "fixed_half", "convention", "task_net"}
     for arm in ("tdfusion", "fixed_half"):
         assert set(results[arm]["fusion_metrics"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
-        assert np.isfinite(results[arm]["test_task_loss"])
+        downstream = results[arm]["downstream"]
+        assert 0 <= downstream["mIoU"] <= 100 and "background" in downstream["per_class"]
         assert len(list((out / arm / "fused").glob("*.png"))) == 2
         assert (out / arm / "last.pt").is_file() and (out / arm / "logs" / "model.csv").is_file()
-    assert "fixed w = 1/2" in (out / "summary.md").read_text()
+    assert (out / "tdfusion" / "logs" / "meta.csv").is_file()  # the meta phase ran
+    weights = results["tdfusion"]["weights_at"]
+    assert 0 <= weights["target_infrared"] <= 1 and 0 <= weights["marking_visible"] <= 1
+    assert "weights_at" not in results["fixed_half"]
+    summary = (out / "summary.md").read_text()
+    assert "Verdict" in summary and "fixed w = 1/2" in summary and f"{weights['target_infrared']:.2f}" in summary
     assert (out / "weights.png").stat().st_size > 1000
+
+
+def test_demo_refuses_a_detection_network_before_training(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="segmentation"):
+        run.main(["demo", "--task-net", "yolov8", "--out", str(tmp_path / "d")])
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("ablation", ["II", "III", "IV", "V"])

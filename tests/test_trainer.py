@@ -173,3 +173,38 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path: Path, capsys: pyte
     resumed = _trainer(dataset, tmp_path, epochs=1, meta_iterations=4, checkpoint_every=2)
     resumed.fit(resume=tmp_path / "last.pt")
     assert resumed.global_step == 4 + 2  # 4 meta steps and 2 model steps in all
+
+
+class _CountingStep:
+    """Wraps MetaStep.accumulate / apply to count the meta-gradients and outer steps."""
+
+    def __init__(self, trainer: MetaTrainer) -> None:
+        self.pairs, self.outer, self.epochs = 0, 0, []
+        step, accumulate, apply = trainer.meta_step, trainer.meta_step.accumulate, trainer.meta_step.apply
+
+        def counted_accumulate(*pair):
+            self.pairs += 1
+            self.epochs.append(trainer.position.epoch)
+            return accumulate(*pair)
+
+        def counted_apply():
+            self.outer += 1
+            return apply()
+
+        step.accumulate, step.apply = counted_accumulate, counted_apply
+
+
+def test_warmup_epochs_run_no_meta_phase_and_accumulation_averages_pairs() -> None:
+    dataset = InformativeSource(32, informative="b")
+    trainer = _trainer(dataset, epochs=3, meta_iterations=2, meta_accumulation=3, warmup_epochs=1)
+    counts = _CountingStep(trainer)
+    trainer.fit()
+    assert counts.outer == 2 * 2  # epochs 2 and 3 only
+    assert counts.pairs == 2 * 2 * 3  # three pairs per outer step
+    assert set(counts.epochs) == {1, 2}
+
+
+@pytest.mark.parametrize(("field", "value"), [("meta_accumulation", 0), ("warmup_epochs", -1), ("warmup_epochs", 4)])
+def test_bad_schedule_options_are_named(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=field):
+        MetaTrainerConfig(epochs=3, **{field: value})

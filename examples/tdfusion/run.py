@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "metaloss-ultralytics"))
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -37,13 +39,13 @@ from data import (  # noqa: E402
     to_unit,
 )
 from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
-from tasks import TASK_KINDS, build_task  # noqa: E402
+from tasks import TASK_KINDS, StandardizedInput, build_task, median_frequency_weights  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from metaloss import ConstantWeights, CSVLogger, InnerSGD, LearnableLoss, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.distributed import rank_and_world_size  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss  # noqa: E402
-from metaloss.fusion.image_io import blend_chroma, read_grey, read_ycrcb, write_grey, write_ycrcb_as_rgb  # noqa: E402
+from metaloss.fusion.image_io import fused_chroma, has_colour, read_bgr, read_grey, write_grey, write_ycrcb_as_rgb  # noqa: E402
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
 
 # Section 4.1 of the paper and the released code: dataset -> (classes incl. background, task size).
@@ -158,7 +160,12 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         )
     task = build_task(args.task_net, spec[kind])
     task_size = tuple(args.task_size) if args.task_size else spec["task_size"]
-    dataset = FusionDataset(load_scenes(args, "train", kind), kind, crop=args.crop, task_size=task_size, flip=args.flip)
+    scenes = load_scenes(args, "train", kind)
+    if kind == "seg" and args.balanced_task_loss:
+        task.loss.class_weights = median_frequency_weights([s.label_mask() for s in scenes], spec[kind])
+    if args.standardize_task_input:
+        task.model = StandardizedInput(task.model)
+    dataset = FusionDataset(scenes, kind, crop=args.crop, task_size=task_size, flip=args.flip)
     model = _ddp((WeightedSumFusion() if args.ablation == "V" else ReFusion()).to(device), device)
     loss = build_loss(args).to(device)
     task_model = _ddp(task.model.to(device), device)
@@ -167,6 +174,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         meta_iterations=args.meta_iterations,
         meta_accumulation=args.meta_accumulation,
         warmup_epochs=args.warmup_epochs,
+        map_gradient=args.map_gradient,
         model_iterations=args.model_iterations,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -213,7 +221,12 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
         (out / "config.json").write_text(
             json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str)
         )
-    trainer.fit(resume=args.resume)
+    try:
+        trainer.fit(resume=args.resume)
+    except (FileNotFoundError, ValueError) as err:
+        if args.resume is None or trainer.global_step:
+            raise
+        raise SystemExit(f"--resume: {err}") from None
     return trainer
 
 
@@ -266,17 +279,17 @@ def fuse(args: argparse.Namespace) -> Path:
     pairs = [PairFiles(a.stem, a, b)] if a.is_file() else matched_names(a, b)
     for pair in tqdm(pairs, desc="fuse", disable=args.quiet):
         name, pa, pb = pair.name, pair.a, pair.b
-        ya, yb = read_ycrcb(pa), read_ycrcb(pb)
-        if ya.shape != yb.shape:
-            raise SystemExit(f"{pa} and {pb} differ in size: {ya.shape[:2]} vs {yb.shape[:2]}")
+        bgr_a, bgr_b = read_bgr(pa), read_bgr(pb)
+        if bgr_a.shape != bgr_b.shape:
+            raise SystemExit(f"{pa} and {pb} differ in size: {bgr_a.shape[:2]} vs {bgr_b.shape[:2]}")
+        ya, yb = (cv2.cvtColor(x, cv2.COLOR_BGR2YCrCb) for x in (bgr_a, bgr_b))
         raw = fuse_arrays(model, ya[..., 0], yb[..., 0], device)
         grey = stretch(raw)
         write_grey(out / f"{name}.png", grey)
         if args.raw:
             np.save(out / f"{name}.npy", raw.astype(np.float32))
-        colour = [c for c, p in ((ya, pa), (yb, pb)) if not np.allclose(c[..., 1:], 128.0, atol=0.5)]
-        if colour:
-            crcb = colour[0][..., 1:] if len(colour) == 1 else blend_chroma(ya[..., 1:], yb[..., 1:])
+        crcb = fused_chroma(ya, has_colour(bgr_a), yb, has_colour(bgr_b))
+        if crcb is not None:
             write_ycrcb_as_rgb(out / "rgb" / f"{name}.png", grey, crcb)
     return out
 
@@ -512,7 +525,8 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
     ]
     for c in classes:
         lines.append(
-            f"| {c} | {ours['downstream']['per_class'][c]:.1f} | {base['downstream']['per_class'].get(c, float('nan')):.1f} |"
+            f"| {c} | {ours['downstream']['per_class'][c]:.1f} | "
+            f"{base['downstream']['per_class'].get(c, float('nan')):.1f} |"
         )
     w = ours["weights_at"]
     lines += [
@@ -689,7 +703,7 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
         default="adam",
         help="G's update rule (released code: max_normalized)",
     )
-    p.add_argument("--outer-lr", type=float, default=1e-3 if demo_defaults else 1e-4, help="G's learning rate")
+    p.add_argument("--outer-lr", type=float, default=3e-4 if demo_defaults else 1e-4, help="G's learning rate")
     p.add_argument(
         "--mode",
         choices=("exact", "finite_difference"),
@@ -709,6 +723,26 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
         choices=sorted(ABLATIONS),
         default="none",
         help="; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
+    )
+    p.add_argument(
+        "--balanced-task-loss",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="segmentation: weigh T's cross-entropy (and so the meta-objective) by median frequency balancing, "
+        "so background pixels do not dominate G's meta-gradient (paper: off; see docs/tdfusion.md)",
+    )
+    p.add_argument(
+        "--map-gradient",
+        choices=("full", "centred"),
+        default="full",
+        help="G's meta-gradient: full (paper), or centred: its per-image global part removed (docs/tdfusion.md)",
+    )
+    p.add_argument(
+        "--standardize-task-input",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="T sees each fused image standardised (zero mean, unit variance), so G's meta-gradient cannot "
+        "reward a globally darker source (paper: off; see docs/tdfusion.md)",
     )
     p.add_argument("--crop", type=int, default=64 if demo_defaults else 256, help="fusion crop size (released: 256)")
     p.add_argument("--task-size", type=int, nargs=2, metavar=("H", "W"), help="task view size (default: per data set)")

@@ -45,14 +45,20 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return tex + rng.normal(0, 4, (h, w)).astype(np.float32)
 
 
-def _dashed_stripe(rng: np.random.Generator, h: int, w: int, horizon: int) -> list[tuple[int, int, int]]:
-    """Rows ``(y, x_left, x_right)`` of one dashed stripe on the road (a lane marking's shape)."""
+def _dashed_stripe(
+    rng: np.random.Generator, h: int, w: int, horizon: int, wide: bool = True
+) -> list[tuple[int, int, int]]:
+    """Rows ``(y, x_left, x_right)`` of one dashed stripe on the road (a lane marking's shape).
+
+    ``wide``: 5 to 11 pixels across (else 3 to 5, the original scenes': below SegFormer's
+    4-pixel output stride, so no task network learned them well whatever the fusion).
+    """
     x0 = rng.uniform(0.15, 0.85) * w
     slope = rng.uniform(-0.6, 0.6)
     rows = []
     for y in range(horizon + 2, h):
         xc = int(x0 + slope * (y - horizon))
-        half = 1 + (y - horizon) // 24
+        half = 2 + (y - horizon) // 20 if wide else 1 + (y - horizon) // 24
         if 0 <= xc - half and xc + half < w and (y // 6) % 2 == 0:
             rows.append((y, xc - half, xc + half + 1))
     return rows
@@ -78,8 +84,9 @@ def make_scene(index: int, size: tuple[int, int] = (96, 128), seed: int = 0, dec
         index: the scene's number (odd numbers are dark).
         size: ``(H, W)``.
         seed: the data set's seed.
-        decoys: add the single-camera look-alikes (see the module docstring); ``False`` gives the
-            original scenes, in which averaging loses little.
+        decoys: the default design: single-camera look-alikes (see the module docstring) and
+            markings 5 to 11 pixels wide; ``False`` gives the original scenes (no look-alikes,
+            markings 3 to 5 pixels wide), in which averaging loses little.
     """
     rng = np.random.default_rng([seed, index])
     h, w = size
@@ -94,7 +101,7 @@ def make_scene(index: int, size: tuple[int, int] = (96, 128), seed: int = 0, dec
 
     # Lane markings: bright paint on the road, visible only.
     for _ in range(rng.integers(1, 3)):
-        for y, x0, x1 in _dashed_stripe(rng, h, w, horizon):
+        for y, x0, x1 in _dashed_stripe(rng, h, w, horizon, wide=decoys):
             vis[y, x0:x1] = 225.0
             mask[y, x0:x1] = 3
 

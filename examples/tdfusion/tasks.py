@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from metaloss.checkpoint import load_weights_file
 
 TaskName = Literal["segformer", "yolov8", "unet"]
 TASK_KINDS: dict[str, str] = {"segformer": "seg", "unet": "seg", "yolov8": "det"}
@@ -53,6 +56,25 @@ class SegFormerB0(nn.Module):
         return self.net(pixel_values=x).logits
 
 
+class StandardizedInput(nn.Module):
+    """Run ``net`` on each image standardised to zero mean and unit variance (per image).
+
+    The network then cannot tell a globally brighter or darker image from another: in TDFusion's
+    meta step, a task network that sees raw intensities rewards whichever source is darker
+    wherever background dominates (see ``docs/tdfusion.md``), and this removes that reward.
+    """
+
+    def __init__(self, net: nn.Module, eps: float = 1e-2) -> None:
+        super().__init__()
+        self.net = net
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Any:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return self.net((x - mean) / (std + self.eps))
+
+
 class PadToMultiple(nn.Module):
     """Pad the input to a multiple of ``multiple`` (reflect) and crop the output back."""
 
@@ -74,17 +96,36 @@ class SegmentationLoss:
     Args:
         ignore_index: label value that does not count (e.g. 255 for "unlabelled").
         key: the batch key of the ``(B, H, W)`` int64 label map.
+        class_weights: a weight per class (e.g. :func:`median_frequency_weights`), or ``None``.
     """
 
-    def __init__(self, ignore_index: int = -100, key: str = "mask") -> None:
+    def __init__(self, ignore_index: int = -100, key: str = "mask", class_weights: Tensor | None = None) -> None:
         self.ignore_index = ignore_index
         self.key = key
+        self.class_weights = class_weights
 
     def __call__(self, logits: Tensor, batch: dict[str, Any]) -> Tensor:
         target = batch[self.key]
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=self.ignore_index)
+
+
+def median_frequency_weights(masks: list[np.ndarray], num_classes: int) -> Tensor:
+    """Class weights ``median(freq) / freq_c`` from label maps (median frequency balancing).
+
+    Classes that never occur get weight 0. Reference: Eigen & Fergus, "Predicting Depth, Surface
+    Normals and Semantic Labels with a Common Multi-Scale Convolutional Architecture", ICCV 2015.
+    """
+    counts = np.zeros(num_classes, np.float64)
+    for m in masks:
+        counts += np.bincount(m[(m >= 0) & (m < num_classes)].ravel(), minlength=num_classes)[:num_classes]
+    freq = counts / max(counts.sum(), 1.0)
+    present = freq > 0
+    weights = np.zeros(num_classes, np.float64)
+    weights[present] = np.median(freq[present]) / freq[present]
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _yolo_config_dir() -> None:
@@ -144,8 +185,14 @@ def build_task(name: TaskName, num_classes: int, weights: str | os.PathLike[str]
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"no task-network weights at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        task.model.load_state_dict(state.get("task_model", state) if isinstance(state, dict) else state)
+        state = load_weights_file(path)  # weights_only: a file that would run code is refused
+        state = state.get("task_model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+        try:
+            task.model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{path} does not fit the {name} task network: {str(err).splitlines()[0][:200]}") from None
     return task
 
 

@@ -2,7 +2,10 @@
 
 - grey: ``round(cvtColor(imread(p).astype(float32), BGR2GRAY))`` on the 0-255 scale;
 - luminance for colour fusion: the Y of OpenCV's YCrCb on the float 0-255 image, with its CrCb
-  kept for re-colouring.
+  kept for re-colouring. For float images OpenCV centres the chroma at :data:`CHROMA_MID` = 0.5
+  whatever the range (``Cr = (R - Y) * 0.713 + 0.5``), not at 128;
+- colour of the fused image (:func:`fused_chroma`): the chroma of the one colour source, or the
+  saturation-weighted blend of both; none when both sources are grey (three equal channels).
 
 An infrared image stored as three identical channels reads as its single channel.
 """
@@ -16,8 +19,11 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "CHROMA_MID",
     "IMAGE_SUFFIXES",
     "blend_chroma",
+    "fused_chroma",
+    "has_colour",
     "is_colour",
     "read_bgr",
     "read_grey",
@@ -27,6 +33,9 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+CHROMA_MID = 0.5
+"""The neutral chroma of OpenCV's YCrCb on float images (its ``delta``), for any value range."""
 
 
 def read_bgr(path: str | os.PathLike[str]) -> np.ndarray:
@@ -58,20 +67,38 @@ def read_ycrcb(path: str | os.PathLike[str]) -> np.ndarray:
     return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2YCrCb)
 
 
-def is_colour(path: str | os.PathLike[str]) -> bool:
-    """Whether the image has distinct colour channels (a grey image stored as RGB is not)."""
-    bgr = read_bgr(path)
+def has_colour(bgr: np.ndarray) -> bool:
+    """Whether a ``(H, W, 3)`` image has distinct colour channels (grey stored as RGB has not)."""
     return not (np.array_equal(bgr[..., 0], bgr[..., 1]) and np.array_equal(bgr[..., 1], bgr[..., 2]))
 
 
-def blend_chroma(c1: np.ndarray, c2: np.ndarray, mid: float = 128.0, eps: float = 1e-4) -> np.ndarray:
+def is_colour(path: str | os.PathLike[str]) -> bool:
+    """:func:`has_colour` of the image at ``path``."""
+    return has_colour(read_bgr(path))
+
+
+def blend_chroma(c1: np.ndarray, c2: np.ndarray, mid: float = CHROMA_MID, eps: float = 1e-4) -> np.ndarray:
     """Blend two chroma planes, favouring the more saturated one at each pixel.
 
-    ``Cf = (C1 |C1 - m| + C2 |C2 - m|) / (|C1 - m| + |C2 - m| + eps)``; ``m`` is the chroma mid-point
-    (128 on the 0-255 scale).
+    ``Cf = (C1 |C1 - m| + C2 |C2 - m|) / (|C1 - m| + |C2 - m| + eps)``; ``m`` is the chroma
+    mid-point: :data:`CHROMA_MID` for :func:`read_ycrcb`'s planes.
     """
     d1, d2 = np.abs(c1 - mid), np.abs(c2 - mid)
     return (c1 * d1 + c2 * d2) / (d1 + d2 + eps)
+
+
+def fused_chroma(ycrcb_a: np.ndarray, colour_a: bool, ycrcb_b: np.ndarray, colour_b: bool) -> np.ndarray | None:
+    """The fused image's CrCb ``(H, W, 2)``: the colour source's, a blend of both, or ``None``.
+
+    Args:
+        ycrcb_a, ycrcb_b: :func:`read_ycrcb` of the two sources.
+        colour_a, colour_b: :func:`has_colour` of each (grey images carry no chroma to keep).
+    """
+    if colour_a and colour_b:
+        return blend_chroma(ycrcb_a[..., 1:], ycrcb_b[..., 1:])
+    if colour_a or colour_b:
+        return (ycrcb_a if colour_a else ycrcb_b)[..., 1:]
+    return None
 
 
 def write_grey(path: str | os.PathLike[str], image: np.ndarray) -> None:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from metaloss.checkpoint import load_weights_file
+
 __all__ = ["LossGenerator", "ReFusion", "RestormerBlock", "load_released_weights"]
 
 
@@ -225,22 +227,34 @@ def load_released_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.
     and LayerNorm as ``norm.body.weight``; both are mapped. Our own checkpoints (a
     ``MetaTrainer`` checkpoint's ``"model"`` entry, or a plain state dict) load too.
 
+    The file is read with ``weights_only=True`` (:func:`metaloss.checkpoint.load_weights_file`):
+    a file whose pickle would run code is refused, never opened.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file's keys do not fit ``model`` (the message lists them).
+        UnsafeCheckpointError: the file asks to build objects or run code (a ``ValueError``).
+        ValueError: not a PyTorch file, or its keys do not fit ``model`` (a few are named).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_weights_file(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a MetaTrainer checkpoint
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items() if ".conv." not in k}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold network weights (its entries are not all tensors)")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: {str(err).splitlines()[-1].strip()[:200]}"
+        ) from None
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            f"{path} does not fit {type(model).__name__} ({len(missing)} of its weights missing, {len(unexpected)} "
+            f"unknown; e.g. missing {missing[:3]}, unknown {unexpected[:3]}): is it a checkpoint of another network?"
         )
     return model

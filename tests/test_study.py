@@ -1,0 +1,71 @@
+"""The pieces of the learned-against-fixed study: scenes, oracle maps, weight statistics, intervals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
+
+from study import FIXED_MAPS, paired_interval, weights_at  # noqa: E402
+from synthetic import make_scene, make_scenes, oracle_weights  # noqa: E402
+from tasks import median_frequency_weights  # noqa: E402
+
+from metaloss import ConstantWeights  # noqa: E402
+from metaloss.fusion import tdfusion_loss  # noqa: E402
+
+
+def test_oracle_weights_follow_the_labels() -> None:
+    mask = np.array([[0, 1, 2, 3]])
+    w = oracle_weights(mask)
+    np.testing.assert_array_equal(w[0], [[0.5, 1.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(w.sum(0), np.ones((1, 4)))
+
+
+def test_look_alikes_are_what_averaging_cannot_tell_apart() -> None:
+    """In (A + B) / 2 targets and cold look-alikes stand out from the road alike; in A they do not."""
+    plain_a, decoy_a = [], []
+    for i in range(0, 24, 2):  # daylight scenes
+        plain, decoyed = make_scene(i, decoys=False), make_scene(i)
+        np.testing.assert_array_equal(plain.mask, make_scene(i, decoys=False).mask)  # deterministic
+        road = (plain.mask == 0) & (np.arange(plain.a.shape[0])[:, None] > plain.a.shape[0] * 0.5)
+        added = road & (decoyed.mask == 0) & (np.abs(decoyed.b - plain.b) > 60)  # cold look-alikes (visible only)
+        target = (decoyed.mask == 1) | (decoyed.mask == 2)
+        if added.sum() < 20 or target.sum() < 20:
+            continue
+        avg = (decoyed.a + decoyed.b) / 2
+        base = avg[road & ~added].mean()
+        plain_a.append((avg[target].mean() - base, avg[added].mean() - base))
+        ir_base = decoyed.a[road & ~added].mean()
+        decoy_a.append((decoyed.a[target].mean() - ir_base, decoyed.a[added].mean() - ir_base))
+    assert len(plain_a) >= 3
+    for target_contrast, decoy_contrast in plain_a:  # similar contrast in the average
+        assert target_contrast > 30 and decoy_contrast > 30 and abs(target_contrast - decoy_contrast) < 35
+    for target_contrast, decoy_contrast in decoy_a:  # infrared shows the targets only
+        assert target_contrast > 80 and abs(decoy_contrast) < 15
+
+
+def test_weights_at_reads_a_constant_loss_as_one_half() -> None:
+    scenes = make_scenes(4, size=(48, 64))
+    w = weights_at(tdfusion_loss(ConstantWeights(2)), scenes)
+    assert w["target_infrared"] == pytest.approx(0.5) and w["marking_visible"] == pytest.approx(0.5)
+    assert set(w) >= {"target_infrared_day", "target_infrared_night", "marking_visible_day", "marking_visible_night"}
+    for name, fn in FIXED_MAPS.items():
+        assert fn(scenes[0]).shape == (2, 48, 64), name
+
+
+def test_paired_interval_is_the_student_t_interval() -> None:
+    mean, low, high = paired_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and low == pytest.approx(3.0 - 2.776445 * np.sqrt(2.5) / np.sqrt(5), rel=1e-5)
+    assert high == pytest.approx(6.0 - low)
+    assert np.isnan(paired_interval([1.0])[1])
+
+
+def test_median_frequency_weights() -> None:
+    masks = [np.array([[0, 0, 0, 1], [0, 0, 1, 2]])]  # frequencies 5/8, 2/8, 1/8; class 3 absent
+    w = median_frequency_weights(masks, 4)
+    torch.testing.assert_close(w, torch.tensor([0.4, 1.0, 2.0, 0.0]))
