@@ -76,7 +76,8 @@ def main() -> None:
     print(
         f"\nmean over {len(rows)} seeds: TDFusion {np.mean([r['tdfusion'] for r in rows]):.1f}, "
         f"fixed w = 1/2 {np.mean([r['fixed_half'] for r in rows]):.1f} mIoU; paired difference {mean:+.1f} "
-        f"(95% interval {low:+.1f} to {high:+.1f}); w_ir on targets {np.mean([r['target_infrared'] for r in rows]):.2f}, "
+        f"(95% interval {low:+.1f} to {high:+.1f}); "
+        f"w_ir on targets {np.mean([r['target_infrared'] for r in rows]):.2f}, "
         f"w_vis on markings {np.mean([r['marking_visible'] for r in rows]):.2f}; weight bar met on {maps_ok} of "
         f"{len(rows)} seeds; {np.mean([r['seconds'] for r in rows]):.0f} s per seed"
     )

@@ -63,11 +63,10 @@ def main() -> None:
                 print(f"| {seed} | {name} | {result['mIoU']:.1f} | " + " | ".join(cells) + " |", flush=True)
         print("\n| map | mean mIoU | std |\n|---|---|---|")
         for name, values in scores.items():
-            print(
-                f"| {name} | {np.mean(values):.1f} | {np.std(values, ddof=1) if len(values) > 1 else float('nan'):.1f} |"
-            )
+            spread = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+            print(f"| {name} | {np.mean(values):.1f} | {spread:.1f} |")
         if "oracle" in scores and "half" in scores:
-            mean, low, high = paired_interval(np.subtract(scores["oracle"], scores["half"]))
+            mean, low, high = paired_interval([o - h for o, h in zip(scores["oracle"], scores["half"])])
             print(
                 f"\noracle - half: {mean:+.1f} mIoU points (95% interval {low:+.1f} to {high:+.1f}, {args.seeds} seeds)"
             )

@@ -62,6 +62,8 @@ class HypergradientResult:
         """The global L2 norm of :attr:`grads` (``nan`` if any entry is not finite)."""
         if not self.grads:
             return 0.0
+        if not self.is_finite():
+            return float("nan")
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in self.grads])))
 
     def is_finite(self) -> bool:

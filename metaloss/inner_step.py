@@ -172,7 +172,11 @@ class InnerAdam:
         if self.eps_root <= 0:
             raise ValueError("InnerAdam needs eps_root > 0: with 0 the meta-gradient is NaN at zero moments")
         if optimizer is None or not isinstance(optimizer, torch.optim.Adam):
-            raise ValueError("InnerAdam is seeded from the model's torch.optim.Adam; pass it as model_optimizer")
+            got = "none" if optimizer is None else type(optimizer).__name__
+            raise ValueError(
+                "InnerAdam is seeded from the real torch.optim.Adam of the module it steps: model_optimizer for "
+                f"inner=, task_optimizer for task_inner= (got {got}); use InnerSGD with another optimiser"
+            )
         group = optimizer.param_groups[0]
         betas = self.betas or tuple(group["betas"])
         eps = group["eps"] if self.eps is None else self.eps

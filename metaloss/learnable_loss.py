@@ -175,6 +175,8 @@ class LearnableLoss(nn.Module):
         if weights not in ("softmax", "given"):
             raise ValueError(f"weights must be 'softmax' or 'given', got {weights!r}")
         self.generator = generator
+        # Module terms are registered, so .to(), .double() and state_dict() reach their tensors.
+        self.term_modules = nn.ModuleDict({k: v for k, v in terms.items() if isinstance(v, nn.Module)})
         self.terms = dict(terms)
         self.coefficients = {name: float((coefficients or {}).get(name, 1.0)) for name in terms}
         self.weight_mode = weights

@@ -418,9 +418,9 @@ class MetaTrainer:
             stats = self.meta_step.accumulate(*pair)
         stepped = self.meta_step.apply()
         stats = dataclasses.replace(stats, skipped=not stepped, skipped_total=self.meta_step.skipped_total)
-        if not self.config.model_phase:
+        if not self.config.model_phase:  # ablation IV: the ordinary steps ride along, and are reported
             for pair in pairs:
-                self.model_step(pair[0])
+                self._emit("on_model_step", self.model_step(pair[0]))
         self._emit("on_meta_step", stats)
         return {
             "outer": f"{stats.outer_loss:.4g}",
@@ -438,10 +438,15 @@ class MetaTrainer:
 
         Args:
             resume: a checkpoint written by :meth:`save`; training continues where it stopped.
-            max_steps: stop (after checkpointing) once this many steps have run in this call.
+            max_steps: stop (after checkpointing) once this many steps have run in this call
+                (0: run none).
         """
+        if max_steps is not None and max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 or None, got {max_steps}")
         if resume is not None:
             self.load_state_dict(load_checkpoint(resume, map_location=self.device))
+        if max_steps == 0:
+            return
         try:
             self._fit(max_steps)
         except KeyboardInterrupt:

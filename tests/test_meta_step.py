@@ -278,9 +278,11 @@ def test_accumulated_pairs_step_with_the_mean_meta_gradient() -> None:
         meta.apply()  # nothing pending any more
 
 
+@pytest.mark.parametrize("map_gradient", ["full", "centred"])
 @pytest.mark.parametrize("mode", ["exact", "finite_difference"])
-def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mode: str) -> None:
-    """dL/dphi = (dw/dphi)^T dL/dw: the weight-map gradient carried back through G gives the meta-gradient."""
+def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mode: str, map_gradient: str) -> None:
+    """dL/dphi = (dw/dphi)^T dL/dw: the weight-map gradient carried back through G gives the
+    meta-gradient; "centred" carries back that gradient minus its spatial mean per image and source."""
     torch.manual_seed(0)
     fusion, task = SmallFusion(), SmallSegmenter()
     loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error}).double()
@@ -291,15 +293,20 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mod
         seg_loss,
         inner=InnerSGD(0.1),
         task_inner=InnerSGD(0.1),
-        mode=mode,
+        mode=mode,  # type: ignore[arg-type]
         weight_map_grad=True,
+        map_gradient=map_gradient,  # type: ignore[arg-type]
     )
     train, test = ({k: v.double() if v.is_floating_point() else v for k, v in _batch(s).items()} for s in (1, 2))
     result, stats = meta.hypergradient(train, test)
     assert stats.weight_map_grad is not None and stats.weights is not None
     assert stats.weight_map_grad.shape == stats.weights.shape == (2, 2, 8, 8)
     weights = loss.weights([train["a"], train["b"]])
-    chained = torch.autograd.grad(weights, meta.generator_parameters, grad_outputs=stats.weight_map_grad)
+    carried = stats.weight_map_grad
+    if map_gradient == "centred":
+        carried = carried - carried.mean(dim=(2, 3), keepdim=True)
+        assert not torch.allclose(carried, stats.weight_map_grad)  # the global part was not zero
+    chained = torch.autograd.grad(weights, meta.generator_parameters, grad_outputs=carried)
     for a, b in zip(chained, result.grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     assert float(stats.weight_map_grad.abs().sum()) > 0

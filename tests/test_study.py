@@ -33,8 +33,8 @@ def test_look_alikes_are_what_averaging_cannot_tell_apart() -> None:
         plain, decoyed = make_scene(i, decoys=False), make_scene(i)
         np.testing.assert_array_equal(plain.mask, make_scene(i, decoys=False).mask)  # deterministic
         road = (plain.mask == 0) & (np.arange(plain.a.shape[0])[:, None] > plain.a.shape[0] * 0.5)
-        added = road & (decoyed.mask == 0) & (np.abs(decoyed.b - plain.b) > 60)  # cold look-alikes (visible only)
-        target = (decoyed.mask == 1) | (decoyed.mask == 2)
+        added: np.ndarray = road & (decoyed.mask == 0) & (np.abs(decoyed.b - plain.b) > 60)  # cold look-alikes
+        target = np.logical_or(decoyed.mask == 1, decoyed.mask == 2)
         if added.sum() < 20 or target.sum() < 20:
             continue
         avg = (decoyed.a + decoyed.b) / 2

@@ -150,10 +150,11 @@ def test_colour_comes_from_the_one_colour_source_and_a_grey_pair_has_none(shared
     )
     rgb = cv2.imread(str(out / "rgb/MRI_PET_14.png"), cv2.IMREAD_UNCHANGED)
     grey = cv2.imread(str(out / "MRI_PET_14.png"), cv2.IMREAD_UNCHANGED)
+    pet_bgr = cv2.imread(str(mif / "CT_PET_SPECT/MRI_PET_14.png"))
+    assert rgb is not None and grey is not None and pet_bgr is not None
     pet = read_ycrcb(mif / "CT_PET_SPECT/MRI_PET_14.png")
     _assert_chroma_kept(rgb, grey, pet)
     spread = rgb.astype(np.float32).max(axis=2) - rgb.astype(np.float32).min(axis=2)
-    pet_bgr = cv2.imread(str(mif / "CT_PET_SPECT/MRI_PET_14.png"))
     pet_spread = pet_bgr.astype(np.float32).max(axis=2) - pet_bgr.astype(np.float32).min(axis=2)
     assert spread.mean() > 0.7 * pet_spread.mean()  # not desaturated
     grey_out = tmp_path / "grey"
@@ -194,13 +195,42 @@ def test_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
+        timeout=3600,  # a hang guard only: a loaded machine must not fail this test
     )
     assert done.returncode == 0, done.stderr[-3000:]
     state = torch.load(out / "last.pt", weights_only=False)
     assert len(state["rng"]) == 2 and state["global_step"] == 4
     assert isinstance(run.load_fusion_network(out / "last.pt"), ReFusion)
     assert len((out / "logs" / "meta.csv").read_text().splitlines()) == 1 + 2  # header + 2 meta steps
+
+
+def test_evaluate_keeps_methods_whose_folders_share_a_name(shared_data: Path, tmp_path: Path) -> None:
+    """runA/fused and runB/fused (the usual layout of runs) are two methods, not one overwritten."""
+    a_dir, b_dir = tmp_path / "ir", tmp_path / "vi"
+    runs = {"runA": tmp_path / "runA" / "fused", "runB": tmp_path / "runB" / "fused"}
+    for d in (a_dir, b_dir, *runs.values()):
+        d.mkdir(parents=True)
+    shutil.copy(shared_data / "MSRS/train/ir/00001D.png", a_dir)
+    shutil.copy(shared_data / "MSRS/train/vi/00001D.png", b_dir)
+    a, b = read_grey(a_dir / "00001D.png"), read_grey(b_dir / "00001D.png")
+    cv2.imwrite(str(runs["runA"] / "00001D.png"), np.maximum(a, b).astype(np.uint8))
+    cv2.imwrite(str(runs["runB"] / "00001D.png"), np.round(0.5 * a + 0.5 * b).astype(np.uint8))
+    common = ["--a", str(a_dir), "--b", str(b_dir), "--quiet"]
+    run.main(["evaluate", "--fused", str(runs["runA"]), str(runs["runB"]), "--out", str(tmp_path / "e"), *common])
+    table = (tmp_path / "e" / "comparison.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == ["runA_fused", "runB_fused"]
+    assert table[1] != table[2].replace("runB", "runA")  # two different results
+    run.main(
+        ["evaluate", "--fused", f"max={runs['runA']}", f"mean={runs['runB']}", "--out", str(tmp_path / "n"), *common]
+    )
+    assert [r.split(",")[0] for r in (tmp_path / "n" / "comparison.csv").read_text().splitlines()[1:]] == [
+        "max",
+        "mean",
+    ]
+    with pytest.raises(SystemExit, match="named 'x'"):
+        run.main(
+            ["evaluate", "--fused", f"x={runs['runA']}", f"x={runs['runB']}", "--out", str(tmp_path / "x"), *common]
+        )
 
 
 def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) -> None:

@@ -179,7 +179,8 @@ class _CountingStep:
     """Wraps MetaStep.accumulate / apply to count the meta-gradients and outer steps."""
 
     def __init__(self, trainer: MetaTrainer) -> None:
-        self.pairs, self.outer, self.epochs = 0, 0, []
+        self.pairs, self.outer = 0, 0
+        self.epochs: list[int] = []
         step, accumulate, apply = trainer.meta_step, trainer.meta_step.accumulate, trainer.meta_step.apply
 
         def counted_accumulate(*pair):
@@ -191,7 +192,7 @@ class _CountingStep:
             self.outer += 1
             return apply()
 
-        step.accumulate, step.apply = counted_accumulate, counted_apply
+        step.accumulate, step.apply = counted_accumulate, counted_apply  # type: ignore[method-assign]
 
 
 def test_warmup_epochs_run_no_meta_phase_and_accumulation_averages_pairs() -> None:
@@ -207,4 +208,4 @@ def test_warmup_epochs_run_no_meta_phase_and_accumulation_averages_pairs() -> No
 @pytest.mark.parametrize(("field", "value"), [("meta_accumulation", 0), ("warmup_epochs", -1), ("warmup_epochs", 4)])
 def test_bad_schedule_options_are_named(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=field):
-        MetaTrainerConfig(epochs=3, **{field: value})
+        MetaTrainerConfig(epochs=3, **{field: value})  # type: ignore[arg-type]

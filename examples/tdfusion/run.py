@@ -301,9 +301,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     methods: dict[str, Any] = {}
     pairs = matched_names(Path(args.a), Path(args.b))
-    for folder in map(Path, args.fused):
+    for name, folder in method_names(args.fused).items():
         rows = []
-        for pair in tqdm(pairs, desc=f"evaluate {folder.name}", disable=args.quiet):
+        for pair in tqdm(pairs, desc=f"evaluate {name}", disable=args.quiet):
             pf = find_image(folder, pair.name)
             if pf is None:
                 raise SystemExit(f"{folder} has no fused image for {pair.name}")
@@ -314,11 +314,37 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"{pf}: {err}") from None
             rows.append({"name": pair.name, **{k: float(v[0]) for k, v in values.items()}})
         mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
-        methods[folder.name] = {"convention": args.convention, "images": rows, "mean": mean}
-        (out / folder.name).mkdir(exist_ok=True)
-        (out / folder.name / "metrics.json").write_text(json.dumps(methods[folder.name], indent=2))
+        methods[name] = {"folder": str(folder), "convention": args.convention, "images": rows, "mean": mean}
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / "metrics.json").write_text(json.dumps(methods[name], indent=2))
     write_comparison(out, {k: v["mean"] for k, v in methods.items()}, args.convention)
     return methods
+
+
+def method_names(specs: list[str]) -> dict[str, Path]:
+    """A unique name per ``--fused`` folder: ``NAME=DIR`` as given, else the shortest trailing
+    part of the path that tells it from the others (``runA/fused`` and ``runB/fused`` become
+    ``runA_fused`` and ``runB_fused``). Two folders that cannot be told apart are an error."""
+    given: list[tuple[str | None, Path]] = []
+    for spec in specs:
+        head, sep, rest = spec.partition("=")
+        given.append((head, Path(rest)) if sep and head and "/" not in head else (None, Path(spec)))
+    resolved = [p.resolve() for _, p in given]
+    if len(set(resolved)) != len(resolved):
+        raise SystemExit("--fused: the same folder is given twice")
+    names: dict[str, Path] = {}
+    for (given_name, folder), full in zip(given, resolved):
+        name = given_name or ""
+        if given_name is None:
+            others = [r for r in resolved if r != full]
+            for depth in range(1, len(full.parts) + 1):
+                name = "_".join(full.parts[-depth:])
+                if not any("_".join(o.parts[-depth:]) == name for o in others):
+                    break
+        if name in names:
+            raise SystemExit(f"--fused: two methods are named {name!r}; name them with NAME=DIR")
+        names[name] = folder
+    return names
 
 
 def write_comparison(out: Path, means: dict[str, dict[str, float]], convention: str) -> None:
@@ -417,7 +443,7 @@ def run_arms(args: argparse.Namespace, out: Path, probe: bool = False) -> dict[s
             results[method]["weights_at"] = weights_at(trainer.loss, test_scenes)
             if callbacks:
                 results[method]["probe"] = callbacks[0].rows
-            write_weight_figure(out / "weights.png", trainer.loss, test_scenes[:4], fused_test[:4])
+            write_weight_figure(out / "weights.png", trainer.loss, [test_scenes[i] for i in range(4)], fused_test[:4])
     return results
 
 
@@ -788,7 +814,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=fuse)
     p = sub.add_parser("evaluate", help="six fusion metrics for one or several methods' fused folders")
-    p.add_argument("--fused", nargs="+", required=True, help="one folder per method")
+    p.add_argument(
+        "--fused",
+        nargs="+",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="one folder per method; named NAME, else by the shortest distinguishing end of its path",
+    )
     p.add_argument("--a", required=True, help="infrared folder")
     p.add_argument("--b", required=True, help="visible folder")
     p.add_argument("--out", required=True)
