@@ -49,8 +49,10 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "weights_only" in text.lower() or "Unsupported global" in text:
-            reason = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
+        # torch names the global a pickle asks for (a function, a class); anything else it
+        # cannot parse ("Unsupported operand ...") is simply not a pickle of weights.
+        reason = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global:" in line), "")
+        if reason:
             raise UnsafeCheckpointError(
                 f"{path} was not loaded: it asks to build objects or run code that a weights file does not need"
                 f"{f' ({reason})' if reason else ''}. Open it with torch.load(weights_only=False) only if you "

@@ -443,7 +443,8 @@ def run_arms(args: argparse.Namespace, out: Path, probe: bool = False) -> dict[s
             results[method]["weights_at"] = weights_at(trainer.loss, test_scenes)
             if callbacks:
                 results[method]["probe"] = callbacks[0].rows
-            write_weight_figure(out / "weights.png", trainer.loss, [test_scenes[i] for i in range(4)], fused_test[:4])
+            shown = [test_scenes[i] for i in range(min(4, len(test_scenes)))]
+            write_weight_figure(out / "weights.png", trainer.loss, shown, fused_test[: len(shown)])
     return results
 
 
@@ -804,10 +805,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights",
         required=True,
-        help="our last.pt (ReFusion, or --ablation V's weighted sum) or the released ReFusion/TDFusion .pth",
+        help="our last.pt (ReFusion, or --ablation V's weighted sum) or a released .pth: ReFusion_IVIF.pth "
+        "(--a infrared, --b visible), ReFusion_MIF.pth (--a CT/PET/SPECT, --b MRI), ReFusion_MFIF.pth "
+        "(--a near focus, --b far focus), ReFusion_MEIF.pth (--a under-exposed, --b over-exposed)",
     )
-    p.add_argument("--a", required=True, help="infrared image or folder")
-    p.add_argument("--b", required=True, help="visible image or folder (names matched by stem)")
+    p.add_argument("--a", required=True, help="first source image or folder (infrared for IVIF; see --weights)")
+    p.add_argument("--b", required=True, help="second source image or folder, names matched by stem (visible for IVIF)")
     p.add_argument("--out", required=True, help="output folder: <name>.png grey (stretched to 0-255), rgb/<name>.png")
     p.add_argument("--raw", action="store_true", help="also write <name>.npy, the float32 network output")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
