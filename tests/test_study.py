@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
 
+import study  # noqa: E402
 from study import FIXED_MAPS, paired_interval, weights_at  # noqa: E402
 from synthetic import make_scene, make_scenes, oracle_weights  # noqa: E402
 from tasks import median_frequency_weights  # noqa: E402
@@ -69,3 +70,23 @@ def test_median_frequency_weights() -> None:
     masks = [np.array([[0, 0, 0, 1], [0, 0, 1, 2]])]  # frequencies 5/8, 2/8, 1/8; class 3 absent
     w = median_frequency_weights(masks, 4)
     torch.testing.assert_close(w, torch.tensor([0.4, 1.0, 2.0, 0.0]))
+
+
+def test_the_probe_does_not_change_the_training_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """OracleProbe runs the task network in train mode (dropout): it must restore the RNG."""
+    import run
+
+    def fit(probe: bool) -> dict[str, torch.Tensor]:
+        args = run.build_parser().parse_args(
+            ["demo", "--epochs", "2", "--warmup-epochs", "0", "--meta-iterations", "1", "--meta-accumulation", "1"]
+            + ["--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path / str(probe))]
+        )
+        scenes = run.load_scenes(args, "train", "seg")
+        callbacks = [study.OracleProbe(run._probe_pairs(args, scenes), scenes[:2])] if probe else []
+        trainer = run.train(args, callbacks)
+        if probe:
+            assert len(callbacks[0].rows) == 2 and -1 <= callbacks[0].rows[0]["cos_to_oracle"] <= 1
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    plain, probed = fit(False), fit(True)
+    assert all(torch.equal(plain[k], probed[k]) for k in plain)

@@ -222,9 +222,9 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
             json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str)
         )
     try:
-        trainer.fit(resume=args.resume)
+        trainer.fit(resume=getattr(args, "resume", None))
     except (FileNotFoundError, ValueError) as err:
-        if args.resume is None or trainer.global_step:
+        if getattr(args, "resume", None) is None or trainer.global_step:
             raise
         raise SystemExit(f"--resume: {err}") from None
     return trainer
@@ -449,16 +449,15 @@ def run_arms(args: argparse.Namespace, out: Path, probe: bool = False) -> dict[s
 
 
 def _probe_pairs(args: argparse.Namespace, scenes: list[Scene] | SceneList) -> list[tuple[Any, Any]]:
-    """Four fixed (meta-train, meta-test) pairs of training samples for :class:`study.OracleProbe`."""
+    """Four fixed (meta-train, meta-test) pairs of training samples for :class:`study.OracleProbe`
+    (the scenes cycle when there are fewer than eight batches of them)."""
     g = torch.Generator().manual_seed(12345)
     dataset = FusionDataset(scenes, "seg", crop=args.crop, task_size=DATASETS["synthetic"]["task_size"])
     state = torch.get_rng_state()
     torch.manual_seed(12345)  # the crops' windows; the global stream is restored below
     order = torch.randperm(len(dataset), generator=g).tolist()
-    batches = [
-        collate([dataset[i] for i in order[j : j + args.batch_size]])
-        for j in range(0, 8 * args.batch_size, args.batch_size)
-    ]
+    size = args.batch_size
+    batches = [collate([dataset[order[(j + t) % len(order)]] for t in range(size)]) for j in range(0, 8 * size, size)]
     torch.set_rng_state(state)
     return list(zip(batches[0::2], batches[1::2]))
 
@@ -522,8 +521,8 @@ def demo_verdict(results: dict[str, Any]) -> list[str]:
     maps_ok = w["target_infrared"] >= 0.7 and w["marking_visible"] >= 0.7
     lines = [
         f"**Verdict (this seed):** the learned loss {'beats' if gain > 0 else 'does not beat'} the fixed "
-        f"w = 1/2 loss downstream by {gain:+.1f} mIoU points ({ours['downstream']['mIoU']:.1f} against "
-        f"{base['downstream']['mIoU']:.1f}), and its maps {'do' if maps_ok else 'do not'} put the expected "
+        f"w = 1/2 loss downstream: {ours['downstream']['mIoU']:.1f} against {base['downstream']['mIoU']:.1f} "
+        f"mIoU ({gain:+.1f} points), and its maps {'do' if maps_ok else 'do not'} put the expected "
         f"weight on each source: w_infrared = {w['target_infrared']:.2f} on hot targets, w_visible = "
         f"{w['marking_visible']:.2f} on markings (the bar is 0.7 each).",
         "",

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metaloss import ConstantWeights, LearnableLoss, MetaStep, MetaTrainer
+from metaloss.checkpoint import get_rng_state, set_rng_state
 from metaloss.fusion import ReFusion, tdfusion_loss
 
 __all__ = [
@@ -244,7 +245,15 @@ class OracleProbe:
         return {k: v[0] / max(np.sqrt(v[1] * v[2]), 1e-30) for k, v in dots.items()}
 
     def on_epoch_end(self, trainer: MetaTrainer, epoch: int) -> None:
-        row: dict[str, float] = {"epoch": epoch + 1, **self._cosines(trainer), **weights_at(trainer.loss, self.scenes)}
+        rng = get_rng_state()  # the task model's dropout draws: probing must not change the run
+        try:
+            row: dict[str, float] = {
+                "epoch": epoch + 1,
+                **self._cosines(trainer),
+                **weights_at(trainer.loss, self.scenes),
+            }
+        finally:
+            set_rng_state(rng)
         self.rows.append(row)
         if self.path is not None:
             import csv
