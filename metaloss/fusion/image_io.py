@@ -91,8 +91,10 @@ def fused_chroma(ycrcb_a: np.ndarray, colour_a: bool, ycrcb_b: np.ndarray, colou
     """The fused image's CrCb ``(H, W, 2)``: the colour source's, a blend of both, or ``None``.
 
     Args:
-        ycrcb_a, ycrcb_b: :func:`read_ycrcb` of the two sources.
-        colour_a, colour_b: :func:`has_colour` of each (grey images carry no chroma to keep).
+        ycrcb_a: :func:`read_ycrcb` of the first source.
+        colour_a: :func:`has_colour` of the first source (a grey image has no chroma to keep).
+        ycrcb_b: :func:`read_ycrcb` of the second source.
+        colour_b: :func:`has_colour` of the second source.
     """
     if colour_a and colour_b:
         return blend_chroma(ycrcb_a[..., 1:], ycrcb_b[..., 1:])
