@@ -25,6 +25,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights_file",
     "save_checkpoint",
+    "save_safetensors",
     "set_rng_state",
 ]
 
@@ -36,6 +37,9 @@ class UnsafeCheckpointError(ValueError):
 def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
     """``torch.load`` a file with ``weights_only=True``, with errors that name the file.
 
+    A ``.safetensors`` file is read with :func:`safetensors.torch.load_file` (a flat dict of
+    tensors).
+
     Raises:
         FileNotFoundError: nothing at ``path``.
         UnsafeCheckpointError: the file's pickle asks for more than tensors and plain containers
@@ -45,6 +49,15 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
+    if path.suffix == ".safetensors":  # a format that holds tensors only, by design
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        device = str(map_location) if map_location is not None else "cpu"
+        try:
+            return load_file(path, device=device)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({str(err)[:160]})") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -80,6 +93,27 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+    """Write a module's ``state_dict()`` as ``.safetensors`` atomically (temporary file, rename).
+
+    The deployment format for network weights: it holds tensors only, so opening it can never
+    run code (https://huggingface.co/docs/safetensors).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -82,7 +82,7 @@ def test_the_probe_does_not_change_the_training_run(tmp_path) -> None:  # type: 
             + ["--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path / str(probe))]
         )
         scenes = run.load_scenes(args, "train", "seg")
-        callbacks = [study.OracleProbe(run._probe_pairs(args, scenes), scenes[:2])] if probe else []
+        callbacks = [study.OracleProbe(run._probe_pairs(args, scenes), [scenes[0], scenes[1]])] if probe else []
         trainer = run.train(args, callbacks)
         if probe:
             assert len(callbacks[0].rows) == 2 and -1 <= callbacks[0].rows[0]["cos_to_oracle"] <= 1

@@ -424,3 +424,30 @@ def test_released_multi_focus_and_multi_exposure_fuse_as_released(
                 return float(((level <= 0) | (level >= 255)).mean())
 
             assert clipped(raw * 255.0) < min(clipped(ya[..., 0]), clipped(yb[..., 0]))
+
+
+def test_training_writes_fusion_safetensors_that_fuse_reads(shared_data: Path, tmp_path: Path) -> None:
+    """`train` leaves the fusion network as fusion.safetensors beside last.pt; `fuse` gives the
+    same output from either; a damaged .safetensors is a command-line error naming it."""
+    run.main(
+        ["train", "--epochs", "1", "--meta-iterations", "1", "--model-iterations", "1", "--synthetic-train", "4"]
+        + ["--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path / "run"), "--quiet"]
+    )
+    weights = tmp_path / "run" / "fusion.safetensors"
+    assert weights.is_file() and not list((tmp_path / "run").glob(".*.tmp"))
+    pair = shared_data / "ReFusion/test_cases/MIF"
+    args = [
+        "--a",
+        str(pair / "CT_PET_SPECT/MRI_PET_14.png"),
+        "--b",
+        str(pair / "MRI/MRI_PET_14.png"),
+        "--raw",
+        "--quiet",
+    ]
+    run.main(["fuse", "--weights", str(tmp_path / "run" / "last.pt"), *args, "--out", str(tmp_path / "pt")])
+    run.main(["fuse", "--weights", str(weights), *args, "--out", str(tmp_path / "st")])
+    np.testing.assert_array_equal(np.load(tmp_path / "pt/MRI_PET_14.npy"), np.load(tmp_path / "st/MRI_PET_14.npy"))
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="damaged.safetensors"):
+        run.main(["fuse", "--weights", str(damaged), *args, "--out", str(tmp_path / "d")])

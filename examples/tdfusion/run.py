@@ -43,7 +43,8 @@ from tasks import TASK_KINDS, StandardizedInput, build_task, median_frequency_we
 from tqdm.auto import tqdm  # noqa: E402
 
 from metaloss import ConstantWeights, CSVLogger, InnerSGD, LearnableLoss, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
-from metaloss.distributed import rank_and_world_size  # noqa: E402
+from metaloss.checkpoint import save_safetensors  # noqa: E402
+from metaloss.distributed import rank_and_world_size, unwrap  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss  # noqa: E402
 from metaloss.fusion.image_io import fused_chroma, has_colour, read_bgr, read_grey, write_grey, write_ycrcb_as_rgb  # noqa: E402
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
@@ -227,6 +228,8 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
         if getattr(args, "resume", None) is None or trainer.global_step:
             raise
         raise SystemExit(f"--resume: {err}") from None
+    if trainer.rank == 0:  # the fusion network alone, for deployment (fuse --weights reads it)
+        save_safetensors(unwrap(trainer.model).state_dict(), out / "fusion.safetensors")
     return trainer
 
 
@@ -795,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-epochs", type=int, default=30, help="epochs of each arm's fresh task network")
     p.add_argument("--out", default="tdfusion_out/demo", help="report folder")
     p.set_defaults(func=demo)
-    p = sub.add_parser("train", help="train TDFusion (resumable); writes last.pt, config.json, logs/")
+    p = sub.add_parser("train", help="train TDFusion (resumable); writes last.pt, fusion.safetensors, config.json, logs/")
     _train_options(p)
     p.add_argument("--resume", help="continue from a checkpoint (last.pt)")
     p.add_argument("--out", required=True, help="run folder")
@@ -804,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights",
         required=True,
-        help="our last.pt (ReFusion, or --ablation V's weighted sum) or a released .pth: ReFusion_IVIF.pth "
+        help="our last.pt or fusion.safetensors (ReFusion, or --ablation V's weighted sum) or a released .pth: "
+        "ReFusion_IVIF.pth "
         "(--a infrared, --b visible), ReFusion_MIF.pth (--a CT/PET/SPECT, --b MRI), ReFusion_MFIF.pth "
         "(--a near focus, --b far focus), ReFusion_MEIF.pth (--a under-exposed, --b over-exposed)",
     )
