@@ -798,7 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-epochs", type=int, default=30, help="epochs of each arm's fresh task network")
     p.add_argument("--out", default="tdfusion_out/demo", help="report folder")
     p.set_defaults(func=demo)
-    p = sub.add_parser("train", help="train TDFusion (resumable); writes last.pt, fusion.safetensors, config.json, logs/")
+    p = sub.add_parser(
+        "train", help="train TDFusion (resumable); writes last.pt, fusion.safetensors, config.json, logs/"
+    )
     _train_options(p)
     p.add_argument("--resume", help="continue from a checkpoint (last.pt)")
     p.add_argument("--out", required=True, help="run folder")
