@@ -35,7 +35,7 @@ from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
 from metaloss.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from metaloss.distributed import all_gather_objects, rank_and_world_size, unwrap
 from metaloss.hypergradient import HypergradientMode
-from metaloss.inner_step import BufferPolicy, InnerRule
+from metaloss.inner_step import BufferPolicy, InnerRule, StatelessModule
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
 from metaloss.meta_step import MetaStep, TaskLoss, checked_task_loss
 from metaloss.outer import OuterRule, make_outer_optimizer
@@ -231,6 +231,9 @@ class MetaTrainer:
             activation_checkpointing=cfg.activation_checkpointing,
             map_gradient=cfg.map_gradient,
         )
+        # Views that run F and T on copies of their buffers (second forwards in model_step).
+        self._model_discard = StatelessModule(unwrap(model), BufferPolicy.DISCARD)
+        self._task_discard = StatelessModule(unwrap(task_model), BufferPolicy.DISCARD)
         self.position = Position()
         self.global_step = 0
         if len(dataset) < 2 and self.learns_loss and cfg.meta_iterations > 0:  # type: ignore[arg-type]
@@ -298,11 +301,22 @@ class MetaTrainer:
             prediction = self.model(*adapter.model_args(batch))
         out = self.loss(sources, prediction, detach_weights=True)
         model_total = out.total
+        # The second forward of each module in this step leaves its buffers (BatchNorm running
+        # statistics) alone: they move once per ordinary step, as in a plain training loop.
+        # Under DDP the wrapped module runs as before (DDP must see its own forward).
+        single = self.world_size == 1
+        model_view, task_view_module = self._model_discard, self._task_discard
         with self._autocast(), torch.set_grad_enabled(joint > 0):
-            task_view = self.model(*adapter.task_model_args(batch))
+            args = adapter.task_model_args(batch)
+            task_view = model_view(model_view.parameters, *args) if single else self.model(*args)
         if joint > 0:
-            with self._autocast():  # unwrapped: this backward steps only the model
-                joint_out = unwrap(self.task_model)(*adapter.task_args(batch, task_view))
+            with self._autocast():  # T's parameters detached: this backward steps only the model
+                joint_args = adapter.task_args(batch, task_view)
+                joint_out = (
+                    task_view_module(task_view_module.snapshot(False), *joint_args)
+                    if single
+                    else unwrap(self.task_model)(*joint_args)
+                )
             model_total = model_total + joint * checked_task_loss(self.task_loss, joint_out, batch)
         self.model_optimizer.zero_grad(set_to_none=True)
         model_total.backward(inputs=[p for p in self.model.parameters() if p.requires_grad])

@@ -76,3 +76,22 @@ def test_module_terms_follow_the_loss_in_to_and_state_dict() -> None:
     loss = LearnableLoss(SmallGenerator(), {"scaled": _ScaledTerm(), "plain": weighted_squared_error}).double()
     assert loss.term_modules["scaled"].scale.dtype == torch.float64
     assert "term_modules.scaled.scale" in loss.state_dict()
+
+
+@pytest.mark.parametrize("joint", [0.0, 1.0])
+def test_an_ordinary_step_moves_batchnorm_statistics_once(joint: float) -> None:
+    """model_step runs F twice (fusion crop, task view) and, with joint_task_weight > 0, T twice:
+    the running statistics of each must move once per step, as in a plain training loop."""
+    torch.manual_seed(0)
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    fusion, task = SmallFusion(batchnorm=True), SmallSegmenter(batchnorm=True)
+    cfg = MetaTrainerConfig(epochs=1, meta_iterations=0, batch_size=4, joint_task_weight=joint, progress=False)
+    trainer = MetaTrainer(fusion, loss, task, seg_loss, InformativeSource(8), config=cfg)
+    fusion.train(), task.train()
+    batch = next(iter(trainer._loader(list(range(4)))))
+    trainer.model_step(batch)
+    counts = [int(b) for name, b in [*fusion.named_buffers(), *task.named_buffers()] if "num_batches_tracked" in name]
+    assert counts and all(c == 1 for c in counts)
+    before = [p.detach().clone() for p in fusion.parameters()]
+    trainer.model_step(batch)
+    assert any(not torch.equal(a, b) for a, b in zip(before, fusion.parameters()))  # F still learns
