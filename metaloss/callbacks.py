@@ -53,6 +53,18 @@ def flatten_stats(stats: Any) -> dict[str, float | int | bool]:
     return flat
 
 
+def append_csv_row(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
+    """Append ``row`` to the CSV file at ``path``, writing the header first if the file is new or empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 class CSVLogger(Callback):
     """Append every step's statistics to ``meta.csv`` and ``model.csv`` in ``directory``.
 
@@ -67,13 +79,7 @@ class CSVLogger(Callback):
 
     def _write(self, name: str, trainer: MetaTrainer, stats: Any) -> None:
         row = {"epoch": trainer.position.epoch, "step": trainer.position.step, **flatten_stats(stats)}
-        path = self.directory / name
-        new = not path.exists() or path.stat().st_size == 0
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv_row(self.directory / name, row)
 
     def on_meta_step(self, trainer: MetaTrainer, stats: MetaStepStats) -> None:
         self._write("meta.csv", trainer, stats)

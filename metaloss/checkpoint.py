@@ -68,7 +68,7 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
         if reason:
             raise UnsafeCheckpointError(
                 f"{path} was not loaded: it asks to build objects or run code that a weights file does not need"
-                f"{f' ({reason})' if reason else ''}. Open it with torch.load(weights_only=False) only if you "
+                f" ({reason}). Open it with torch.load(weights_only=False) only if you "
                 "trust where it came from."
             ) from None
         raise ValueError(f"{path} is not a PyTorch weights file (its contents do not unpickle: {text[:120]})") from None

@@ -68,7 +68,12 @@ class HypergradientResult:
 
     def is_finite(self) -> bool:
         """Whether every entry of :attr:`grads` is finite."""
-        return all(bool(torch.isfinite(g).all()) for g in self.grads)
+        return all_finite(self.grads)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _grad(

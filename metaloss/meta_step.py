@@ -18,7 +18,7 @@ averaged over the ranks explicitly before it is stepped.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from metaloss.hypergradient import (
     HypergradientMode,
     HypergradientResult,
     NonFiniteHypergradientError,
+    all_finite,
     hypergradient,
 )
 from metaloss.inner_step import BufferPolicy, InnerRule, InnerSGD, StatelessModule
@@ -334,7 +335,7 @@ class MetaStep:
         self._pending, self._pending_count = None, 0
         if self._across_ranks():  # then every rank reaches the same verdict below
             grads = all_reduce_mean(grads)
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
+        if not all_finite(grads):
             self.skipped_total += 1
             if self.nonfinite == "raise":
                 raise NonFiniteHypergradientError(
@@ -351,10 +352,22 @@ class MetaStep:
     def step(self, train_batch: Any, test_batch: Any) -> MetaStepStats:
         """Compute the meta-gradient of one pair and step the loss generator with it.
 
-        :meth:`accumulate` then :meth:`apply`; ``stats.skipped`` says whether the step was
-        skipped for a non-finite meta-gradient.
+        ``stats.skipped`` says whether the step was skipped for a non-finite meta-gradient.
         """
-        stats = self.accumulate(train_batch, test_batch)
+        return self.step_averaged([(train_batch, test_batch)])
+
+    def step_averaged(self, pairs: Sequence[tuple[Any, Any]]) -> MetaStepStats:
+        """One step of the loss generator on the mean meta-gradient of ``pairs``.
+
+        :meth:`accumulate` for each ``(train_batch, test_batch)`` pair, then :meth:`apply`.
+
+        Returns:
+            The statistics of the last pair, with ``skipped`` set for a non-finite mean.
+        """
+        if not pairs:
+            raise ValueError("step_averaged needs at least one (train_batch, test_batch) pair")
+        for train_batch, test_batch in pairs:
+            stats = self.accumulate(train_batch, test_batch)
         try:
             stepped = self.apply()
         except NonFiniteHypergradientError as err:

@@ -305,15 +305,14 @@ class MetaTrainer:
         # statistics) alone: they move once per ordinary step, as in a plain training loop.
         # Under DDP the wrapped module runs as before (DDP must see its own forward).
         single = self.world_size == 1
-        model_view, task_view_module = self._model_discard, self._task_discard
         with self._autocast(), torch.set_grad_enabled(joint > 0):
             args = adapter.task_model_args(batch)
-            task_view = model_view(model_view.parameters, *args) if single else self.model(*args)
+            task_view = self._model_discard(self._model_discard.parameters, *args) if single else self.model(*args)
         if joint > 0:
             with self._autocast():  # T's parameters detached: this backward steps only the model
                 joint_args = adapter.task_args(batch, task_view)
                 joint_out = (
-                    task_view_module(task_view_module.snapshot(False), *joint_args)
+                    self._task_discard(self._task_discard.snapshot(False), *joint_args)
                     if single
                     else unwrap(self.task_model)(*joint_args)
                 )
@@ -428,10 +427,7 @@ class MetaTrainer:
 
     def _meta_iteration(self, pairs: Sequence[tuple[Any, Any]]) -> dict[str, str]:
         """One outer step of the loss generator on the mean meta-gradient of ``pairs``."""
-        for pair in pairs:
-            stats = self.meta_step.accumulate(*pair)
-        stepped = self.meta_step.apply()
-        stats = dataclasses.replace(stats, skipped=not stepped, skipped_total=self.meta_step.skipped_total)
+        stats = self.meta_step.step_averaged(pairs)
         if not self.config.model_phase:  # ablation IV: the ordinary steps ride along, and are reported
             for pair in pairs:
                 self._emit("on_model_step", self.model_step(pair[0]))

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "metaloss-ultralytics"))
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -38,6 +36,7 @@ from data import (  # noqa: E402
     paired_files,
     to_unit,
 )
+from study import OracleProbe, downstream_miou, fuse_arrays, fuse_scenes, weights_at  # noqa: E402
 from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
 from tasks import TASK_KINDS, StandardizedInput, build_task, median_frequency_weights  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -46,7 +45,15 @@ from metaloss import ConstantWeights, CSVLogger, InnerSGD, LearnableLoss, MetaTr
 from metaloss.checkpoint import save_safetensors  # noqa: E402
 from metaloss.distributed import rank_and_world_size, unwrap  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss  # noqa: E402
-from metaloss.fusion.image_io import fused_chroma, has_colour, read_bgr, read_grey, write_grey, write_ycrcb_as_rgb  # noqa: E402
+from metaloss.fusion.image_io import (  # noqa: E402
+    fused_chroma,
+    has_colour,
+    read_bgr,
+    read_grey,
+    to_ycrcb,
+    write_grey,
+    write_ycrcb_as_rgb,
+)
 from metaloss.fusion.metrics import METRICS, evaluate_fusion  # noqa: E402
 
 # Section 4.1 of the paper and the released code: dataset -> (classes incl. background, task size).
@@ -222,22 +229,16 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
         (out / "config.json").write_text(
             json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str)
         )
+    resume = getattr(args, "resume", None)  # the demo has no --resume
     try:
-        trainer.fit(resume=getattr(args, "resume", None))
+        trainer.fit(resume=resume)
     except (FileNotFoundError, ValueError) as err:
-        if getattr(args, "resume", None) is None or trainer.global_step:
+        if resume is None or trainer.global_step:
             raise
         raise SystemExit(f"--resume: {err}") from None
     if trainer.rank == 0:  # the fusion network alone, for deployment (fuse --weights reads it)
         save_safetensors(unwrap(trainer.model).state_dict(), out / "fusion.safetensors")
     return trainer
-
-
-@torch.no_grad()
-def fuse_arrays(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, device: torch.device) -> np.ndarray:
-    """The network's raw output (float32, [0, 1]) for two 0-255 luminance images."""
-    x = torch.cat([to_unit(a), to_unit(b)], dim=1).to(device)
-    return model(x)[0, 0].float().cpu().numpy()
 
 
 def stretch(raw: np.ndarray) -> np.ndarray:
@@ -285,7 +286,7 @@ def fuse(args: argparse.Namespace) -> Path:
         bgr_a, bgr_b = read_bgr(pa), read_bgr(pb)
         if bgr_a.shape != bgr_b.shape:
             raise SystemExit(f"{pa} and {pb} differ in size: {bgr_a.shape[:2]} vs {bgr_b.shape[:2]}")
-        ya, yb = (cv2.cvtColor(x, cv2.COLOR_BGR2YCrCb) for x in (bgr_a, bgr_b))
+        ya, yb = to_ycrcb(bgr_a), to_ycrcb(bgr_b)
         raw = fuse_arrays(model, ya[..., 0], yb[..., 0], device)
         grey = stretch(raw)
         write_grey(out / f"{name}.png", grey)
@@ -402,8 +403,6 @@ def run_arms(args: argparse.Namespace, out: Path, probe: bool = False) -> dict[s
     loss puts its weight (:func:`study.weights_at`) and, with ``probe``, the per-epoch
     :class:`study.OracleProbe` rows.
     """
-    from study import OracleProbe, downstream_miou, fuse_scenes, weights_at
-
     train_scenes = load_scenes(args, "train", "seg")
     test_scenes = load_scenes(args, "test", "seg")
     results: dict[str, Any] = {}

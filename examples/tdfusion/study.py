@@ -5,7 +5,8 @@ benchmark (``benchmarks/learned_vs_fixed.py``) and the demo share:
 
 - :func:`train_fusion_fixed` trains ReFusion under a *fixed* per-pixel weight map (the oracle from
   the ground truth, ``1/2``, one source only), with the same loss terms TDFusion uses;
-- :func:`fuse_scenes` runs a fusion network over whole scenes;
+- :func:`fuse_arrays` runs a fusion network on one pair (the ``fuse`` command uses it too), and
+  :func:`fuse_scenes` over whole scenes;
 - :func:`downstream_miou` is the paper's protocol (section 4.3) on those images: a fresh
   SegFormer-b0 trained on the fused training scenes, scored on the fused test scenes;
 - :func:`weights_at` says where a learned loss puts its weight: the mean infrared weight on
@@ -17,6 +18,7 @@ benchmark (``benchmarks/learned_vs_fixed.py``) and the demo share:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +31,8 @@ from tasks import TaskName, build_task
 from torch import nn
 from tqdm.auto import tqdm
 
-from metaloss import ConstantWeights, LearnableLoss, MetaStep, MetaTrainer
+from metaloss import ConstantWeights, LearnableLoss, MetaTrainer
+from metaloss.callbacks import append_csv_row
 from metaloss.checkpoint import get_rng_state, set_rng_state
 from metaloss.fusion import ReFusion, tdfusion_loss
 
@@ -37,6 +40,7 @@ __all__ = [
     "FIXED_MAPS",
     "OracleProbe",
     "downstream_miou",
+    "fuse_arrays",
     "fuse_scenes",
     "paired_interval",
     "train_fusion_fixed",
@@ -97,15 +101,17 @@ def train_fusion_fixed(
 
 
 @torch.no_grad()
+def fuse_arrays(model: nn.Module, a: np.ndarray, b: np.ndarray, device: torch.device) -> np.ndarray:
+    """The network's raw output (float32, [0, 1]) for two 0-255 luminance images."""
+    x = torch.cat([to_unit(a), to_unit(b)], dim=1).to(device)
+    return model(x)[0, 0].float().cpu().numpy()
+
+
 def fuse_scenes(model: nn.Module, scenes: Sequence[Scene]) -> list[np.ndarray]:
     """The fusion network's output on each whole scene, on the 0-255 scale (float32 ``(H, W)``)."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for s in scenes:
-        x = torch.cat([to_unit(s.a), to_unit(s.b)], dim=1).to(device)
-        out.append(model(x)[0, 0].float().cpu().numpy() * 255.0)
-    return out
+    return [fuse_arrays(model, s.a, s.b, device) * 255.0 for s in scenes]
 
 
 def downstream_miou(
@@ -142,6 +148,11 @@ def downstream_miou(
     )
 
 
+def _day_or_night(name: str) -> str:
+    """``"night"`` for a dark procedural scene (its name ends in ``N``, as MSRS's do), else ``"day"``."""
+    return "night" if name.endswith("N") else "day"
+
+
 @torch.no_grad()
 def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]:
     """Where a learnable loss puts its weight on whole scenes.
@@ -153,11 +164,11 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         has no such pixel).
     """
     sums: dict[str, list[float]] = {}
+    device = next(iter(loss.parameters()), torch.empty(0)).device
     for s in scenes:
-        device = next(iter(loss.parameters()), torch.empty(0)).device
         w = loss.weights([to_unit(s.a).to(device), to_unit(s.b).to(device)])[0].float().cpu().numpy()
         mask = s.label_mask()
-        when = "night" if s.name.endswith("N") else "day"
+        when = _day_or_night(s.name)
         for key, pixels, values in (
             ("target_infrared", (mask == 1) | (mask == 2), w[0]),
             ("marking_visible", mask == 3, w[1]),
@@ -194,8 +205,9 @@ class OracleProbe:
     weight map ``w`` (no step is taken) and the cosine between the descent direction ``-g`` and
     the direction toward the oracle ``w* - w`` over the labelled pixels (targets and markings),
     by day and by night. As ``w_a + w_b = 1``, only ``w_a - w_b`` matters: the cosine is taken
-    between the two directions' ``a - b`` components. and :func:`weights_at` on ``scenes``. Rows go to ``rows``
-    and, with ``path``, to a CSV file.
+    between the two directions' ``a - b`` components. It also records :func:`weights_at` on
+    ``scenes``. Rows go to ``rows`` and, with ``path``, to a CSV file. The probe runs the trainer's
+    own meta step (every option kept) and restores the random state, so the run is unchanged.
 
     Args:
         pairs: probe ``(meta-train batch, meta-test batch)`` pairs, already collated.
@@ -210,20 +222,8 @@ class OracleProbe:
         self.rows: list[dict[str, float]] = []
 
     def _cosines(self, trainer: MetaTrainer) -> dict[str, float]:
-        source = trainer.meta_step
-        probe = MetaStep(
-            trainer.model,
-            trainer.loss,
-            trainer.task_model,
-            trainer.task_loss,
-            model_optimizer=trainer.model_optimizer,
-            task_optimizer=trainer.task_optimizer,
-            adapter=trainer.adapter,
-            inner=source.inner,
-            task_inner=source.task_inner,
-            mode=source.mode,
-            weight_map_grad=True,
-        )
+        probe = copy.copy(trainer.meta_step)  # the same options; only hypergradient() is called
+        probe.weight_map_grad = True
         dots: dict[str, list[float]] = {}
         for train_batch, test_batch in self.pairs:
             _, stats = probe.hypergradient(train_batch, test_batch)
@@ -233,7 +233,7 @@ class OracleProbe:
             toward = oracle - stats.weights.float().cpu()
             descent = -stats.weight_map_grad.float().cpu()
             for i, name in enumerate(train_batch["name"]):
-                when = "night" if name.endswith("N") else "day"
+                when = _day_or_night(name)
                 labelled = (masks[i] > 0).cpu()
                 t = toward[i][0, labelled] - toward[i][1, labelled]
                 d = descent[i][0, labelled] - descent[i][1, labelled]
@@ -256,14 +256,4 @@ class OracleProbe:
             set_rng_state(rng)
         self.rows.append(row)
         if self.path is not None:
-            import csv
-            from pathlib import Path
-
-            path = Path(self.path)
-            new = not path.exists()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_csv_row(self.path, row)

@@ -28,6 +28,7 @@ __all__ = [
     "read_bgr",
     "read_grey",
     "read_ycrcb",
+    "to_ycrcb",
     "write_grey",
     "write_ycrcb_as_rgb",
 ]
@@ -62,9 +63,14 @@ def read_grey(path: str | os.PathLike[str]) -> np.ndarray:
     return np.round(cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2GRAY)).astype(np.float32)
 
 
+def to_ycrcb(bgr: np.ndarray) -> np.ndarray:
+    """OpenCV YCrCb of a float BGR image, ``(H, W, 3)`` float32, Y on 0-255 (chroma about 0.5)."""
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2YCrCb)
+
+
 def read_ycrcb(path: str | os.PathLike[str]) -> np.ndarray:
-    """OpenCV YCrCb of the float BGR image, ``(H, W, 3)`` float32, Y on 0-255."""
-    return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2YCrCb)
+    """:func:`to_ycrcb` of the image at ``path``."""
+    return to_ycrcb(read_bgr(path))
 
 
 def has_colour(bgr: np.ndarray) -> bool:
