@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the meta step")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N costliest ops of one meta step")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -113,6 +114,16 @@ def main() -> None:
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
         print(f"peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            meta.step(batch, batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60))
 
 
 if __name__ == "__main__":

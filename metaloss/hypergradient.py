@@ -1,4 +1,4 @@
-"""Hypergradients through one inner step: exact (second order) and finite-difference.
+"""Hypergradients through inner steps: exact (second order) and finite-difference.
 
 Notation: ``theta`` are the model's parameters, ``phi`` the loss generator's, ``L_in(theta, phi)``
 the learnable (inner) loss, ``U`` the inner update (``theta' = U(theta, g)``, ``g = dL_in/dtheta``)
@@ -15,6 +15,11 @@ central difference,
     (dg/dphi)^T w  ~=  [dL_in/dphi(theta + e w) - dL_in/dphi(theta - e w)] / (2 e),
 
 with ``e`` chosen so that ``||e w|| = fd_eps * max(||theta||, 1)``.
+
+*Several inner steps* (``steps = k``, exact mode only) unroll ``theta_{i+1} = U(theta_i, g_i)``
+k times on the same inner loss and back-propagate through all of them (Finn et al. 2017). The
+graph of every step stays alive until the outer backward, so time and activation memory grow
+about linearly with k.
 
 References:
     Liu, Simonyan, Yang, "DARTS: Differentiable Architecture Search", ICLR 2019, eq. (7)-(8).
@@ -96,6 +101,7 @@ def hypergradient(
     *,
     mode: HypergradientMode = "exact",
     fd_eps: float = 1e-4,
+    steps: int = 1,
 ) -> HypergradientResult:
     """Differentiate ``outer_loss(update(params, grad inner_loss(params)))`` with respect to ``wrt``.
 
@@ -103,26 +109,34 @@ def hypergradient(
 
     Args:
         inner_loss: ``theta -> L_in`` with a graph to ``wrt``.
-        update: the differentiable inner update ``(theta, g) -> theta'``.
+        update: the differentiable inner update ``(theta, g) -> theta'`` (called ``steps`` times;
+            it may carry state, such as momentum, from one call to the next).
         outer_loss: ``theta' -> L_out``.
         params: ``theta`` as leaves that require grad.
         wrt: the loss generator's parameters.
         mode: ``"exact"`` or ``"finite_difference"``.
         fd_eps: relative size of the finite-difference perturbation.
+        steps: inner steps to differentiate through (more than 1 needs ``mode="exact"``).
 
     Returns:
-        The hypergradient with the inner and outer loss values.
+        The hypergradient with the inner and outer loss values (the inner loss of the first step).
     """
     wrt = tuple(wrt)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     if mode == "exact":
-        l_in = inner_loss(params)
-        g = _grad(l_in, params, create_graph=True)
-        new_params = update(params, g)
+        losses, new_params = [], params
+        for _ in range(steps):
+            losses.append(inner_loss(new_params))
+            new_params = update(new_params, _grad(losses[-1], new_params, create_graph=True))
+        l_in = losses[0]
         l_out = outer_loss(new_params)
         grads = _grad(l_out, wrt)
         return HypergradientResult(grads, l_in.detach(), l_out.detach())
     if mode != "finite_difference":
         raise ValueError(f"mode must be 'exact' or 'finite_difference', got {mode!r}")
+    if steps != 1:
+        raise ValueError(f"mode='finite_difference' differentiates through one inner step; use 'exact' for {steps}")
     if fd_eps <= 0:
         raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
 

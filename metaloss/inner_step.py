@@ -1,24 +1,35 @@
 """The stateless, differentiable inner step.
 
 A virtual step never touches the user's module: parameters are taken as detached leaves, the
-module is run through :func:`torch.func.functional_call`, and updates come from torchopt's
-functional optimisers with ``inplace=False``.
+module is run through :func:`torch.func.functional_call`, and the update is a differentiable,
+out-of-place copy of one step of the user's real optimiser.
+
+A virtual step must be the step the real optimiser would take, or the meta-gradient describes
+another training run. So the inner rules read, for each parameter, *its own* param group
+(learning rate, momentum, dampening, Nesterov, betas, eps, weight decay, decoupled decay,
+``maximize``, AMSGrad) and its state (momentum buffer; Adam's moments and step count), leave a
+parameter that does not train (``requires_grad=False``, or not held by the optimiser) where it
+is, and follow the update formulas of ``torch.optim.SGD`` and ``torch.optim.Adam`` / ``AdamW``
+as documented (tested equal to one real ``optimizer.step()`` in float64 over a grid of options).
+They are written here in plain tensor algebra rather than with torchopt's functional optimisers
+because those keep SGD's first-step flag in a closure (a real momentum buffer cannot seed them),
+have no AMSGrad and take one set of hyperparameters per transform.
 
 References:
     Finn et al., "Model-Agnostic Meta-Learning", ICML 2017 (the virtual step).
-    Ren et al., "TorchOpt: An Efficient Library for Differentiable Optimization", JMLR 2023.
+    Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015; Loshchilov and
+    Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (AdamW).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torchopt
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
@@ -28,6 +39,7 @@ __all__ = [
     "InnerAdam",
     "InnerRule",
     "InnerSGD",
+    "InnerUpdate",
     "StatelessModule",
 ]
 
@@ -93,43 +105,121 @@ class StatelessModule:
             return functional_call(self.module, state, args, tie_weights=True, strict=False)
 
 
-class InnerRule(Protocol):
-    """An inner update rule: ``params' = rule.step(params, grads)``, differentiable."""
+InnerUpdate = Callable[[Params, Params], Params]
+"""``update(theta, grads) -> theta'``: one differentiable virtual step. It carries its rule's state
+(momentum buffers, Adam's moments) from one call to the next, so calling it k times unrolls k
+steps of the real optimiser."""
 
-    def step(
-        self,
-        params: Params,
-        grads: Params,
-        real_params: Sequence[nn.Parameter],
-        optimizer: torch.optim.Optimizer | None,
-    ) -> Params:
-        """Return the updated parameters (no in-place change to any input)."""
+
+class InnerRule(Protocol):
+    """An inner update rule: starts a run of differentiable virtual steps."""
+
+    def start(
+        self, params: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
+    ) -> InnerUpdate:
+        """The update function of a run of virtual steps that starts at ``params``.
+
+        Args:
+            params: the parameters the run starts from (leaves of the virtual step's graph).
+            real_params: the module's real parameters, in the same order (read for
+                ``requires_grad`` and to find their param group and optimiser state).
+            optimizer: the module's real optimiser (read only; ``None``: the rule's own settings).
+        """
         ...
 
 
-def _resolve_lr(lr: float | None, optimizer: torch.optim.Optimizer | None, who: str) -> float:
-    if lr is not None:
-        return float(lr)
-    if optimizer is None:
+_SUPPORTED = {
+    "SGD": {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"},
+    "Adam": {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"},
+}
+# Options that choose an implementation, not the arithmetic, and so do not matter to a virtual step.
+_IMPLEMENTATION = {"params", "foreach", "fused", "capturable", "differentiable", "initial_lr"}
+
+
+def _groups_of(
+    real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None, family: str | None
+) -> list[dict[str, Any] | None]:
+    """Each parameter's param group (``None``: the parameter does not train; ``{}``: no optimiser),
+    checked against the options of ``family`` that the rule reproduces (``None``: not checked)."""
+    group_of: dict[int, dict[str, Any]] = {}
+    if optimizer is not None:
+        for i, group in enumerate(optimizer.param_groups):
+            unknown = sorted(set(group) - _SUPPORTED[family] - _IMPLEMENTATION) if family else []
+            if unknown:
+                raise ValueError(
+                    f"the virtual {family} step cannot reproduce {type(optimizer).__name__} option(s) {unknown} "
+                    f"(param group {i}); a virtual step must equal the real one, so leave them at their defaults "
+                    "or pass the inner rule an optimiser without them"
+                )
+            for p in group["params"]:
+                group_of[id(p)] = group
+    out: list[dict[str, Any] | None] = []
+    for p in real_params:
+        if not p.requires_grad or (optimizer is not None and id(p) not in group_of):
+            out.append(None)
+        else:
+            out.append(group_of.get(id(p), {}))
+    return out
+
+
+def _lr(own: float | None, group: dict[str, Any], who: str) -> float:
+    if own is not None:
+        return float(own)
+    if "lr" not in group:
         raise ValueError(f"{who}(lr=None) follows the real optimiser's learning rate, but none was given")
-    return float(optimizer.param_groups[0]["lr"])
-
-
-def _apply(transform: torchopt.base.GradientTransformation, state: Any, params: Params, grads: Params) -> Params:
-    updates, _ = transform.update(grads, state, params=params, inplace=False)
-    return tuple(torchopt.apply_updates(params, updates, inplace=False))
+    return float(group["lr"])
 
 
 @dataclass(frozen=True)
 class InnerSGD:
-    """One plain SGD step, ``theta' = theta - lr * g`` (the paper's eq. 4).
+    """A virtual step of SGD, ``theta' = theta - lr * g`` (the paper's eq. 4).
+
+    With a real ``torch.optim.SGD`` the step is that optimiser's, option for option and param
+    group by group: momentum (seeded from its momentum buffers), dampening, Nesterov, weight
+    decay and ``maximize``. With any other optimiser (a real Adam, as in the released TDFusion
+    code) it is a plain SGD step at each param group's learning rate. A parameter with
+    ``requires_grad=False``, or one the optimiser does not hold, stays where it is.
 
     Args:
-        lr: step size; ``None`` follows the real optimiser's current learning rate (as the
-            released TDFusion code does).
+        lr: step size for every parameter; ``None`` follows each param group's learning rate.
     """
 
     lr: float | None = None
+
+    def start(
+        self, params: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
+    ) -> InnerUpdate:
+        sgd = isinstance(optimizer, torch.optim.SGD)
+        groups = _groups_of(real_params, optimizer, "SGD" if sgd else None)
+        if not sgd:  # plain SGD at each group's lr: another optimiser's options are not SGD's
+            groups = [None if g is None else {k: v for k, v in g.items() if k == "lr"} for g in groups]
+        settings = [None if g is None else {**g, "lr": _lr(self.lr, g, "InnerSGD")} for g in groups]
+        buffers: list[Tensor | None] = []
+        for p, g, leaf in zip(real_params, settings, params, strict=True):
+            state = optimizer.state.get(p, {}) if sgd and optimizer is not None else {}
+            buf = state.get("momentum_buffer")
+            buffers.append(None if g is None or buf is None else buf.detach().to(leaf.dtype))
+
+        def update(theta: Params, grads: Params) -> Params:
+            out = []
+            for i, (x, d, s) in enumerate(zip(theta, grads, settings, strict=True)):
+                if s is None:
+                    out.append(x)
+                    continue
+                if s.get("maximize", False):
+                    d = -d
+                if s.get("weight_decay", 0):
+                    d = d + s["weight_decay"] * x
+                momentum = s.get("momentum", 0)
+                if momentum:
+                    prev = buffers[i]
+                    buf = d if prev is None else momentum * prev + (1 - s.get("dampening", 0)) * d
+                    buffers[i] = buf
+                    d = d + momentum * buf if s.get("nesterov", False) else buf
+                out.append(x - s["lr"] * d)
+            return tuple(out)
+
+        return update
 
     def step(
         self,
@@ -138,22 +228,24 @@ class InnerSGD:
         real_params: Sequence[nn.Parameter],
         optimizer: torch.optim.Optimizer | None,
     ) -> Params:
-        transform = torchopt.sgd(_resolve_lr(self.lr, optimizer, "InnerSGD"))
-        return _apply(transform, transform.init(params), params, grads)
+        """One virtual step: ``start(params, real_params, optimizer)(params, grads)``."""
+        return self.start(params, real_params, optimizer)(params, grads)
 
 
 @dataclass(frozen=True)
 class InnerAdam:
-    """One Adam step seeded from the real ``torch.optim.Adam``'s moments.
+    """A virtual step of the real ``torch.optim.Adam`` or ``AdamW``, seeded from its state.
 
     From a fresh state Adam's first step is about ``lr * sign(g)`` and its derivative with respect
-    to ``g`` vanishes, so the step must start from the real optimiser's ``exp_avg``,
-    ``exp_avg_sq`` and ``step``. ``eps_root > 0`` keeps ``sqrt`` differentiable at 0.
+    to ``g`` vanishes, so the step starts from the real optimiser's ``exp_avg``, ``exp_avg_sq``
+    (and ``max_exp_avg_sq`` with AMSGrad) and ``step``, per parameter and with each param group's
+    betas, eps, weight decay (L2, or decoupled for AdamW), ``maximize`` and ``amsgrad``.
+    ``eps_root > 0`` is added under the square root so that it is differentiable at 0.
 
     Args:
-        lr: step size; ``None`` follows the real optimiser.
-        betas: ``None`` follows the real optimiser's param group.
-        eps: ``None`` follows the real optimiser's param group.
+        lr: step size for every parameter; ``None`` follows each param group's.
+        betas: ``None`` follows each param group's.
+        eps: ``None`` follows each param group's.
         eps_root: added under the square root (must be > 0).
     """
 
@@ -162,6 +254,74 @@ class InnerAdam:
     eps: float | None = None
     eps_root: float = 1e-16
 
+    def start(
+        self, params: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
+    ) -> InnerUpdate:
+        if self.eps_root <= 0:
+            raise ValueError("InnerAdam needs eps_root > 0: with 0 the meta-gradient is NaN at zero moments")
+        if optimizer is None or not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            got = "none" if optimizer is None else type(optimizer).__name__
+            raise ValueError(
+                "InnerAdam is seeded from the real torch.optim.Adam or AdamW of the module it steps: model_optimizer "
+                f"for inner=, task_optimizer for task_inner= (got {got}); use InnerSGD with another optimiser"
+            )
+        groups = _groups_of(real_params, optimizer, "Adam")
+        settings: list[dict[str, Any] | None] = []
+        moments: list[list[Tensor] | None] = []
+        for p, g, leaf in zip(real_params, groups, params, strict=True):
+            if g is None:
+                settings.append(None)
+                moments.append(None)
+                continue
+            betas = self.betas or tuple(float(b) for b in g["betas"])
+            decoupled = bool(g.get("decoupled_weight_decay", False)) or isinstance(optimizer, torch.optim.AdamW)
+            st = optimizer.state.get(p, {})
+            zero = torch.zeros_like(leaf)
+            m = st["exp_avg"].detach().to(leaf.dtype) if "exp_avg" in st else zero
+            v = st["exp_avg_sq"].detach().to(leaf.dtype) if "exp_avg_sq" in st else zero
+            vmax = st["max_exp_avg_sq"].detach().to(leaf.dtype) if "max_exp_avg_sq" in st else zero
+            settings.append(
+                {
+                    "lr": _lr(self.lr, g, "InnerAdam"),
+                    "betas": betas,
+                    "eps": float(g["eps"] if self.eps is None else self.eps),
+                    "weight_decay": float(g["weight_decay"]),
+                    "decoupled": decoupled,
+                    "maximize": bool(g["maximize"]),
+                    "amsgrad": bool(g["amsgrad"]),
+                    "step": float(st["step"]) if "step" in st else 0.0,
+                }
+            )
+            moments.append([m, v, vmax])
+
+        def update(theta: Params, grads: Params) -> Params:
+            out = []
+            for i, (x, d, s) in enumerate(zip(theta, grads, settings, strict=True)):
+                state = moments[i]
+                if s is None or state is None:
+                    out.append(x)
+                    continue
+                if s["maximize"]:
+                    d = -d
+                lr, wd = s["lr"], s["weight_decay"]
+                if wd and s["decoupled"]:
+                    x = x * (1 - lr * wd)
+                elif wd:
+                    d = d + wd * x
+                b1, b2 = s["betas"]
+                s["step"] += 1
+                m = b1 * state[0] + (1 - b1) * d
+                v = b2 * state[1] + (1 - b2) * d * d
+                state[0], state[1] = m, v
+                if s["amsgrad"]:
+                    state[2] = torch.maximum(state[2], v)
+                    v = state[2]
+                bias1, bias2 = 1 - b1 ** s["step"], 1 - b2 ** s["step"]
+                out.append(x - (lr / bias1) * m / (torch.sqrt(v / bias2 + self.eps_root) + s["eps"]))
+            return tuple(out)
+
+        return update
+
     def step(
         self,
         params: Params,
@@ -169,37 +329,5 @@ class InnerAdam:
         real_params: Sequence[nn.Parameter],
         optimizer: torch.optim.Optimizer | None,
     ) -> Params:
-        if self.eps_root <= 0:
-            raise ValueError("InnerAdam needs eps_root > 0: with 0 the meta-gradient is NaN at zero moments")
-        if optimizer is None or not isinstance(optimizer, torch.optim.Adam):
-            got = "none" if optimizer is None else type(optimizer).__name__
-            raise ValueError(
-                "InnerAdam is seeded from the real torch.optim.Adam of the module it steps: model_optimizer for "
-                f"inner=, task_optimizer for task_inner= (got {got}); use InnerSGD with another optimiser"
-            )
-        group = optimizer.param_groups[0]
-        betas = self.betas or tuple(group["betas"])
-        eps = group["eps"] if self.eps is None else self.eps
-        transform = torchopt.adam(
-            _resolve_lr(self.lr, optimizer, "InnerAdam"),
-            betas=betas,
-            eps=eps,
-            eps_root=self.eps_root,  # type: ignore[arg-type]
-        )
-        adam_state, *rest = transform.init(params)
-        mu, nu, count = [], [], []
-        for p, leaf in zip(real_params, params, strict=True):
-            st = optimizer.state.get(p, {})
-            if "exp_avg" in st:
-                mu.append(st["exp_avg"].detach().to(leaf.dtype))
-                nu.append(st["exp_avg_sq"].detach().to(leaf.dtype))
-                steps = float(st["step"])
-            else:
-                mu.append(torch.zeros_like(leaf))
-                nu.append(torch.zeros_like(leaf))
-                steps = 0.0
-            # The count in the parameters' dtype: torchopt's bias correction pow(beta, count)
-            # is float32 for an integer count, a 1e-7 error in float64 work.
-            count.append(torch.tensor(steps, dtype=leaf.dtype, device=leaf.device))
-        seeded = adam_state._replace(mu=tuple(mu), nu=tuple(nu), count=tuple(count))
-        return _apply(transform, (seeded, *rest), params, grads)
+        """One virtual step: ``start(params, real_params, optimizer)(params, grads)``."""
+        return self.start(params, real_params, optimizer)(params, grads)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from metaloss.batch import BatchAdapter, SourcesAdapter
 from metaloss.distributed import all_reduce_mean, rank_and_world_size, unwrap
+from metaloss.grouped_conv import FastGroupedConv
 from metaloss.hypergradient import (
     HypergradientMode,
     HypergradientResult,
@@ -122,6 +123,10 @@ class MetaStep:
             together; the statistics it returns stay those of the rank's own batches.
         weight_map_grad: also return the outer loss's gradient with respect to the weight map
             (:attr:`MetaStepStats.weight_map_grad`; a diagnostic, at no extra backward pass).
+        inner_steps: virtual steps of the model on the meta-train batch before the meta-test
+            (k = 1 is the paper's); more are differentiated by unrolling (``mode="exact"``),
+            the inner rule's state (momentum, Adam's moments) carried from step to step, at
+            about k times the time and activation memory of one.
         map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"``: the outer loss's
             gradient with respect to the weight map has its spatial mean per image and source
             removed before it is carried back into the generator, so the generator learns where
@@ -162,12 +167,15 @@ class MetaStep:
         activation_checkpointing: bool = False,
         average_over_ranks: bool | None = None,
         weight_map_grad: bool = False,
+        inner_steps: int = 1,
         map_gradient: Literal["full", "centred"] = "full",
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if mode not in ("exact", "finite_difference"):
             raise ValueError(f"mode must be 'exact' or 'finite_difference', got {mode!r}")
+        if inner_steps < 1 or (inner_steps > 1 and mode != "exact"):
+            raise ValueError(f"inner_steps must be 1, or > 1 with mode='exact'; got {inner_steps} with {mode!r}")
         self.model = model
         self.loss = loss
         self.task_model = task_model
@@ -187,6 +195,7 @@ class MetaStep:
         if map_gradient not in ("full", "centred"):
             raise ValueError(f"map_gradient must be 'full' or 'centred', got {map_gradient!r}")
         self.weight_map_grad = weight_map_grad
+        self.inner_steps = inner_steps
         self.map_gradient = map_gradient
         self.skipped_total = 0
         self._pending: list[Tensor] | None = None
@@ -231,7 +240,7 @@ class MetaStep:
         value = checked_task_loss(self.task_loss, output, batch)
         grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
-        new = self.task_inner.step(params, grads, view.parameters, self.task_optimizer)
+        new = self.task_inner.start(params, view.parameters, self.task_optimizer)(params, grads)
         return tuple(p.detach() for p in new), value.detach()
 
     def hypergradient(self, train_batch: Any, test_batch: Any) -> tuple[HypergradientResult, MetaStepStats]:
@@ -254,15 +263,19 @@ class MetaStep:
             weights = self.loss.weights(sources)
         seen: dict[str, Any] = {}
 
+        # The exact mode differentiates F's backward: grouped convolutions take the double
+        # backward that does not loop over their groups (metaloss.grouped_conv).
+        fast_conv = FastGroupedConv if self.mode == "exact" else contextlib.nullcontext
+
         def inner_loss(theta: tuple[Tensor, ...]) -> Tensor:
-            with self._autocast():
+            with self._autocast(), fast_conv():
                 prediction = self._virtual_model(theta, *model_args)
             out = self.loss.combine(prediction, sources, weights)
             seen.setdefault("terms", out.terms)
             return out.total
 
-        def update(theta: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            return self.inner.step(theta, grads, self._model_view.parameters, self.model_optimizer)
+        theta = self._model_view.snapshot()
+        update = self.inner.start(theta, self._model_view.parameters, self.model_optimizer)
 
         def outer_loss(theta_new: tuple[Tensor, ...]) -> Tensor:
             with self._autocast():
@@ -273,7 +286,7 @@ class MetaStep:
         need_map = self.weight_map_grad or self.map_gradient == "centred"
         targets = [*wrt, weights] if need_map else wrt
         result = hypergradient(
-            inner_loss, update, outer_loss, self._model_view.snapshot(), targets, mode=self.mode, fd_eps=self.fd_eps
+            inner_loss, update, outer_loss, theta, targets, mode=self.mode, fd_eps=self.fd_eps, steps=self.inner_steps
         )
         map_grad = None
         if need_map:

@@ -79,6 +79,12 @@ class MetaTrainerConfig:
         progress: show progress bars.
         map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"`` (its global part per
             image removed; see :class:`~metaloss.MetaStep`).
+        inner_steps: virtual steps of the model per meta iteration (paper: 1; more are unrolled,
+            ``mode="exact"`` only; see :class:`~metaloss.MetaStep`).
+        meta_test: ``"held_out"`` (paper): the meta-test batch comes from the half of the data
+            set that the meta-train batches do not; ``"meta_train"``: the task loss is taken on
+            the meta-train batch itself, after the virtual step it shaped (the meta-gradient then
+            includes each pixel's direct effect on its own fused value).
     """
 
     epochs: int = 50
@@ -103,9 +109,15 @@ class MetaTrainerConfig:
     checkpoint_every: int = 0
     progress: bool = True
     map_gradient: Literal["full", "centred"] = "full"
+    inner_steps: int = 1
+    meta_test: Literal["held_out", "meta_train"] = "held_out"
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "meta_accumulation"):
+        if self.meta_test not in ("held_out", "meta_train"):
+            raise ValueError(f"meta_test must be 'held_out' or 'meta_train', got {self.meta_test!r}")
+        if self.inner_steps > 1 and self.mode != "exact":
+            raise ValueError(f"inner_steps > 1 needs mode='exact' (unrolled), got mode={self.mode!r}")
+        for name in ("epochs", "batch_size", "meta_accumulation", "inner_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_epochs <= self.epochs:
@@ -230,6 +242,7 @@ class MetaTrainer:
             autocast_dtype=dtype,
             activation_checkpointing=cfg.activation_checkpointing,
             map_gradient=cfg.map_gradient,
+            inner_steps=cfg.inner_steps,
         )
         # Views that run F and T on copies of their buffers (second forwards in model_step).
         self._model_discard = StatelessModule(unwrap(model), BufferPolicy.DISCARD)
@@ -483,7 +496,10 @@ class MetaTrainer:
                 steps = cfg.meta_iterations if self.learns_loss and epoch >= cfg.warmup_epochs else 0
                 k = cfg.meta_accumulation
                 start = self.position.step * k
-                pairs = _chunks(zip(self._batches(meta_train, start), self._batches(meta_test, start)), k)
+                if cfg.meta_test == "meta_train":
+                    pairs = _chunks(((b, b) for b in self._batches(meta_train, start)), k)
+                else:
+                    pairs = _chunks(zip(self._batches(meta_train, start), self._batches(meta_test, start)), k)
                 if self._run_phase("meta", steps, pairs, self._meta_iteration, budget):
                     return
                 self.position = Position(epoch, "model", 0)

@@ -183,6 +183,8 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         meta_accumulation=args.meta_accumulation,
         warmup_epochs=args.warmup_epochs,
         map_gradient=args.map_gradient,
+        inner_steps=args.inner_steps,
+        meta_test=args.meta_test,
         model_iterations=args.model_iterations,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -724,6 +726,19 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
         type=float,
         default=1e-3 if demo_defaults else 1e-4,
         help="step size of the virtual steps (released: F's lr)",
+    )
+    p.add_argument(
+        "--inner-steps",
+        type=int,
+        default=1,
+        help="virtual steps of F per meta iteration, differentiated by unrolling (paper: 1; more need --mode exact)",
+    )
+    p.add_argument(
+        "--meta-test",
+        choices=("held_out", "meta_train"),
+        default="held_out",
+        help="batch the task loss judges F' on: held_out (paper: the other half of the data) or meta_train (the "
+        "batch F' stepped on)",
     )
     p.add_argument(
         "--outer",

@@ -1,0 +1,123 @@
+"""Grouped 2-D convolution with a double backward that does not loop over the groups.
+
+PyTorch's double backward of a grouped convolution (``_convolution_double_backward``) computes
+the weight term ``conv(ggI, gO)`` one group at a time: a depthwise convolution of 96 channels
+becomes 96 small convolutions, each a kernel launch on a GPU. The exact meta step
+differentiates the model's backward pass, so a model built from depthwise convolutions (the
+Restormer blocks of ReFusion, MobileNets, ConvNeXt) spends most of its meta step there:
+measured with ReFusion + SegFormer-b0 at batch 2 x 256^2 on an H100, 5.3 s for a meta
+iteration against 0.078 s for a plain one (68x).
+
+:func:`grouped_conv2d` gives the same forward (the native convolution) and a backward written
+from two native first-order operations whose own derivatives have group-aware kernels:
+
+* ``grad_input = conv_transpose2d(grad_output, weight, groups=groups)``; its derivative with
+  respect to the weight is a first-order weight gradient;
+* ``grad_weight = convolution_backward(grad_output, input, weight, output_mask=(0, 1, 0))``;
+  its derivative needs no ``conv(ggI, gO)`` term, the one that loops.
+
+:class:`FastGroupedConv` is a :class:`torch.overrides.TorchFunctionMode` that routes every
+grouped ``conv2d`` call under it to :func:`grouped_conv2d`, so any user model benefits without
+change; :class:`~metaloss.MetaStep` enables it around the forward it differentiates twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["FastGroupedConv", "grouped_conv2d"]
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    a, b = tuple(value)
+    return int(a), int(b)
+
+
+class _GroupedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # The transposed convolution's output size is ambiguous for stride > 1: pad it to x's.
+            size = [
+                (n - 1) * s - 2 * p + d * (k - 1) + 1
+                for n, s, p, d, k in zip(grad_out.shape[2:], stride, padding, dilation, weight.shape[2:])
+            ]
+            extra = (x.shape[2] - size[0], x.shape[3] - size[1])
+            grad_x = F.conv_transpose2d(grad_out, weight, None, stride, padding, extra, groups, dilation)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_out,
+                x,
+                weight,
+                None,
+                list(stride),
+                list(padding),
+                list(dilation),
+                False,
+                [0, 0],
+                groups,
+                [False, True, False],
+            )[1]
+        return grad_x, grad_w, None, None, None, None
+
+
+def grouped_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``torch.nn.functional.conv2d`` with a double backward that does not loop over the groups.
+
+    The same forward as :func:`torch.nn.functional.conv2d` and the same first and second
+    derivatives (to rounding); only numeric ``padding`` is supported (not ``"same"``).
+    """
+    out = _GroupedConv2d.apply(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+class FastGroupedConv(TorchFunctionMode):
+    """Route grouped 2-D convolutions (``groups > 1``, numeric padding) to :func:`grouped_conv2d`.
+
+    Example:
+        >>> with FastGroupedConv():
+        ...     loss = model(x).square().mean()
+        ...     g = torch.autograd.grad(loss, params, create_graph=True)
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.conv2d or func is torch.conv2d:
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+            if int(bound.get("groups", 1)) > 1 and not isinstance(bound.get("padding", 0), str):
+                return grouped_conv2d(**{("x" if k == "input" else k): v for k, v in bound.items()})
+        return func(*args, **kwargs)
