@@ -39,6 +39,12 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="log the meta-gradient's cosine to the oracle per epoch")
     p.add_argument("--out", default=None, help="keep each seed's runs and a results.json here (default: a temp dir)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--arm",
+        choices=("both", "tdfusion", "fixed_half"),
+        default="both",
+        help="run one arm only (several option sets can then share one fixed-arm run per seed; no difference printed)",
+    )
     p.add_argument("demo_options", nargs=argparse.REMAINDER, help="after --: options of run.py demo")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +57,19 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])
         started = time.time()
-        results = run_arms(demo_args, out / f"seed{seed}", probe=args.probe)
+        arms = ("tdfusion", "fixed_half") if args.arm == "both" else (args.arm,)
+        results = run_arms(demo_args, out / f"seed{seed}", probe=args.probe, arms=arms)
+        if args.arm != "both":
+            arm = results[args.arm]
+            weights = arm.get("weights_at", {})
+            nan = float("nan")
+            print(
+                f"| {seed} | {args.arm} {arm['downstream']['mIoU']:.1f} | {weights.get('target_infrared', nan):.2f} | "
+                f"{weights.get('marking_visible', nan):.2f} | {time.time() - started:.0f} |",
+                flush=True,
+            )
+            rows.append({"seed": seed, "results": results})
+            continue
         ours, base = results["tdfusion"], results["fixed_half"]
         row = {
             "seed": seed,
@@ -70,6 +88,9 @@ def main() -> None:
         )
         for probe_row in ours.get("probe", []):
             print("    probe " + ", ".join(f"{k} {v:.3f}" for k, v in probe_row.items()), flush=True)
+    (out / "results.json").write_text(json.dumps({"demo_options": extra, "rows": rows}, indent=2, default=float))
+    if args.arm != "both":
+        return
     diff = [r["tdfusion"] - r["fixed_half"] for r in rows]
     mean, low, high = paired_interval(diff)
     maps_ok = sum(r["target_infrared"] >= 0.7 and r["marking_visible"] >= 0.7 for r in rows)
@@ -81,7 +102,6 @@ def main() -> None:
         f"w_vis on markings {np.mean([r['marking_visible'] for r in rows]):.2f}; weight bar met on {maps_ok} of "
         f"{len(rows)} seeds; {np.mean([r['seconds'] for r in rows]):.0f} s per seed"
     )
-    (out / "results.json").write_text(json.dumps({"demo_options": extra, "rows": rows}, indent=2, default=float))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the meta step")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N costliest ops of one meta step")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

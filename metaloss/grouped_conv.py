@@ -97,9 +97,16 @@ def grouped_conv2d(
     """``torch.nn.functional.conv2d`` with a double backward that does not loop over the groups.
 
     The same forward as :func:`torch.nn.functional.conv2d` and the same first and second
-    derivatives (to rounding); only numeric ``padding`` is supported (not ``"same"``).
+    derivatives (to rounding); only numeric ``padding`` is supported (not ``"same"``). Under
+    ``torch.autocast`` it computes in the autocast dtype, as the native convolution does.
     """
-    out = _GroupedConv2d.apply(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        out = _GroupedConv2d.apply(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 

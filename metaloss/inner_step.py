@@ -144,7 +144,9 @@ def _groups_of(
     group_of: dict[int, dict[str, Any]] = {}
     if optimizer is not None:
         for i, group in enumerate(optimizer.param_groups):
-            unknown = sorted(set(group) - _SUPPORTED[family] - _IMPLEMENTATION) if family else []
+            # Text entries are labels ("name": "encoder"), not options.
+            options = {k for k, v in group.items() if not isinstance(v, str)}
+            unknown = sorted(options - _SUPPORTED[family] - _IMPLEMENTATION) if family else []
             if unknown:
                 raise ValueError(
                     f"the virtual {family} step cannot reproduce {type(optimizer).__name__} option(s) {unknown} "

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -396,19 +397,26 @@ ARMS = (("tdfusion", "none"), ("fixed_half", "I"))
 """The demo's two arms: the learned loss and the fixed ``w = 1/2`` loss (ablation I)."""
 
 
-def run_arms(args: argparse.Namespace, out: Path, probe: bool = False) -> dict[str, Any]:
+def run_arms(
+    args: argparse.Namespace, out: Path, probe: bool = False, arms: Sequence[str] = ("tdfusion", "fixed_half")
+) -> dict[str, Any]:
     """Train both arms on the procedural scenes and score each the paper's way (section 4.3).
 
     Per arm: train with Algorithm 1 (``--ablation I`` for the fixed arm), fuse the training and
     test scenes, train a fresh task network on the fused training scenes and score it on the
     fused test scenes; the six fusion metrics on the test scenes; for the learned arm, where its
     loss puts its weight (:func:`study.weights_at`) and, with ``probe``, the per-epoch
-    :class:`study.OracleProbe` rows.
+    :class:`study.OracleProbe` rows. ``arms`` picks the arms to run (by name, from :data:`ARMS`).
     """
+    unknown = set(arms) - {name for name, _ in ARMS}
+    if unknown:
+        raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {[name for name, _ in ARMS]}")
     train_scenes = load_scenes(args, "train", "seg")
     test_scenes = load_scenes(args, "test", "seg")
     results: dict[str, Any] = {}
     for method, ablation in ARMS:
+        if method not in arms:
+            continue
         if not args.quiet:
             print(f"[demo] training {method}: {ABLATIONS[ablation]}", flush=True)
         run_args = argparse.Namespace(**{**vars(args), "ablation": ablation, "out": str(out / method), "resume": None})
@@ -491,8 +499,9 @@ def write_weight_figure(path: Path, loss: LearnableLoss, scenes: list[Scene], fu
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
+    device = next(iter(loss.parameters()), torch.empty(0)).device
     with torch.no_grad():
-        weights = [loss.weights([to_unit(s.a), to_unit(s.b)])[0].float().numpy() for s in scenes]
+        weights = [loss.weights([to_unit(s.a).to(device), to_unit(s.b).to(device)])[0].float().cpu() for s in scenes]
     regions = ListedColormap(["black", "tab:red", "tab:red", "tab:cyan"])
     fig, axes = plt.subplots(len(scenes), 5, figsize=(13, 2.3 * len(scenes)), squeeze=False)
     for row, (s, w, f) in enumerate(zip(scenes, weights, fused)):
@@ -500,7 +509,7 @@ def write_weight_figure(path: Path, loss: LearnableLoss, scenes: list[Scene], fu
             (s.a, "infrared A", "gray", 255),
             (s.b, "visible B", "gray", 255),
             (s.label_mask(), "truth: red = targets (want A),\ncyan = markings (want B)", regions, 3),
-            (w[0], "learned w_infrared (1 - w_visible)", "coolwarm", 1),
+            (w[0].numpy(), "learned w_infrared (1 - w_visible)", "coolwarm", 1),
             (f, "fused", "gray", 255),
         )
         for col, (img, title, cmap, vmax) in enumerate(panels):

@@ -51,6 +51,7 @@ WeightMap = Callable[[Scene], np.ndarray]
 
 FIXED_MAPS: dict[str, WeightMap] = {
     "oracle": lambda s: oracle_weights(s.label_mask()),
+    "oracle_hiding": lambda s: oracle_weights(s.label_mask(), s.a, s.b),
     "half": lambda s: np.full((2, *s.a.shape), 0.5, np.float32),
     "infrared": lambda s: np.stack([np.ones_like(s.a), np.zeros_like(s.a)]).astype(np.float32),
     "visible": lambda s: np.stack([np.zeros_like(s.a), np.ones_like(s.a)]).astype(np.float32),

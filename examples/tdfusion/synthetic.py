@@ -155,13 +155,16 @@ def _add_decoys(
             ir[y, x0:x1][row] += marking_contrast
 
 
-def oracle_weights(mask: np.ndarray) -> np.ndarray:
+def oracle_weights(mask: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
     """The weights that keep each class's information: ``(2, H, W)`` float32 ``(w_a, w_b)``.
 
     ``w_infrared = 1`` on hot targets (classes 1, 2), ``w_visible = 1`` on markings (class 3),
-    ``1/2`` elsewhere.
+    ``1/2`` elsewhere; or, given the sources ``a`` (infrared) and ``b`` (visible), the darker
+    source on background pixels, which also hides the single-camera look-alikes.
     """
     w_a = np.full(mask.shape, 0.5, np.float32)
+    if a is not None and b is not None:
+        w_a = (a < b).astype(np.float32)
     w_a[(mask == 1) | (mask == 2)] = 1.0
     w_a[mask == 3] = 0.0
     return np.stack([w_a, 1.0 - w_a])

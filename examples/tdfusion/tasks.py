@@ -149,11 +149,17 @@ class DetectionLoss:
         if not hasattr(model, "args") or isinstance(model.args, dict):
             # ultralytics' default hyper-parameters: box 7.5, cls 0.5, dfl 1.5
             model.args = get_cfg()  # type: ignore[assignment]  # a plain attribute, as ultralytics sets it
+        self.model = model
         self.inner = v8DetectionLoss(model)
         self.key = key
 
     def __call__(self, preds: Any, batch: dict[str, Any]) -> Tensor:
         det = batch[self.key]
+        device = next(self.model.parameters()).device
+        if self.inner.device != device:  # ultralytics' loss keeps tensors on the device it was built on
+            from ultralytics.utils.loss import v8DetectionLoss
+
+            self.inner = v8DetectionLoss(self.model)
         loss, _ = self.inner(preds, det)
         return loss.sum()
 
