@@ -26,6 +26,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import datasets as ds  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from cli_values import at_least, check_paths, device, non_negative_float, positive_float  # noqa: E402
 from data import (  # noqa: E402
     FusionDataset,
     PairFiles,
@@ -704,41 +705,44 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
         default="segformer",
         help="task network: segformer/unet (seg) or yolov8 (det)",
     )
-    p.add_argument("--epochs", type=int, default=5 if demo_defaults else 50, help="epochs L (paper: 50)")
+    p.add_argument("--epochs", type=at_least(1), default=5 if demo_defaults else 50, help="epochs L (paper: 50)")
     p.add_argument(
         "--meta-iterations",
-        type=int,
+        type=at_least(0),
         default=20 if demo_defaults else 200,
         help="meta iterations M per epoch (paper: 200)",
     )
     p.add_argument(
         "--meta-accumulation",
-        type=int,
+        type=at_least(1),
         default=2 if demo_defaults else 1,
         help="meta-train/meta-test pairs averaged into each outer step of G (paper: 1)",
     )
     p.add_argument(
         "--warmup-epochs",
-        type=int,
+        type=at_least(0),
         default=1 if demo_defaults else 0,
         help="first epochs without meta phase, so T is trained when G starts learning (paper: 0)",
     )
     p.add_argument(
-        "--model-iterations", type=int, default=None, help="ordinary iterations N per epoch (default: one pass)"
+        "--model-iterations", type=at_least(0), default=None, help="ordinary iterations N per epoch (default: one pass)"
     )
-    p.add_argument("--batch-size", type=int, default=2, help="batch size (paper: 2)")
+    p.add_argument("--batch-size", type=at_least(1), default=2, help="batch size (paper: 2)")
     p.add_argument(
-        "--lr", type=float, default=2e-3 if demo_defaults else 1e-4, help="Adam learning rate of F and T (paper: 1e-4)"
+        "--lr",
+        type=positive_float,
+        default=2e-3 if demo_defaults else 1e-4,
+        help="Adam learning rate of F and T (paper: 1e-4)",
     )
     p.add_argument(
         "--inner-lr",
-        type=float,
+        type=positive_float,
         default=1e-3 if demo_defaults else 1e-4,
         help="step size of the virtual steps (released: F's lr)",
     )
     p.add_argument(
         "--inner-steps",
-        type=int,
+        type=at_least(1),
         default=1,
         help="virtual steps of F per meta iteration, differentiated by unrolling (paper: 1; more need --mode exact)",
     )
@@ -755,7 +759,7 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
         default="adam",
         help="G's update rule (released code: max_normalized)",
     )
-    p.add_argument("--outer-lr", type=float, default=3e-4 if demo_defaults else 1e-4, help="G's learning rate")
+    p.add_argument("--outer-lr", type=positive_float, default=3e-4 if demo_defaults else 1e-4, help="G's learning rate")
     p.add_argument(
         "--mode",
         choices=("exact", "finite_difference"),
@@ -765,7 +769,7 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     p.add_argument("--form", choices=("paper", "released"), default="paper", help="fusion-loss form")
     p.add_argument(
         "--alpha",
-        type=float,
+        type=non_negative_float,
         default=0.1 if demo_defaults else 1.0,
         help="gradient-term weight alpha (paper: 1; at 1 the paper-form gradient term drowns the weighted "
         "intensity term on the demo's scenes, see docs/tdfusion.md)",
@@ -796,19 +800,23 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
         help="T sees each fused image standardised (zero mean, unit variance), so G's meta-gradient cannot "
         "reward a globally darker source (paper: off; see docs/tdfusion.md)",
     )
-    p.add_argument("--crop", type=int, default=64 if demo_defaults else 256, help="fusion crop size (released: 256)")
-    p.add_argument("--task-size", type=int, nargs=2, metavar=("H", "W"), help="task view size (default: per data set)")
-    p.add_argument("--synthetic-train", type=int, default=32, help="procedural training scenes")
-    p.add_argument("--synthetic-test", type=int, default=32, help="procedural test scenes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument(
+        "--crop", type=at_least(8), default=64 if demo_defaults else 256, help="fusion crop size (released: 256)"
+    )
+    p.add_argument(
+        "--task-size", type=at_least(8), nargs=2, metavar=("H", "W"), help="task view size (default: per data set)"
+    )
+    p.add_argument("--synthetic-train", type=at_least(2), default=32, help="procedural training scenes")
+    p.add_argument("--synthetic-test", type=at_least(1), default=32, help="procedural test scenes")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on the forward passes (losses in float32)")
     p.add_argument(
         "--activation-checkpointing",
         action="store_true",
         help="recompute F's activations in the meta step's backward (saves memory with --mode finite_difference)",
     )
-    p.add_argument("--workers", type=int, default=0, help="data-loader workers")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="also checkpoint every this many steps")
+    p.add_argument("--workers", type=at_least(0), default=0, help="data-loader workers")
+    p.add_argument("--checkpoint-every", type=at_least(0), default=50, help="also checkpoint every this many steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -818,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("demo", help="the embedded demo (the default): train, fuse, evaluate, report")
     _train_options(p, demo_defaults=True)
-    p.add_argument("--task-epochs", type=int, default=30, help="epochs of each arm's fresh task network")
+    p.add_argument("--task-epochs", type=at_least(1), default=30, help="epochs of each arm's fresh task network")
     p.add_argument("--out", default="tdfusion_out/demo", help="report folder")
     p.set_defaults(func=demo)
     p = sub.add_parser(
@@ -841,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, help="second source image or folder, names matched by stem (visible for IVIF)")
     p.add_argument("--out", required=True, help="output folder: <name>.png grey (stretched to 0-255), rgb/<name>.png")
     p.add_argument("--raw", action="store_true", help="also write <name>.npy, the float32 network output")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=fuse)
     p = sub.add_parser("evaluate", help="six fusion metrics for one or several methods' fused folders")
@@ -861,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean",
         help="two-source VIF/SSIM: mean (TDFusion) or sum (CDDFuse)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser(
@@ -878,11 +886,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:TRAIN_DIR:TEST_DIR",
         help="a method's fused training and test folders (repeat for each method)",
     )
-    p.add_argument("--epochs", type=int, default=300, help="task-network epochs per method (paper: 300)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the task network")
-    p.add_argument("--task-size", type=int, nargs=2, metavar=("H", "W"), help="task input size (default: per data set)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--epochs", type=at_least(1), default=300, help="task-network epochs per method (paper: 300)")
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate of the task network")
+    p.add_argument(
+        "--task-size", type=at_least(8), nargs=2, metavar=("H", "W"), help="task input size (default: per data set)"
+    )
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
@@ -907,6 +917,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["demo", *argv]  # no subcommand: the demo, with any options given
     args = parser.parse_args(argv)
+    check_paths(parser, args)  # before any work or any file written
     result = args.func(args)
     if isinstance(result, Path):
         print(result.resolve())

@@ -1,0 +1,70 @@
+"""Every bad command-line value is an argparse error (exit 2, no traceback) that names the flag,
+raised before any work is done or any file is written."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
+
+from run import main  # noqa: E402
+
+BAD_VALUES = [
+    (["demo", "--epochs", "0"], "--epochs"),
+    (["demo", "--epochs", "two"], "--epochs"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["demo", "--crop", "0"], "--crop"),
+    (["demo", "--task-size", "0", "0"], "--task-size"),
+    (["demo", "--lr", "-1e-3"], "--lr"),
+    (["demo", "--alpha", "nan"], "--alpha"),
+    (["demo", "--inner-steps", "0"], "--inner-steps"),
+    (["demo", "--meta-accumulation", "0"], "--meta-accumulation"),
+    (["demo", "--workers", "-1"], "--workers"),
+    (["demo", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
+    (["downstream", "--dataset", "msrs", "--root", "x", "--epochs", "0"], "--epochs"),
+    (["demo", "--device", "gpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_a_bad_value_is_an_error_naming_the_flag_before_any_file_is_written(
+    argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err, err
+    assert not out.exists(), "a file was written before the arguments were checked"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cuda", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "--device" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "report.txt"
+    target.write_text("keep me")
+    for argv in (["demo"], ["fuse", "--a", "x", "--b", "y"], ["train"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", str(target)])
+        assert exit_info.value.code == 2
+        assert "--out" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate", "downstream", "check-data"])
+def test_every_command_explains_itself(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
