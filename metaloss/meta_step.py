@@ -104,7 +104,9 @@ class MetaStep:
         adapter: reads the user's batches (default :class:`~metaloss.SourcesAdapter`).
         inner: the model's differentiable inner update (default SGD at ``F``'s learning rate).
         task_inner: the task model's inner update (default SGD at ``T``'s learning rate).
-        mode: ``"exact"`` (second order) or ``"finite_difference"`` (first-order memory).
+        mode: ``"exact"`` (second order), ``"finite_difference"`` (first-order memory) or
+            ``"implicit"`` (implicit differentiation at the parameters reached after
+            ``inner_steps`` steps, by conjugate gradients; memory independent of the horizon).
         fd_eps: relative perturbation of the finite-difference mode.
         buffer_policy: what BatchNorm buffers do in the virtual steps (:class:`BufferPolicy`).
         nonfinite: ``"skip"`` a non-finite meta-gradient (counted) or ``"raise"``
@@ -124,9 +126,13 @@ class MetaStep:
         weight_map_grad: also return the outer loss's gradient with respect to the weight map
             (:attr:`MetaStepStats.weight_map_grad`; a diagnostic, at no extra backward pass).
         inner_steps: virtual steps of the model on the meta-train batch before the meta-test
-            (k = 1 is the paper's); more are differentiated by unrolling (``mode="exact"``),
-            the inner rule's state (momentum, Adam's moments) carried from step to step, at
-            about k times the time and activation memory of one.
+            (k = 1 is the paper's); more are differentiated by unrolling (``mode="exact"``,
+            about k times the time and activation memory of one) or implicitly
+            (``mode="implicit"``); the inner rule's state (momentum, Adam's moments) carries from
+            step to step.
+        cg_iterations: conjugate-gradient iterations of the implicit mode.
+        ridge: added to the inner Hessian's diagonal in the implicit mode (needed when the inner
+            loss is not convex at the point reached).
         map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"``: the outer loss's
             gradient with respect to the weight map has its spatial mean per image and source
             removed before it is carried back into the generator, so the generator learns where
@@ -168,14 +174,16 @@ class MetaStep:
         average_over_ranks: bool | None = None,
         weight_map_grad: bool = False,
         inner_steps: int = 1,
+        cg_iterations: int = 20,
+        ridge: float = 0.0,
         map_gradient: Literal["full", "centred"] = "full",
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if mode not in ("exact", "finite_difference"):
-            raise ValueError(f"mode must be 'exact' or 'finite_difference', got {mode!r}")
-        if inner_steps < 1 or (inner_steps > 1 and mode != "exact"):
-            raise ValueError(f"inner_steps must be 1, or > 1 with mode='exact'; got {inner_steps} with {mode!r}")
+        if mode not in ("exact", "finite_difference", "implicit"):
+            raise ValueError(f"mode must be 'exact', 'finite_difference' or 'implicit', got {mode!r}")
+        if inner_steps < 1 or (inner_steps > 1 and mode == "finite_difference"):
+            raise ValueError(f"inner_steps must be 1, or > 1 with mode 'exact' or 'implicit'; got {inner_steps}")
         self.model = model
         self.loss = loss
         self.task_model = task_model
@@ -196,6 +204,8 @@ class MetaStep:
             raise ValueError(f"map_gradient must be 'full' or 'centred', got {map_gradient!r}")
         self.weight_map_grad = weight_map_grad
         self.inner_steps = inner_steps
+        self.cg_iterations = cg_iterations
+        self.ridge = ridge
         self.map_gradient = map_gradient
         self.skipped_total = 0
         self._pending: list[Tensor] | None = None
@@ -265,7 +275,7 @@ class MetaStep:
 
         # The exact mode differentiates F's backward: grouped convolutions take the double
         # backward that does not loop over their groups (metaloss.grouped_conv).
-        fast_conv = FastGroupedConv if self.mode == "exact" else contextlib.nullcontext
+        fast_conv = FastGroupedConv if self.mode != "finite_difference" else contextlib.nullcontext
 
         def inner_loss(theta: tuple[Tensor, ...]) -> Tensor:
             with self._autocast(), fast_conv():
@@ -286,7 +296,16 @@ class MetaStep:
         need_map = self.weight_map_grad or self.map_gradient == "centred"
         targets = [*wrt, weights] if need_map else wrt
         result = hypergradient(
-            inner_loss, update, outer_loss, theta, targets, mode=self.mode, fd_eps=self.fd_eps, steps=self.inner_steps
+            inner_loss,
+            update,
+            outer_loss,
+            theta,
+            targets,
+            mode=self.mode,
+            fd_eps=self.fd_eps,
+            steps=self.inner_steps,
+            cg_iterations=self.cg_iterations,
+            ridge=self.ridge,
         )
         map_grad = None
         if need_map:

@@ -61,7 +61,7 @@ class MetaTrainerConfig:
         lr: learning rate of the default Adam optimisers of the model and the task model.
         outer_rule: the loss generator's update rule when no outer optimiser is given.
         outer_lr: its learning rate.
-        mode: hypergradient mode (``"exact"`` or ``"finite_difference"``).
+        mode: hypergradient mode (``"exact"``, ``"finite_difference"`` or ``"implicit"``).
         fd_eps: relative perturbation of the finite-difference mode.
         buffer_policy: BatchNorm buffers in virtual steps.
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite meta-gradient.
@@ -79,8 +79,10 @@ class MetaTrainerConfig:
         progress: show progress bars.
         map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"`` (its global part per
             image removed; see :class:`~metaloss.MetaStep`).
-        inner_steps: virtual steps of the model per meta iteration (paper: 1; more are unrolled,
-            ``mode="exact"`` only; see :class:`~metaloss.MetaStep`).
+        inner_steps: virtual steps of the model per meta iteration (paper: 1; more are unrolled
+            in ``mode="exact"`` or differentiated implicitly; see :class:`~metaloss.MetaStep`).
+        cg_iterations: conjugate-gradient iterations of ``mode="implicit"``.
+        ridge: added to the inner Hessian's diagonal in ``mode="implicit"``.
         meta_test: ``"held_out"`` (paper): the meta-test batch comes from the half of the data
             set that the meta-train batches do not; ``"meta_train"``: the task loss is taken on
             the meta-train batch itself, after the virtual step it shaped (the meta-gradient then
@@ -110,13 +112,15 @@ class MetaTrainerConfig:
     progress: bool = True
     map_gradient: Literal["full", "centred"] = "full"
     inner_steps: int = 1
+    cg_iterations: int = 20
+    ridge: float = 0.0
     meta_test: Literal["held_out", "meta_train"] = "held_out"
 
     def __post_init__(self) -> None:
         if self.meta_test not in ("held_out", "meta_train"):
             raise ValueError(f"meta_test must be 'held_out' or 'meta_train', got {self.meta_test!r}")
-        if self.inner_steps > 1 and self.mode != "exact":
-            raise ValueError(f"inner_steps > 1 needs mode='exact' (unrolled), got mode={self.mode!r}")
+        if self.inner_steps > 1 and self.mode == "finite_difference":
+            raise ValueError("inner_steps > 1 needs mode 'exact' (unrolled) or 'implicit', not 'finite_difference'")
         for name in ("epochs", "batch_size", "meta_accumulation", "inner_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -243,6 +247,8 @@ class MetaTrainer:
             activation_checkpointing=cfg.activation_checkpointing,
             map_gradient=cfg.map_gradient,
             inner_steps=cfg.inner_steps,
+            cg_iterations=cfg.cg_iterations,
+            ridge=cfg.ridge,
         )
         # Views that run F and T on copies of their buffers (second forwards in model_step).
         self._model_discard = StatelessModule(unwrap(model), BufferPolicy.DISCARD)

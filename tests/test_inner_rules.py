@@ -242,3 +242,42 @@ def test_several_inner_steps_need_the_exact_mode() -> None:
         MetaTrainerConfig(inner_steps=2, mode="finite_difference")
     with pytest.raises(ValueError, match="meta_test"):
         MetaTrainerConfig(meta_test="same")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- implicit differentiation
+
+
+def test_implicit_mode_agrees_with_a_long_unrolled_horizon_at_convergence() -> None:
+    """A linear F under a weighted squared error is a strongly convex inner problem (its Hessian's
+    eigenvalues lie in 0.05..8.5 here): 1000 SGD steps at 0.2 converge, and there the implicit
+    gradient and the unrolled one describe the same thing."""
+    torch.manual_seed(0)
+    fusion = nn.Conv2d(2, 1, 3, padding=1).double()
+    generator = SmallGenerator().double()
+    task = SmallSegmenter(batchnorm=False).double()
+    loss = LearnableLoss(generator, {"int": weighted_squared_error})
+    g = torch.Generator().manual_seed(3)
+    train = {
+        "a": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
+        "b": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
+        "target": torch.randint(0, 2, (2, 8, 8), generator=g),
+    }
+    test = {k: v.flip(-1) for k, v in train.items()}
+    grads = {}
+    for mode, steps in (("exact", 1000), ("implicit", 1000), ("exact", 1)):
+        meta = MetaStep(
+            fusion,
+            loss,
+            task,
+            seg_loss,
+            inner=InnerSGD(lr=0.2),
+            task_inner=InnerSGD(lr=LR_T),
+            mode=mode,  # type: ignore[arg-type]
+            inner_steps=steps,
+            cg_iterations=100,
+        )
+        grads[(mode, steps)] = torch.cat([t.flatten() for t in meta.hypergradient(train, test)[0].grads])
+    unrolled, implicit, one_step = grads[("exact", 1000)], grads[("implicit", 1000)], grads[("exact", 1)]
+    assert unrolled.norm() > 0
+    assert (implicit - unrolled).norm() <= 1e-3 * unrolled.norm(), ((implicit - unrolled).norm() / unrolled.norm()).item()
+    assert (one_step - unrolled).norm() > 0.1 * unrolled.norm(), "degenerate test: one step already converged"

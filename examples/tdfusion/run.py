@@ -762,9 +762,10 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     p.add_argument("--outer-lr", type=positive_float, default=3e-4 if demo_defaults else 1e-4, help="G's learning rate")
     p.add_argument(
         "--mode",
-        choices=("exact", "finite_difference"),
+        choices=("exact", "finite_difference", "implicit"),
         default="exact",
-        help="hypergradient: exact second order or finite differences",
+        help="hypergradient: exact second order (unrolled), finite differences (one step, first-order memory) or "
+        "implicit (at the parameters after --inner-steps steps, by conjugate gradients)",
     )
     p.add_argument("--form", choices=("paper", "released"), default="paper", help="fusion-loss form")
     p.add_argument(
