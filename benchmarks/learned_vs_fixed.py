@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "metaloss-ultralytics"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"demo options: {' '.join(extra) or '(defaults)'}; runs in {out}")
     print("\n| seed | TDFusion mIoU | fixed mIoU | difference | w_ir on targets | w_vis on markings | seconds |")
     print("|---|---|---|---|---|---|---|")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])
         started = time.time()

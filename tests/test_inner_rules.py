@@ -17,14 +17,14 @@ from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep, MetaTrainerCo
 from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
 
 
-def _model() -> nn.Module:
+def _model() -> SmallFusion:
     torch.manual_seed(0)
     model = SmallFusion(batchnorm=False).double()
     model.body[0].bias.requires_grad_(False)  # a frozen parameter: it must not move
     return model
 
 
-def _groups(model: nn.Module, options: dict[str, Any]) -> list[dict[str, Any]]:
+def _groups(model: SmallFusion, options: dict[str, Any]) -> list[dict[str, Any]]:
     """Two param groups with different learning rates and weight decays (the frozen bias in the first)."""
     first, second = list(model.body[0].parameters()), list(model.body[3].parameters())
     return [
