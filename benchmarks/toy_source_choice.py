@@ -28,6 +28,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "T and F warmed up 100 steps first": {"warmup": 100},
     "warm-up, G's lr 1e-3": {"warmup": 100, "outer_lr": 1e-3},
     "meta-test = meta-train batch": {"meta_test": "meta_train"},
+    "centred map gradient": {"map_gradient": "centred"},
+    "warm-up and centred map gradient": {"warmup": 100, "map_gradient": "centred"},
     "3 unrolled inner steps": {"inner_steps": 3},
 }
 

@@ -83,7 +83,13 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Checks that need several values or the file system: ``--out`` must be a writable folder (or
     creatable), ``--warmup-epochs`` at most ``--epochs``. Calls ``parser.error`` (exit 2)."""
     out = getattr(args, "out", None)
-    if out and args.func.__name__ != "check_data":
+    if out and args.func.__name__ == "export":  # --out is a file
+        if Path(out).is_dir():
+            parser.error(f"argument --out: {out} is a folder; name the file to write")
+        problem = _writable_folder_problem(Path(out).parent)
+        if problem:
+            parser.error(f"argument --out: its folder {Path(out).parent} {problem}")
+    elif out and args.func.__name__ != "check_data":
         problem = _writable_folder_problem(Path(out))
         if problem:
             parser.error(f"argument --out: {out} {problem}")

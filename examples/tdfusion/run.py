@@ -47,6 +47,7 @@ from metaloss import ConstantWeights, CSVLogger, InnerSGD, LearnableLoss, MetaTr
 from metaloss.checkpoint import save_safetensors  # noqa: E402
 from metaloss.distributed import rank_and_world_size, unwrap  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss  # noqa: E402
+from metaloss.fusion.export import OnnxFusion, export_onnx  # noqa: E402
 from metaloss.fusion.image_io import (  # noqa: E402
     fused_chroma,
     has_colour,
@@ -276,10 +277,14 @@ def load_fusion_network(path: str | os.PathLike[str]) -> torch.nn.Module:
 
 
 def fuse(args: argparse.Namespace) -> Path:
-    """Fuse one pair or two folders with our checkpoint or the authors' released weights."""
-    device = torch.device(args.device)
+    """Fuse one pair or two folders with our checkpoint, the authors' released weights, or (with
+    ``--backend onnxruntime``) an exported ONNX file."""
+    device = torch.device(args.device if args.backend == "torch" else "cpu")
     try:
-        model = load_fusion_network(args.weights).to(device).eval()
+        if args.backend == "onnxruntime":
+            model: Any = OnnxFusion(args.weights)
+        else:
+            model = load_fusion_network(args.weights).to(device).eval()
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--weights: {err}") from None
     out = Path(args.out)
@@ -299,6 +304,20 @@ def fuse(args: argparse.Namespace) -> Path:
         crcb = fused_chroma(ya, has_colour(bgr_a), yb, has_colour(bgr_b))
         if crcb is not None:
             write_ycrcb_as_rgb(out / "rgb" / f"{name}.png", grey, crcb)
+    return out
+
+
+def export(args: argparse.Namespace) -> Path:
+    """Write a fusion checkpoint (ours or the authors') as ONNX or as safetensors."""
+    try:
+        model = load_fusion_network(args.weights).eval()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--weights: {err}") from None
+    if args.format == "onnx":
+        return export_onnx(model, args.out)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model.state_dict(), out)
     return out
 
 
@@ -850,9 +869,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, help="second source image or folder, names matched by stem (visible for IVIF)")
     p.add_argument("--out", required=True, help="output folder: <name>.png grey (stretched to 0-255), rgb/<name>.png")
     p.add_argument("--raw", action="store_true", help="also write <name>.npy, the float32 network output")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="torch (a .pt/.pth/.safetensors checkpoint) or onnxruntime (an .onnx file from `export`; CPU)",
+    )
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=fuse)
+    p = sub.add_parser("export", help="write a fusion checkpoint as ONNX (dynamic height and width) or safetensors")
+    p.add_argument("--weights", required=True, help="our checkpoint (last.pt, fusion.safetensors) or a released .pth")
+    p.add_argument("--format", choices=("onnx", "safetensors"), default="onnx")
+    p.add_argument("--out", required=True, help="the file to write (.onnx or .safetensors)")
+    p.set_defaults(func=export)
     p = sub.add_parser("evaluate", help="six fusion metrics for one or several methods' fused folders")
     p.add_argument(
         "--fused",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,7 @@ def train(
     outer_lr: float = 3e-3,
     inner_steps: int = 1,
     meta_test: str = "held_out",
+    map_gradient: Literal["full", "centred"] = "full",
 ) -> dict[str, float]:
     """Train F, G and T together; return G's weight on source ``a`` and T's IoU, before and after.
 
@@ -97,6 +99,7 @@ def train(
         outer_lr: G's Adam learning rate.
         inner_steps: virtual steps of F per meta step (unrolled).
         meta_test: ``"held_out"`` (a fresh batch judges F') or ``"meta_train"`` (the same batch).
+        map_gradient: ``"full"`` or ``"centred"`` (see :class:`metaloss.MetaStep`).
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -115,6 +118,7 @@ def train(
         task_optimizer=opt_t,
         inner=InnerSGD(),  # a virtual SGD step at F's learning rate (the default, shown here)
         inner_steps=inner_steps,
+        map_gradient=map_gradient,
     )
     held_out = make_batch(16, 16, g)
 

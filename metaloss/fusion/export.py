@@ -1,0 +1,102 @@
+"""A fusion network as an ONNX file, and that file run by onnxruntime as a fusion network.
+
+:func:`export_onnx` writes a ``(B, 2, H, W) -> (B, 1, H, W)`` fusion network with dynamic batch,
+height and width through PyTorch's exporter (``torch.onnx.export(dynamo=True)``, which needs the
+``onnx`` and ``onnxscript`` packages); :class:`OnnxFusion` runs such a file with onnxruntime and
+is called like the torch network. Install them with ``pip install "metaloss[deploy]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["OnnxFusion", "export_onnx"]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, example_size: tuple[int, int] = (64, 80)) -> Path:
+    """Write ``model`` as ONNX with dynamic batch, height and width (atomically: no partial file).
+
+    Args:
+        model: a fusion network taking ``(B, 2, H, W)`` and returning ``(B, 1, H, W)``.
+        path: the ``.onnx`` file to write.
+        example_size: the ``(H, W)`` of the example input traced (any size works afterwards).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    example = torch.rand(1, 2, *example_size, device=device)
+    dims = {
+        "x": {
+            0: torch.export.Dim("batch", min=1, max=1024),
+            2: torch.export.Dim("height", min=8, max=16384),
+            3: torch.export.Dim("width", min=8, max=16384),
+        }
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    was_training = model.training
+    try:
+        model.eval()
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+            torch.onnx.export(
+                model,
+                (example,),
+                tmp,
+                dynamo=True,
+                dynamic_shapes=dims,
+                input_names=["sources"],
+                output_names=["fused"],
+                external_data=False,
+            )
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+class OnnxFusion:
+    """An exported fusion network run by onnxruntime, called like the torch one.
+
+    Args:
+        path: an ``.onnx`` file written by :func:`export_onnx`.
+        threads: onnxruntime's intra-op threads (``None``: its default).
+
+    Example:
+        >>> fused = OnnxFusion("refusion.onnx")(torch.rand(1, 2, 480, 640))  # (1, 1, 480, 640)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {path}")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise ValueError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0][:200]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Fuse ``(B, 2, H, W)`` sources in [0, 1] to ``(B, 1, H, W)`` (float32, on the CPU)."""
+        inputs = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: inputs})[0])
+
+    def eval(self) -> OnnxFusion:
+        """For symmetry with ``nn.Module`` (an exported network is always in inference mode)."""
+        return self
