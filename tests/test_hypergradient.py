@@ -8,7 +8,15 @@ import torch
 from torch.func import functional_call
 
 from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep
-from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
+from tests.toy import (
+    SmallFusion,
+    SmallGenerator,
+    SmallSegmenter,
+    central_difference,
+    seg_loss,
+    toy_batch,
+    weighted_squared_error,
+)
 
 LR_F, LR_T = 0.05, 0.05
 
@@ -20,15 +28,7 @@ def _setup(seed: int = 0):
     task = SmallSegmenter().double()
     loss = LearnableLoss(generator, {"int": weighted_squared_error})
 
-    def batch(s: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(s)
-        return {
-            "a": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
-            "b": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
-            "target": torch.randint(0, 2, (2, 8, 8), generator=g),
-        }
-
-    return fusion, loss, task, batch(1), batch(2)
+    return fusion, loss, task, toy_batch(1), toy_batch(2)
 
 
 def _adam_optimizer(module: torch.nn.Module) -> torch.optim.Adam:
@@ -88,23 +88,6 @@ def _reference_outer_loss(fusion, loss, task, train, test, rule: str, adam_opt, 
     return seg_loss(call(task, {n: p.detach() for n, p in t_new.items()}, fused_test), test)
 
 
-def _central_difference(fn, params, direction, eps):
-    """Five-point central difference of ``fn`` along ``direction`` (truncation error O(eps^4))."""
-
-    def at(scale: float) -> float:
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(scale * d)
-        try:
-            return fn().item()
-        finally:
-            with torch.no_grad():
-                for p, d in zip(params, direction):
-                    p.sub_(scale * d)
-
-    return (-at(2 * eps) + 8 * at(eps) - 8 * at(-eps) + at(-2 * eps)) / (12 * eps)
-
-
 @pytest.mark.parametrize("rule", ["sgd", "adam"])
 @pytest.mark.parametrize("policy", ["discard", "frozen"])
 def test_exact_hypergradient_matches_float64_central_differences(rule: str, policy: str) -> None:
@@ -132,7 +115,7 @@ def test_exact_hypergradient_matches_float64_central_differences(rule: str, poli
         norm = torch.stack([(d**2).sum() for d in direction]).sum().sqrt()
         direction = [d / norm for d in direction]
         analytic = torch.stack([(r * d).sum() for r, d in zip(result.grads, direction)]).sum().item()
-        numeric = _central_difference(outer, gen_params, direction, eps=1e-3)
+        numeric = central_difference(outer, gen_params, direction, eps=1e-3)
         assert abs(analytic) > 1e-9, "degenerate test: the directional meta-gradient is zero"
         assert abs(analytic - numeric) <= 1e-6 * abs(numeric), (analytic, numeric)
 

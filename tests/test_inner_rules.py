@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep, MetaTrainerConfig
-from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
+from tests.toy import (
+    SmallFusion,
+    SmallGenerator,
+    SmallSegmenter,
+    central_difference,
+    seg_loss,
+    toy_batch,
+    weighted_squared_error,
+)
 
 
 def _model() -> SmallFusion:
@@ -158,15 +166,7 @@ def _setup(rule: str) -> tuple[Any, ...]:
         opt.step()
     opt.zero_grad(set_to_none=True)
 
-    def batch(s: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(s)
-        return {
-            "a": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
-            "b": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
-            "target": torch.randint(0, 2, (2, 8, 8), generator=g),
-        }
-
-    return fusion, loss, task, opt, inner, batch(1), batch(2)
+    return fusion, loss, task, opt, inner, toy_batch(1), toy_batch(2)
 
 
 def _reference_outer_loss(fusion, loss, task, opt, train, test, steps: int) -> torch.Tensor:
@@ -188,21 +188,6 @@ def _reference_outer_loss(fusion, loss, task, opt, train, test, steps: int) -> t
         f_opt.step()
     with torch.no_grad():
         return seg_loss(t(f(torch.cat([test["a"], test["b"]], 1))), test)
-
-
-def _central_difference(fn, params, direction, eps: float) -> float:
-    def at(scale: float) -> float:
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(scale * d)
-        try:
-            return fn().item()
-        finally:
-            with torch.no_grad():
-                for p, d in zip(params, direction):
-                    p.sub_(scale * d)
-
-    return (-at(2 * eps) + 8 * at(eps) - 8 * at(-eps) + at(-2 * eps)) / (12 * eps)
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adam"])
@@ -227,7 +212,7 @@ def test_unrolled_meta_gradient_matches_real_optimiser_finite_differences(rule: 
         norm = torch.stack([(d**2).sum() for d in direction]).sum().sqrt()
         direction = [d / norm for d in direction]
         analytic = torch.stack([(r * d).sum() for r, d in zip(result.grads, direction)]).sum().item()
-        numeric = _central_difference(
+        numeric = central_difference(
             lambda: _reference_outer_loss(fusion, loss, task, opt, train, test, steps), params, direction, 1e-3
         )
         assert abs(analytic) > 1e-9, "degenerate test: the directional meta-gradient is zero"
@@ -256,12 +241,7 @@ def test_implicit_mode_agrees_with_a_long_unrolled_horizon_at_convergence() -> N
     generator = SmallGenerator().double()
     task = SmallSegmenter(batchnorm=False).double()
     loss = LearnableLoss(generator, {"int": weighted_squared_error})
-    g = torch.Generator().manual_seed(3)
-    train = {
-        "a": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
-        "b": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
-        "target": torch.randint(0, 2, (2, 8, 8), generator=g),
-    }
+    train = toy_batch(3)
     test = {k: v.flip(-1) for k, v in train.items()}
     grads = {}
     for mode, steps in (("exact", 1000), ("implicit", 1000), ("exact", 1)):

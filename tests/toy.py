@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,35 @@ class SmallSegmenter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+
+def central_difference(
+    fn: Callable[[], Tensor], params: Sequence[Tensor], direction: Sequence[Tensor], eps: float
+) -> float:
+    """Five-point central difference of ``fn`` along ``direction`` (truncation error O(eps^4))."""
+
+    def at(scale: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(scale * d)
+        try:
+            return fn().item()
+        finally:
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.sub_(scale * d)
+
+    return (-at(2 * eps) + 8 * at(eps) - 8 * at(-eps) + at(-2 * eps)) / (12 * eps)
+
+
+def toy_batch(seed: int) -> dict[str, Tensor]:
+    """A float64 batch of two 8x8 sources and a two-class target, deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
+        "b": torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64),
+        "target": torch.randint(0, 2, (2, 8, 8), generator=g),
+    }
 
 
 def seg_loss(output: Tensor, batch: dict[str, Tensor]) -> Tensor:
