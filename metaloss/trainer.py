@@ -462,22 +462,27 @@ class MetaTrainer:
         self._emit("on_model_step", stats)
         return {"model": f"{stats.model_loss:.4g}", "task": f"{stats.task_loss:.4g}"}
 
-    def fit(self, resume: str | os.PathLike[str] | None = None, max_steps: int | None = None) -> None:
+    def fit(self, resume: str | os.PathLike[str] | None = None, max_steps: int | None = None) -> int:
         """Run the schedule from the start, or from a checkpoint.
 
         Args:
             resume: a checkpoint written by :meth:`save`; training continues where it stopped.
             max_steps: stop (after checkpointing) once this many steps have run in this call
                 (0: run none).
+
+        Returns:
+            The number of steps (meta and ordinary) this call ran: 0 when resuming a finished run.
         """
         if max_steps is not None and max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 or None, got {max_steps}")
         if resume is not None:
             self.load_state_dict(load_checkpoint(resume, map_location=self.device))
+        start = self.global_step
         if max_steps == 0:
-            return
+            return 0
         try:
             self._fit(max_steps)
+            return self.global_step - start
         except KeyboardInterrupt:
             where = (
                 f"resume from {self.checkpoint_dir / 'last.pt'}" if self.checkpoint_dir else "no checkpoint_dir was set"

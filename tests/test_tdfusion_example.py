@@ -426,13 +426,19 @@ def test_released_multi_focus_and_multi_exposure_fuse_as_released(
             assert clipped(raw * 255.0) < min(clipped(ya[..., 0]), clipped(yb[..., 0]))
 
 
-def test_training_writes_fusion_safetensors_that_fuse_reads(shared_data: Path, tmp_path: Path) -> None:
-    """`train` leaves the fusion network as fusion.safetensors beside last.pt; `fuse` gives the
-    same output from either; a damaged .safetensors is a command-line error naming it."""
-    run.main(
-        ["train", "--epochs", "1", "--meta-iterations", "1", "--model-iterations", "1", "--synthetic-train", "4"]
-        + ["--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path / "run"), "--quiet"]
-    )
+def test_training_writes_fusion_safetensors_that_fuse_reads(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train` leaves the fusion network as fusion.safetensors beside last.pt and says so; resuming
+    the finished run says there is nothing left; `fuse` gives the same output from either file; a
+    damaged .safetensors is a command-line error naming it."""
+    train = ["train", "--epochs", "1", "--meta-iterations", "1", "--model-iterations", "1", "--synthetic-train", "4"]
+    train += ["--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path / "run"), "--quiet"]
+    run.main(train)
+    said = capsys.readouterr().out
+    assert "trained 2 steps" in said and "fusion.safetensors" in said
+    run.main([*train, "--resume", str(tmp_path / "run" / "last.pt")])
+    assert "finished run" in capsys.readouterr().out
     weights = tmp_path / "run" / "fusion.safetensors"
     assert weights.is_file() and not list((tmp_path / "run").glob(".*.tmp"))
     pair = shared_data / "ReFusion/test_cases/MIF"

@@ -236,13 +236,17 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
         )
     resume = getattr(args, "resume", None)  # the demo has no --resume
     try:
-        trainer.fit(resume=resume)
+        steps = trainer.fit(resume=resume)
     except (FileNotFoundError, ValueError) as err:
         if resume is None or trainer.global_step:
             raise
         raise SystemExit(f"--resume: {err}") from None
     if trainer.rank == 0:  # the fusion network alone, for deployment (fuse --weights reads it)
         save_safetensors(unwrap(trainer.model).state_dict(), out / "fusion.safetensors")
+        if resume is not None and steps == 0:
+            print(f"--resume: {resume} holds a finished run ({args.epochs} epochs); nothing left to train")
+        if args.func is train:
+            print(f"trained {steps} steps; wrote {out / 'last.pt'}, {out / 'fusion.safetensors'} and {out / 'logs'}")
     return trainer
 
 
