@@ -457,3 +457,15 @@ def test_training_writes_fusion_safetensors_that_fuse_reads(
     damaged.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(SystemExit, match="damaged.safetensors"):
         run.main(["fuse", "--weights", str(damaged), *args, "--out", str(tmp_path / "d")])
+
+
+def test_quiet_silences_ultralytics_too(tmp_path: Path) -> None:
+    """`train --task-net yolov8 --quiet` prints only what it wrote: no settings banner, no model log."""
+    command = [sys.executable, str(Path(run.__file__)), "train", "--task-net", "yolov8", "--epochs", "1"]
+    command += ["--meta-iterations", "1", "--model-iterations", "1", "--synthetic-train", "4", "--crop", "32"]
+    command += ["--task-size", "64", "64", "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trained 2 steps"), lines

@@ -953,6 +953,8 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["demo", *argv]  # no subcommand: the demo, with any options given
     args = parser.parse_args(argv)
     check_paths(parser, args)  # before any work or any file written
+    if getattr(args, "quiet", False):
+        os.environ["YOLO_VERBOSE"] = "False"  # ultralytics reads it when first imported (lazily, later)
     result = args.func(args)
     if isinstance(result, Path):
         print(result.resolve())
