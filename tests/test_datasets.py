@@ -38,8 +38,7 @@ def _check(capsys, *args: str) -> tuple[int, str]:
 
 def test_real_samples_pass_check_data(shared_data: Path, capsys) -> None:
     for args in (
-        ("--dataset", "msrs", "--root", str(shared_data / "MSRS"), "--det"),
-        ("--dataset", "llvip", "--root", str(shared_data / "LLVIP")),
+        ("--dataset", "msrs", "--root", str(shared_data / "MSRS"), "--task-net", "yolov8"),
         ("--dataset", "folders", "--a", str(shared_data / "TNO/ir"), "--b", str(shared_data / "TNO/vi")),
     ):
         code, out = _check(capsys, *args)
@@ -171,7 +170,7 @@ def test_check_data_names_each_offending_file(tmp_path: Path, capsys, breakage: 
             f.unlink()
         (bad / "vi").rmdir()
         culprit = "vi"
-    code, out = _check(capsys, "--dataset", "msrs", "--root", str(root), "--det")
+    code, out = _check(capsys, "--dataset", "msrs", "--root", str(root), "--task-net", "yolov8")
     assert code == 1, out
     assert culprit in out
     import re
@@ -204,3 +203,23 @@ def test_boxes_frame_the_same_pixels_after_flip_and_resize() -> None:
     assert seen_flip == {True, False}, "the flip never (or always) happened"
     batch = collate([data[0], data[0]])
     assert batch["det"]["batch_idx"].tolist() == [0.0, 1.0] and batch["det"]["bboxes"].shape == (2, 4)
+
+
+def test_check_data_checks_what_the_task_needs_and_train_runs_it_first(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shipped MSRS sample has boxes but no label maps: fine for YOLOv8, not for SegFormer,
+    and `train` says so before it starts instead of failing inside a data-loader worker."""
+    msrs = str(shared_data / "MSRS")
+    code, out = _check(capsys, "--dataset", "msrs", "--root", msrs, "--task-net", "yolov8")
+    assert code == 0, out
+    code, out = _check(capsys, "--dataset", "msrs", "--root", msrs)  # default: segmentation
+    assert code == 1 and "no label map for segmentation" in out and "00001D" in out, out
+    out_dir = tmp_path / "run"
+    with pytest.raises(SystemExit, match="no label map for segmentation"):
+        run.main(["train", "--dataset", "msrs", "--root", msrs, "--out", str(out_dir), "--quiet"])
+    assert not (out_dir / "last.pt").exists() and not (out_dir / "logs").exists()
+    # The LLVIP sample's training split holds no annotation file: detection has nothing to learn.
+    code, out = _check(capsys, "--dataset", "llvip", "--root", str(shared_data / "LLVIP"))
+    problems = out.split("problem(s):")[-1]
+    assert code == 1 and "[train] no pair has a box file for detection" in problems and "[test]" not in problems

@@ -21,6 +21,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -194,7 +195,11 @@ class SplitReport:
 
 
 def check_pairs(
-    pairs: list[PairFiles], classes: tuple[str, ...], box_classes: tuple[str, ...] | None = None, progress: bool = False
+    pairs: list[PairFiles],
+    classes: tuple[str, ...],
+    box_classes: tuple[str, ...] | None = None,
+    progress: bool = False,
+    need: Literal["seg", "det"] | None = None,
 ) -> SplitReport:
     """Read every pair and label; collect sizes, class counts and each offending file.
 
@@ -203,9 +208,16 @@ def check_pairs(
         classes: the label maps' classes.
         box_classes: the boxes' classes (default: ``classes``).
         progress: show a progress bar.
+        need: the labels the task needs: ``"seg"`` (a label map for every pair) or ``"det"``
+            (box files; a pair without one is a background image, as in YOLO's convention, but a
+            split without any is a problem). ``None``: fusion only.
     """
     box_classes = classes if box_classes is None else box_classes
     report = SplitReport(pairs=len(pairs))
+    if need == "seg":
+        report.problems += [f"{p.a}: no label map for segmentation (pair {p.name})" for p in pairs if p.mask is None]
+    if need == "det" and pairs and all(p.boxes is None for p in pairs):
+        report.problems.append(f"no pair has a box file for detection (the first is {pairs[0].a})")
     for p in tqdm(pairs, desc="check", disable=not progress, leave=False):
         try:
             a, b = read_bgr(p.a), read_bgr(p.b)

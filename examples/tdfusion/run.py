@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "metaloss-ultralytics"))
@@ -171,6 +171,8 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         )
     task = build_task(args.task_net, spec[kind])
     task_size = tuple(args.task_size) if args.task_size else spec["task_size"]
+    if args.dataset != "synthetic":  # a bad label must not surface as a traceback mid-training
+        check_training_data(args, "seg" if kind == "seg" else "det")
     scenes = load_scenes(args, "train", kind)
     if kind == "seg" and args.balanced_task_loss:
         task.loss.class_weights = median_frequency_weights([s.label_mask() for s in scenes], spec[kind])
@@ -676,11 +678,34 @@ def downstream(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def needed_labels(dataset: str, task_net: str | None) -> Literal["seg", "det"] | None:
+    """The labels a run needs: the task network's kind, or the data set's default task's; none
+    for ``folders`` (fusion only)."""
+    if dataset == "folders":
+        return None
+    if task_net is not None:
+        return TASK_KINDS[task_net]  # type: ignore[return-value]
+    return "seg" if "seg" in DATASETS[dataset] else "det"
+
+
+def check_training_data(args: argparse.Namespace, kind: Literal["seg", "det"]) -> None:
+    """``check-data``'s checks on the training split, before ``train`` starts; exits 1 naming
+    every offending file (a missing label, an id outside the classes, a bad image)."""
+    files = dataset_files(args, "train")
+    classes = dataset_classes(args.dataset, "seg"), dataset_classes(args.dataset, "det")
+    report = ds.check_pairs(files, *classes, progress=not args.quiet, need=kind)
+    if report.problems:
+        shown = "\n  ".join(report.problems[:20])
+        more = f"\n  ... and {len(report.problems) - 20} more" if len(report.problems) > 20 else ""
+        raise SystemExit(f"{args.dataset} training data: {len(report.problems)} problem(s):\n  {shown}{more}")
+
+
 def check_data(args: argparse.Namespace) -> None:
     """Per split: pair count, image sizes, class histogram; exit 1 naming every offending file."""
     splits = ["all"] if args.dataset == "folders" else ["train", "test"]
     seg_classes = dataset_classes(args.dataset, "seg")
     box_classes = dataset_classes(args.dataset, "det")
+    need = needed_labels(args.dataset, args.task_net)
     problems = []
     for split in splits:
         try:
@@ -692,9 +717,9 @@ def check_data(args: argparse.Namespace) -> None:
             ds.write_split(
                 Path(args.write_splits) / f"{split}.txt", [f.name for f in files], f"{args.dataset} {split} split"
             )
-        if args.dataset == "msrs" and not args.det:
+        if args.dataset == "msrs" and need == "seg":  # MSRS's box files matter to detection only
             files = [PairFiles(f.name, f.a, f.b, f.mask, None) for f in files]
-        report = ds.check_pairs(files, seg_classes, box_classes, progress=not args.quiet)
+        report = ds.check_pairs(files, seg_classes, box_classes, progress=not args.quiet, need=need)
         sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in report.sizes.most_common())
         print(f"[{split}] {report.pairs} pairs; sizes {sizes or '-'}")
         for what, counts, names in (("label pixels", report.pixels, seg_classes), ("boxes", report.boxes, box_classes)):
@@ -939,7 +964,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", help="--dataset folders: second source folder")
     p.add_argument("--split-dir", help="read train.txt / test.txt from here (M3FD)")
     p.add_argument("--write-splits", help="write the generated splits (M3FD, LLVIP) as name lists here")
-    p.add_argument("--det", action="store_true", help="MSRS: check the detection labels (det_labels) as well")
+    p.add_argument(
+        "--task-net",
+        choices=sorted(TASK_KINDS),
+        help="check the labels this task network needs (segformer/unet: label maps; yolov8: boxes); "
+        "default: the data set's default task (segmentation where it has it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", help="unused; accepted for symmetry with the other commands")
     p.set_defaults(func=check_data)
