@@ -27,6 +27,7 @@ BAD_VALUES = [
     (["demo", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
     (["downstream", "--dataset", "msrs", "--root", "x", "--epochs", "0"], "--epochs"),
     (["demo", "--device", "gpu"], "--device"),
+    (["train", "--dataset", "folders"], "--dataset"),
 ]
 
 

@@ -739,9 +739,10 @@ def check_data(args: argparse.Namespace) -> None:
 def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> None:
     p.add_argument(
         "--dataset",
-        choices=sorted(DATASETS),
+        choices=sorted(d for d in DATASETS if d != "folders"),  # unlabelled folders cannot train a task network
         default="synthetic",
-        help="data set (default: synthetic; folders: --root unused)",
+        help="data set (default: synthetic, the embedded procedural scenes); training needs the task's labels, "
+        "so plain --a/--b folders are for fuse, evaluate and check-data",
     )
     p.add_argument("--root", help="the data set's folder as downloaded")
     p.add_argument("--split-dir", help="folder with train.txt / test.txt name lists (M3FD; default: the paper's split)")
