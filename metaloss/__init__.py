@@ -1,8 +1,8 @@
 """metaloss: learn a loss function by meta-learning, inside your own training loop.
 
-The core is task-agnostic: a :class:`LearnableLoss` (a generator of per-pixel source weights and
+The core is task-agnostic: a ``LearnableLoss`` (a generator of per-pixel source weights and
 weighted terms), a stateless differentiable inner step, exact and finite-difference
-hypergradients, an embeddable :class:`MetaStep`, and :class:`MetaTrainer`, which runs the
+hypergradients, an embeddable ``MetaStep``, and ``MetaTrainer``, which runs the
 schedule of TDFusion's Algorithm 1 (Bai et al., CVPR 2025).
 """
 

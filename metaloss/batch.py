@@ -1,9 +1,9 @@
 """How the engine reads the user's own batches.
 
-The engine never assumes a tuple layout. It asks a :class:`BatchAdapter` four questions about a
+The engine never assumes a tuple layout. It asks a ``BatchAdapter`` four questions about a
 batch: the sources the learnable loss sees, the model's arguments for that loss, the model's
 arguments for the view the task judges, and the task model's arguments given the model's
-prediction. :class:`SourcesAdapter` answers them for dict batches; write your own class with
+prediction. ``SourcesAdapter`` answers them for dict batches; write your own class with
 these four methods for any other structure (no subclassing needed).
 """
 

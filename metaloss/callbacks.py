@@ -1,6 +1,6 @@
-"""Callbacks and loggers for :class:`~metaloss.MetaTrainer`.
+"""Callbacks and loggers for ``MetaTrainer``.
 
-A callback is any object with some of the methods of :class:`Callback`; missing methods are
+A callback is any object with some of the methods of ``Callback``; missing methods are
 simply not called.
 """
 
@@ -22,7 +22,7 @@ __all__ = ["CSVLogger", "Callback", "TensorBoardLogger", "flatten_stats"]
 
 
 class Callback:
-    """Hooks called by :class:`~metaloss.MetaTrainer` (override the ones you need)."""
+    """Hooks called by ``MetaTrainer`` (override the ones you need)."""
 
     def on_meta_step(self, trainer: MetaTrainer, stats: MetaStepStats) -> None:
         """After each meta iteration (step of the loss generator)."""
@@ -34,7 +34,7 @@ class Callback:
         """After each epoch (after the checkpoint of that epoch is written)."""
 
     def on_fit_end(self, trainer: MetaTrainer) -> None:
-        """When :meth:`~metaloss.MetaTrainer.fit` returns."""
+        """When ``fit`` returns."""
 
 
 def flatten_stats(stats: Any) -> dict[str, float | int | bool]:

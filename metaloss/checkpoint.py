@@ -2,7 +2,7 @@
 
 Every file is read with ``torch.load(..., weights_only=True)``: a pickle inside a weights file
 that asks for anything but tensors and plain containers (a crafted file can ask to run any
-command) is refused with :class:`UnsafeCheckpointError`, and a file that is no PyTorch file at
+command) is refused with ``UnsafeCheckpointError``, and a file that is no PyTorch file at
 all (text, random bytes, a truncated download) with a ``ValueError`` naming it. Checkpoints hold
 only such types: the RNG states are stored as tensors and plain tuples.
 """
@@ -37,7 +37,7 @@ class UnsafeCheckpointError(ValueError):
 def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
     """``torch.load`` a file with ``weights_only=True``, with errors that name the file.
 
-    A ``.safetensors`` file is read with :func:`safetensors.torch.load_file` (a flat dict of
+    A ``.safetensors`` file is read with ``safetensors.torch.load_file`` (a flat dict of
     tensors).
 
     Raises:
@@ -81,7 +81,7 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``state`` with :func:`torch.save` atomically: a temporary file, then a rename.
+    """Write ``state`` with ``torch.save`` atomically: a temporary file, then a rename.
 
     A crash while writing never leaves a half-written file at ``path``.
     """
@@ -122,12 +122,12 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, never running code it carries.
+    """Read a checkpoint written by ``save_checkpoint``, never running code it carries.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
         UnsafeCheckpointError: the file asks for more than tensors and plain containers.
-        ValueError: not a PyTorch file, truncated, or not a checkpoint of :class:`~metaloss.MetaTrainer`.
+        ValueError: not a PyTorch file, truncated, or not a checkpoint of ``MetaTrainer``.
     """
     path = Path(path)
     if not path.is_file():
@@ -157,7 +157,7 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore generators saved by :func:`get_rng_state`."""
+    """Restore generators saved by ``get_rng_state``."""
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     name, keys, pos, has_gauss, cached = state["numpy"]

@@ -8,7 +8,7 @@ Restormer blocks of ReFusion, MobileNets, ConvNeXt) spends most of its meta step
 measured with ReFusion + SegFormer-b0 at batch 2 x 256^2 on an H100, 5.3 s for a meta
 iteration against 0.078 s for a plain one (68x).
 
-:func:`grouped_conv2d` gives the same forward (the native convolution) and a backward written
+``grouped_conv2d`` gives the same forward (the native convolution) and a backward written
 from two native first-order operations whose own derivatives have group-aware kernels:
 
 * ``grad_input = conv_transpose2d(grad_output, weight, groups=groups)``; its derivative with
@@ -16,9 +16,9 @@ from two native first-order operations whose own derivatives have group-aware ke
 * ``grad_weight = convolution_backward(grad_output, input, weight, output_mask=(0, 1, 0))``;
   its derivative needs no ``conv(ggI, gO)`` term, the one that loops.
 
-:class:`FastGroupedConv` is a :class:`torch.overrides.TorchFunctionMode` that routes every
-grouped ``conv2d`` call under it to :func:`grouped_conv2d`, so any user model benefits without
-change; :class:`~metaloss.MetaStep` enables it around the forward it differentiates twice.
+``FastGroupedConv`` is a ``torch.overrides.TorchFunctionMode`` that routes every
+grouped ``conv2d`` call under it to ``grouped_conv2d``, so any user model benefits without
+change; ``MetaStep`` enables it around the forward it differentiates twice.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def grouped_conv2d(
 ) -> Tensor:
     """``torch.nn.functional.conv2d`` with a double backward that does not loop over the groups.
 
-    The same forward as :func:`torch.nn.functional.conv2d` and the same first and second
+    The same forward as ``torch.nn.functional.conv2d`` and the same first and second
     derivatives (to rounding); only numeric ``padding`` is supported (not ``"same"``). Under
     ``torch.autocast`` it computes in the autocast dtype, as the native convolution does.
     """
@@ -111,7 +111,7 @@ def grouped_conv2d(
 
 
 class FastGroupedConv(TorchFunctionMode):
-    """Route grouped 2-D convolutions (``groups > 1``, numeric padding) to :func:`grouped_conv2d`.
+    """Route grouped 2-D convolutions (``groups > 1``, numeric padding) to ``grouped_conv2d``.
 
     Example:
         >>> with FastGroupedConv():

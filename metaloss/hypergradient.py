@@ -79,7 +79,7 @@ class HypergradientResult:
     outer_loss: Tensor
 
     def norm(self) -> float:
-        """The global L2 norm of :attr:`grads` (``nan`` if any entry is not finite)."""
+        """The global L2 norm of ``grads`` (``nan`` if any entry is not finite)."""
         if not self.grads:
             return 0.0
         if not self.is_finite():
@@ -87,7 +87,7 @@ class HypergradientResult:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in self.grads])))
 
     def is_finite(self) -> bool:
-        """Whether every entry of :attr:`grads` is finite."""
+        """Whether every entry of ``grads`` is finite."""
         return all_finite(self.grads)
 
 

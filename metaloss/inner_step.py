@@ -1,7 +1,7 @@
 """The stateless, differentiable inner step.
 
 A virtual step never touches the user's module: parameters are taken as detached leaves, the
-module is run through :func:`torch.func.functional_call`, and the update is a differentiable,
+module is run through ``torch.func.functional_call``, and the update is a differentiable,
 out-of-place copy of one step of the user's real optimiser.
 
 A virtual step must be the step the real optimiser would take, or the meta-gradient describes
@@ -68,7 +68,7 @@ class StatelessModule:
 
     Args:
         module: the user's module; never modified.
-        buffer_policy: see :class:`BufferPolicy`.
+        buffer_policy: see ``BufferPolicy``.
     """
 
     def __init__(self, module: nn.Module, buffer_policy: BufferPolicy | str = BufferPolicy.DISCARD) -> None:

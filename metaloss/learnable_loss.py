@@ -1,6 +1,6 @@
 """The learnable loss: a generator network that weighs K sources, and weighted loss terms.
 
-A :class:`LearnableLoss` owns the loss generator ``G`` (its parameters are the meta-learned
+A ``LearnableLoss`` owns the loss generator ``G`` (its parameters are the meta-learned
 ones) and a set of named, weighted loss terms. Given the K sources and a model's prediction it
 returns a scalar loss whose value depends on ``G``'s per-pixel weight maps ``w_1..w_K``
 (``sum_k w_k = 1`` at every pixel).
@@ -117,7 +117,7 @@ def weight_statistics(weights: Tensor) -> tuple[tuple[float, ...], tuple[float, 
 class ConstantWeights(nn.Module):
     """A generator without parameters that gives every source the same weight ``1/K``.
 
-    With it a :class:`LearnableLoss` becomes a fixed loss (the paper's ablation I).
+    With it a ``LearnableLoss`` becomes a fixed loss (the paper's ablation I).
 
     Args:
         num_sources: K.
@@ -146,7 +146,7 @@ class LearnableLoss(nn.Module):
         generator: module called as ``generator(*sources)``; returns K-channel logits
             (``weights="softmax"``) or a weight map that already sums to 1 over dim 1
             (``weights="given"``, e.g. a generator ending in ``nn.Softmax(dim=1)``).
-        terms: named loss terms (see :class:`LossTerm`).
+        terms: named loss terms (see ``LossTerm``).
         coefficients: a scalar per term name; missing names weigh 1.
         weights: how the generator's output becomes weights.
         validate: check sources and weight maps on every call (cheap; raises ``ValueError``).

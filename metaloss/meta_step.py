@@ -93,24 +93,24 @@ class MetaStep:
 
     Args:
         model: the model ``F`` trained under the learnable loss.
-        loss: the :class:`~metaloss.LearnableLoss` whose parameters are meta-learned.
+        loss: the ``LearnableLoss`` whose parameters are meta-learned.
         task_model: the task model ``T`` that judges ``F``'s predictions.
         task_loss: ``task_loss(task_model_output, batch) -> scalar``.
-        outer_optimizer: steps ``loss``'s parameters (``None``: :meth:`step` only writes
+        outer_optimizer: steps ``loss``'s parameters (``None``: ``step`` only writes
             ``.grad`` of those parameters and leaves the stepping to you).
         model_optimizer: ``F``'s real optimiser (read for ``lr=None`` and to seed
-            :class:`~metaloss.InnerAdam`; never stepped here).
+            ``InnerAdam``; never stepped here).
         task_optimizer: ``T``'s real optimiser (read only, likewise).
-        adapter: reads the user's batches (default :class:`~metaloss.SourcesAdapter`).
+        adapter: reads the user's batches (default ``SourcesAdapter``).
         inner: the model's differentiable inner update (default SGD at ``F``'s learning rate).
         task_inner: the task model's inner update (default SGD at ``T``'s learning rate).
         mode: ``"exact"`` (second order), ``"finite_difference"`` (first-order memory) or
             ``"implicit"`` (implicit differentiation at the parameters reached after
             ``inner_steps`` steps, by conjugate gradients; memory independent of the horizon).
         fd_eps: relative perturbation of the finite-difference mode.
-        buffer_policy: what BatchNorm buffers do in the virtual steps (:class:`BufferPolicy`).
+        buffer_policy: what BatchNorm buffers do in the virtual steps (``BufferPolicy``).
         nonfinite: ``"skip"`` a non-finite meta-gradient (counted) or ``"raise"``
-            :class:`~metaloss.NonFiniteHypergradientError`.
+            ``NonFiniteHypergradientError``.
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16``, ``torch.float16``); losses stay in float32.
         activation_checkpointing: recompute the model's activations in the backward passes
@@ -121,10 +121,10 @@ class MetaStep:
             peak stays (4.04 GiB both ways) and only time is added.
         average_over_ranks: all-reduce the meta-gradient to its mean over the ranks of the
             default process group before stepping (``None``: whenever ``torch.distributed`` is
-            initialised with more than one rank). Every rank must then call :meth:`step`
+            initialised with more than one rank). Every rank must then call ``step``
             together; the statistics it returns stay those of the rank's own batches.
         weight_map_grad: also return the outer loss's gradient with respect to the weight map
-            (:attr:`MetaStepStats.weight_map_grad`; a diagnostic, at no extra backward pass).
+            (``MetaStepStats.weight_map_grad``; a diagnostic, at no extra backward pass).
         inner_steps: virtual steps of the model on the meta-train batch before the meta-test
             (k = 1 is the paper's); more are differentiated by unrolling (``mode="exact"``,
             about k times the time and activation memory of one) or implicitly
@@ -148,8 +148,8 @@ class MetaStep:
         ...     stats = meta.step(train_batch, test_batch)
 
         To average the meta-gradient over several (meta-train, meta-test) pairs before one
-        outer step (a less noisy signal for more time), call :meth:`accumulate` for each pair,
-        then :meth:`apply`.
+        outer step (a less noisy signal for more time), call ``accumulate`` for each pair,
+        then ``apply``.
     """
 
     def __init__(
@@ -257,7 +257,7 @@ class MetaStep:
         """Compute the loss generator's meta-gradient without stepping anything.
 
         Returns:
-            The hypergradient (one tensor per :attr:`generator_parameters` entry) and the step's
+            The hypergradient (one tensor per ``generator_parameters`` entry) and the step's
             statistics (``skipped`` is always ``False`` here).
         """
         wrt = self.generator_parameters
@@ -337,7 +337,7 @@ class MetaStep:
     def accumulate(self, train_batch: Any, test_batch: Any) -> MetaStepStats:
         """Compute the meta-gradient of one pair and add it to the pending sum (no step).
 
-        :meth:`apply` then steps the generator with the mean of the pending meta-gradients.
+        ``apply`` then steps the generator with the mean of the pending meta-gradients.
         """
         result, stats = self.hypergradient(train_batch, test_batch)
         grads = [g.detach() for g in result.grads]
@@ -352,7 +352,7 @@ class MetaStep:
         """Step the loss generator with the mean of the accumulated meta-gradients.
 
         A meta-gradient holding NaN or Inf never reaches the generator: the step is skipped
-        and counted (``nonfinite="skip"``) or :class:`NonFiniteHypergradientError` is raised.
+        and counted (``nonfinite="skip"``) or ``NonFiniteHypergradientError`` is raised.
         Under several ranks the mean is also taken over the ranks (every rank calls this).
 
         Returns:
@@ -391,7 +391,7 @@ class MetaStep:
     def step_averaged(self, pairs: Sequence[tuple[Any, Any]]) -> MetaStepStats:
         """One step of the loss generator on the mean meta-gradient of ``pairs``.
 
-        :meth:`accumulate` for each ``(train_batch, test_batch)`` pair, then :meth:`apply`.
+        ``accumulate`` for each ``(train_batch, test_batch)`` pair, then ``apply``.
 
         Returns:
             The statistics of the last pair, with ``skipped`` set for a non-finite mean.

@@ -3,7 +3,7 @@
 Meta-gradients are tiny (1e-6 to 1e-4 with a 1e-4 inner step), so the rule matters. The
 released TDFusion code steps ``theta_G -= lr * g / max|g|`` with the maximum taken over all of
 the generator's parameters together (and no step when that maximum is 0):
-:class:`MaxNormalizedSGD`. Adam (the paper's text) and plain SGD are the alternatives.
+``MaxNormalizedSGD``. Adam (the paper's text) and plain SGD are the alternatives.
 """
 
 from __future__ import annotations

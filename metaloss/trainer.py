@@ -3,7 +3,7 @@
 Per epoch (Bai et al., CVPR 2025, Algorithm 1 and section 3.3):
 
 1. draw fresh, non-overlapping meta-train and meta-test subsets from the training set;
-2. M meta iterations: one :class:`~metaloss.MetaStep` each (virtual steps of the model and the
+2. M meta iterations: one ``MetaStep`` each (virtual steps of the model and the
    task model on a meta-train batch, outer step of the loss generator on a meta-test batch);
 3. N ordinary iterations over the training set: the model learns from the learnable loss with
    its weights detached, the task model from the task loss on the detached predictions.
@@ -68,7 +68,7 @@ class MetaTrainerConfig:
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run forwards under autocast.
         activation_checkpointing: recompute the model's activations in the meta step's
             backward passes (less memory in ``"finite_difference"`` mode; see
-            :class:`~metaloss.MetaStep`).
+            ``MetaStep``).
         joint_task_weight: also train the model on ``weight * task loss`` in its ordinary
             step (ablation III of the paper); 0 disables it.
         model_phase: ``False`` drops the ordinary phase; the model and task model then take
@@ -78,9 +78,9 @@ class MetaTrainerConfig:
         checkpoint_every: also checkpoint every this many steps (0: only after each phase).
         progress: show progress bars.
         map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"`` (its global part per
-            image removed; see :class:`~metaloss.MetaStep`).
+            image removed; see ``MetaStep``).
         inner_steps: virtual steps of the model per meta iteration (paper: 1; more are unrolled
-            in ``mode="exact"`` or differentiated implicitly; see :class:`~metaloss.MetaStep`).
+            in ``mode="exact"`` or differentiated implicitly; see ``MetaStep``).
         cg_iterations: conjugate-gradient iterations of ``mode="implicit"``.
         ridge: added to the inner Hessian's diagonal in ``mode="implicit"``.
         meta_test: ``"held_out"`` (paper): the meta-test batch comes from the half of the data
@@ -167,16 +167,16 @@ class MetaTrainer:
         task_model: ``T``.
         task_loss: ``task_loss(task_model_output, batch) -> scalar``.
         dataset: a map-style data set of the user's samples (a torch Dataset, or any sequence).
-        config: the schedule (:class:`MetaTrainerConfig`).
+        config: the schedule (``MetaTrainerConfig``).
         collate_fn: builds a batch from samples (default: PyTorch's).
-        adapter: reads batches (default :class:`~metaloss.SourcesAdapter`).
+        adapter: reads batches (default ``SourcesAdapter``).
         model_optimizer: default Adam at ``config.lr``.
         task_optimizer: default Adam at ``config.lr``.
-        outer_optimizer: default :func:`~metaloss.make_outer_optimizer` from the config.
+        outer_optimizer: default ``make_outer_optimizer`` from the config.
         schedulers: learning-rate schedulers stepped at the end of every epoch.
         inner: the model's inner update rule (default SGD at its optimiser's rate).
         task_inner: the task model's inner update rule (default SGD at its optimiser's rate).
-        callbacks: objects with :class:`~metaloss.Callback` methods.
+        callbacks: objects with ``Callback`` methods.
         checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
     """
 
@@ -374,7 +374,7 @@ class MetaTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state written by :meth:`state_dict`."""
+        """Restore a state written by ``state_dict``."""
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) != self.world_size:
             raise ValueError(f"the checkpoint was written by {len(rng)} rank(s); this run has {self.world_size}")
@@ -466,7 +466,7 @@ class MetaTrainer:
         """Run the schedule from the start, or from a checkpoint.
 
         Args:
-            resume: a checkpoint written by :meth:`save`; training continues where it stopped.
+            resume: a checkpoint written by ``save``; training continues where it stopped.
             max_steps: stop (after checkpointing) once this many steps have run in this call
                 (0: run none).
 

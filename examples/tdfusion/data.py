@@ -1,7 +1,7 @@
 """Paired infrared-visible data for the TDFusion example.
 
-A data set is a list of :class:`Scene` records (two grey sources on 0-255, and a label map or
-boxes), read lazily from folders or generated procedurally, and a :class:`FusionDataset` that
+A data set is a list of ``Scene`` records (two grey sources on 0-255, and a label map or
+boxes), read lazily from folders or generated procedurally, and a ``FusionDataset`` that
 turns each into one training sample:
 
 - ``a``, ``b``: a random ``crop x crop`` window of both sources in [0, 1] (the fusion view);
@@ -141,7 +141,7 @@ def load_scene(files: PairFiles, classes: tuple[str, ...] = ()) -> Scene:
 
 
 class SceneList(Sequence[Scene]):
-    """Scenes read lazily from :class:`PairFiles` and kept once read."""
+    """Scenes read lazily from ``PairFiles`` and kept once read."""
 
     def __init__(self, files: Sequence[PairFiles], classes: tuple[str, ...] = ()) -> None:
         self.files = list(files)
@@ -240,7 +240,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate_swapped(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`collate`, with the batch doubled by the (B, A)-swapped copies (the released code's
+    """``collate``, with the batch doubled by the (B, A)-swapped copies (the released code's
     ``Switch``): the fusion network learns to be symmetric in its two inputs."""
     # The window's labels are dropped: the same pixels have the other source first once swapped.
     samples = [{k: v for k, v in s.items() if k != "crop_mask"} for s in samples]

@@ -122,7 +122,7 @@ def m3fd_split(
 
 
 def m3fd_files(root: str | Path, split: str, split_dir: Path | None = None) -> list[PairFiles]:
-    """M3FD: ``M3FD_Detection/{Ir,Vis,Annotation}``; split by :func:`m3fd_split` or a split file."""
+    """M3FD: ``M3FD_Detection/{Ir,Vis,Annotation}``; split by ``m3fd_split`` or a split file."""
     root = Path(root)
     det = find_dir(root, "M3FD_Detection") or root
     a = _require(find_dir(det, "Ir", "ir"), det, "Ir")

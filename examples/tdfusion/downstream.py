@@ -6,7 +6,7 @@
   code: its NMS, its validator's prediction-to-label matching at IoU 0.50:0.95, and
   ``ap_per_class``.
 
-The paper's protocol (section 4.3) is :func:`train_and_evaluate`: train a fresh task network on a
+The paper's protocol (section 4.3) is ``train_and_evaluate``: train a fresh task network on a
 method's fused training images, evaluate it on its fused test images.
 """
 

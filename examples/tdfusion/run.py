@@ -259,7 +259,7 @@ def stretch(raw: np.ndarray) -> np.ndarray:
 
 
 def matched_names(a_dir: Path, b_dir: Path) -> list[PairFiles]:
-    """The pairs of two folders by stem (:func:`data.paired_files`), as command-line errors."""
+    """The pairs of two folders by stem (``data.paired_files``), as command-line errors."""
     try:
         pairs = paired_files(a_dir, b_dir)
     except FileNotFoundError as err:
@@ -431,8 +431,8 @@ def run_arms(
     Per arm: train with Algorithm 1 (``--ablation I`` for the fixed arm), fuse the training and
     test scenes, train a fresh task network on the fused training scenes and score it on the
     fused test scenes; the six fusion metrics on the test scenes; for the learned arm, where its
-    loss puts its weight (:func:`study.weights_at`) and, with ``probe``, the per-epoch
-    :class:`study.OracleProbe` rows. ``arms`` picks the arms to run (by name, from :data:`ARMS`).
+    loss puts its weight (``study.weights_at``) and, with ``probe``, the per-epoch
+    ``study.OracleProbe`` rows. ``arms`` picks the arms to run (by name, from ``ARMS``).
     """
     unknown = set(arms) - {name for name, _ in ARMS}
     if unknown:
@@ -487,7 +487,7 @@ def run_arms(
 
 
 def _probe_pairs(args: argparse.Namespace, scenes: list[Scene] | SceneList) -> list[tuple[Any, Any]]:
-    """Four fixed (meta-train, meta-test) pairs of training samples for :class:`study.OracleProbe`
+    """Four fixed (meta-train, meta-test) pairs of training samples for ``study.OracleProbe``
     (the scenes cycle when there are fewer than eight batches of them)."""
     g = torch.Generator().manual_seed(12345)
     dataset = FusionDataset(scenes, "seg", crop=args.crop, task_size=DATASETS["synthetic"]["task_size"])

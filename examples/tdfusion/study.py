@@ -3,15 +3,15 @@
 The pieces the oracle study (``benchmarks/oracle_weights.py``), the learned-against-fixed
 benchmark (``benchmarks/learned_vs_fixed.py``) and the demo share:
 
-- :func:`train_fusion_fixed` trains ReFusion under a *fixed* per-pixel weight map (the oracle from
+- ``train_fusion_fixed`` trains ReFusion under a *fixed* per-pixel weight map (the oracle from
   the ground truth, ``1/2``, one source only), with the same loss terms TDFusion uses;
-- :func:`fuse_arrays` runs a fusion network on one pair (the ``fuse`` command uses it too), and
-  :func:`fuse_scenes` over whole scenes;
-- :func:`downstream_miou` is the paper's protocol (section 4.3) on those images: a fresh
+- ``fuse_arrays`` runs a fusion network on one pair (the ``fuse`` command uses it too), and
+  ``fuse_scenes`` over whole scenes;
+- ``downstream_miou`` is the paper's protocol (section 4.3) on those images: a fresh
   SegFormer-b0 trained on the fused training scenes, scored on the fused test scenes;
-- :func:`weights_at` says where a learned loss puts its weight: the mean infrared weight on
+- ``weights_at`` says where a learned loss puts its weight: the mean infrared weight on
   hot-target pixels and the mean visible weight on marking pixels, by day and by night;
-- :class:`OracleProbe` is a :class:`metaloss.MetaTrainer` callback that logs, at every epoch's
+- ``OracleProbe`` is a ``metaloss.MetaTrainer`` callback that logs, at every epoch's
   end, those weights and the cosine between what the meta-gradient asks of the weight maps and
   the direction toward the oracle maps.
 """
@@ -74,7 +74,7 @@ def train_fusion_fixed(
     """ReFusion trained with Adam under ``L_int(w) + alpha L_grad`` for a fixed weight map ``w``.
 
     Each step takes ``batch_size`` random scenes and the same random ``crop`` window of both
-    sources and of the weight map (as :class:`data.FusionDataset` crops for TDFusion).
+    sources and of the weight map (as ``data.FusionDataset`` crops for TDFusion).
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -199,20 +199,20 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
 
 
 class OracleProbe:
-    """A :class:`metaloss.MetaTrainer` callback: is the meta-gradient heading for the oracle maps?
+    """A ``metaloss.MetaTrainer`` callback: is the meta-gradient heading for the oracle maps?
 
     At every epoch's end it computes, on fixed probe pairs (meta-train and meta-test batches
     whose samples carry ``crop_mask``), the outer loss's gradient ``g`` with respect to the
     weight map ``w`` (no step is taken) and the cosine between the descent direction ``-g`` and
     the direction toward the oracle ``w* - w`` over the labelled pixels (targets and markings),
     by day and by night. As ``w_a + w_b = 1``, only ``w_a - w_b`` matters: the cosine is taken
-    between the two directions' ``a - b`` components. It also records :func:`weights_at` on
+    between the two directions' ``a - b`` components. It also records ``weights_at`` on
     ``scenes``. Rows go to ``rows`` and, with ``path``, to a CSV file. The probe runs the trainer's
     own meta step (every option kept) and restores the random state, so the run is unchanged.
 
     Args:
         pairs: probe ``(meta-train batch, meta-test batch)`` pairs, already collated.
-        scenes: whole scenes for :func:`weights_at`.
+        scenes: whole scenes for ``weights_at``.
         path: CSV file to append rows to (``None``: keep them in memory only).
     """
 

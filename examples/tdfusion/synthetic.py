@@ -21,7 +21,7 @@ per-pixel source choice cannot pay (measured by ``benchmarks/oracle_weights.py``
 average destroys exactly the information a learned loss should keep: a target and its cold
 look-alike (or a marking and a hot seam) have the same shape and the same averaged contrast,
 and only *which camera* shows the contrast tells them apart. Infrared at the targets and visible
-light at the markings (the oracle weights, :func:`oracle_weights`) keeps it.
+light at the markings (the oracle weights, ``oracle_weights``) keeps it.
 
 Segmentation classes: 0 background, 1 person, 2 car, 3 marking. Detection classes: 0 person,
 1 car.

@@ -96,7 +96,7 @@ class SegmentationLoss:
     Args:
         ignore_index: label value that does not count (e.g. 255 for "unlabelled").
         key: the batch key of the ``(B, H, W)`` int64 label map.
-        class_weights: a weight per class (e.g. :func:`median_frequency_weights`), or ``None``.
+        class_weights: a weight per class (e.g. ``median_frequency_weights``), or ``None``.
     """
 
     def __init__(self, ignore_index: int = -100, key: str = "mask", class_weights: Tensor | None = None) -> None:

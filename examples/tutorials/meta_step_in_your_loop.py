@@ -99,7 +99,7 @@ def train(
         outer_lr: G's Adam learning rate.
         inner_steps: virtual steps of F per meta step (unrolled).
         meta_test: ``"held_out"`` (a fresh batch judges F') or ``"meta_train"`` (the same batch).
-        map_gradient: ``"full"`` or ``"centred"`` (see :class:`metaloss.MetaStep`).
+        map_gradient: ``"full"`` or ``"centred"`` (see ``metaloss.MetaStep``).
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

@@ -1,11 +1,11 @@
 """Reusable image-fusion building blocks, built on (and never imported by) the metaloss core.
 
-- :mod:`metaloss.fusion.losses`: the fusion loss terms (intensity, Sobel gradient) in the
+- ``metaloss.fusion.losses``: the fusion loss terms (intensity, Sobel gradient) in the
   TDFusion paper's form and in the released code's form, functional and module forms.
-- :mod:`metaloss.fusion.networks`: the ReFusion fusion network, TDFusion's loss generator and a
+- ``metaloss.fusion.networks``: the ReFusion fusion network, TDFusion's loss generator and a
   loader for the authors' released weights.
-- :mod:`metaloss.fusion.image_io`: images read and written as the reference pipeline does.
-- :mod:`metaloss.fusion.metrics`: EN, SF, SCD, VIF, Q^AB/F and SSIM as batched torch functions.
+- ``metaloss.fusion.image_io``: images read and written as the reference pipeline does.
+- ``metaloss.fusion.metrics``: EN, SF, SCD, VIF, Q^AB/F and SSIM as batched torch functions.
 """
 
 from metaloss.fusion.losses import GradientTerm, IntensityTerm, gradient_loss, intensity_loss, sobel, tdfusion_loss

@@ -1,8 +1,8 @@
 """A fusion network as an ONNX file, and that file run by onnxruntime as a fusion network.
 
-:func:`export_onnx` writes a ``(B, 2, H, W) -> (B, 1, H, W)`` fusion network with dynamic batch,
+``export_onnx`` writes a ``(B, 2, H, W) -> (B, 1, H, W)`` fusion network with dynamic batch,
 height and width through PyTorch's exporter (``torch.onnx.export(dynamo=True)``, which needs the
-``onnx`` and ``onnxscript`` packages); :class:`OnnxFusion` runs such a file with onnxruntime and
+``onnx`` and ``onnxscript`` packages); ``OnnxFusion`` runs such a file with onnxruntime and
 is called like the torch network. Install them with ``pip install "metaloss[deploy]"``.
 """
 
@@ -70,7 +70,7 @@ class OnnxFusion:
     """An exported fusion network run by onnxruntime, called like the torch one.
 
     Args:
-        path: an ``.onnx`` file written by :func:`export_onnx`.
+        path: an ``.onnx`` file written by ``export_onnx``.
         threads: onnxruntime's intra-op threads (``None``: its default).
 
     Example:

@@ -2,9 +2,9 @@
 
 - grey: ``round(cvtColor(imread(p).astype(float32), BGR2GRAY))`` on the 0-255 scale;
 - luminance for colour fusion: the Y of OpenCV's YCrCb on the float 0-255 image, with its CrCb
-  kept for re-colouring. For float images OpenCV centres the chroma at :data:`CHROMA_MID` = 0.5
+  kept for re-colouring. For float images OpenCV centres the chroma at ``CHROMA_MID`` = 0.5
   whatever the range (``Cr = (R - Y) * 0.713 + 0.5``), not at 128;
-- colour of the fused image (:func:`fused_chroma`): the chroma of the one colour source, or the
+- colour of the fused image (``fused_chroma``): the chroma of the one colour source, or the
   saturation-weighted blend of both; none when both sources are grey (three equal channels).
 
 An infrared image stored as three identical channels reads as its single channel.
@@ -69,7 +69,7 @@ def to_ycrcb(bgr: np.ndarray) -> np.ndarray:
 
 
 def read_ycrcb(path: str | os.PathLike[str]) -> np.ndarray:
-    """:func:`to_ycrcb` of the image at ``path``."""
+    """``to_ycrcb`` of the image at ``path``."""
     return to_ycrcb(read_bgr(path))
 
 
@@ -79,7 +79,7 @@ def has_colour(bgr: np.ndarray) -> bool:
 
 
 def is_colour(path: str | os.PathLike[str]) -> bool:
-    """:func:`has_colour` of the image at ``path``."""
+    """``has_colour`` of the image at ``path``."""
     return has_colour(read_bgr(path))
 
 
@@ -87,7 +87,7 @@ def blend_chroma(c1: np.ndarray, c2: np.ndarray, mid: float = CHROMA_MID, eps: f
     """Blend two chroma planes, favouring the more saturated one at each pixel.
 
     ``Cf = (C1 |C1 - m| + C2 |C2 - m|) / (|C1 - m| + |C2 - m| + eps)``; ``m`` is the chroma
-    mid-point: :data:`CHROMA_MID` for :func:`read_ycrcb`'s planes.
+    mid-point: ``CHROMA_MID`` for ``read_ycrcb``'s planes.
     """
     d1, d2 = np.abs(c1 - mid), np.abs(c2 - mid)
     return (c1 * d1 + c2 * d2) / (d1 + d2 + eps)
@@ -97,10 +97,10 @@ def fused_chroma(ycrcb_a: np.ndarray, colour_a: bool, ycrcb_b: np.ndarray, colou
     """The fused image's CrCb ``(H, W, 2)``: the colour source's, a blend of both, or ``None``.
 
     Args:
-        ycrcb_a: :func:`read_ycrcb` of the first source.
-        colour_a: :func:`has_colour` of the first source (a grey image has no chroma to keep).
-        ycrcb_b: :func:`read_ycrcb` of the second source.
-        colour_b: :func:`has_colour` of the second source.
+        ycrcb_a: ``read_ycrcb`` of the first source.
+        colour_a: ``has_colour`` of the first source (a grey image has no chroma to keep).
+        ycrcb_b: ``read_ycrcb`` of the second source.
+        colour_b: ``has_colour`` of the second source.
     """
     if colour_a and colour_b:
         return blend_chroma(ycrcb_a[..., 1:], ycrcb_b[..., 1:])

@@ -2,17 +2,13 @@
 
 ``L_f = L_int + alpha * L_grad`` (Bai et al., CVPR 2025, eq. 1-3), for K >= 2 sources:
 
-============  ================================================  ==========================================
-term          paper (``form="paper"``)                          released code (``form="released"``)
-============  ================================================  ==========================================
-intensity     ``mean_px sum_k w_k (F - I_k)^2``                 ``sum_k mean_px (w_k (I_k - F))^2``
-gradient      ``mean_px | |grad F| - max_k |grad I_k| |``,      per direction d in {x, y}: the source's
-              ``|grad I| = |S_x*I| + |S_y*I|``                  signed ``S_d*I`` of largest magnitude;
-                                                                ``sum_d mean_px |S_d*F - that|``
-============  ================================================  ==========================================
+| term | paper (``form="paper"``) | released code (``form="released"``) |
+|---|---|---|
+| intensity | ``mean_px sum_k w_k (F - I_k)^2`` | ``sum_k mean_px (w_k (I_k - F))^2`` |
+| gradient | ``mean_px | |grad F| - max_k |grad I_k| |``, with ``|grad I| = |S_x*I| + |S_y*I|`` | per direction d in {x, y}, the source's signed ``S_d*I`` of largest magnitude; ``sum_d mean_px |S_d*F - that|`` |
 
 ``S_x``, ``S_y`` are 3x3 Sobel kernels with zero padding. Each term has a functional form and a
-module form usable as a :class:`metaloss.LossTerm`.
+module form usable as a ``metaloss.LossTerm``.
 """
 
 from __future__ import annotations
@@ -90,7 +86,7 @@ def gradient_loss(fused: Tensor, sources: Sequence[Tensor], form: LossForm = "pa
 
 
 class IntensityTerm(nn.Module):
-    """Module form of :func:`intensity_loss` (a :class:`metaloss.LossTerm`)."""
+    """Module form of ``intensity_loss`` (a ``metaloss.LossTerm``)."""
 
     def __init__(self, form: LossForm = "paper") -> None:
         super().__init__()
@@ -102,7 +98,7 @@ class IntensityTerm(nn.Module):
 
 
 class GradientTerm(nn.Module):
-    """Module form of :func:`gradient_loss` (a :class:`metaloss.LossTerm`; ignores the weights)."""
+    """Module form of ``gradient_loss`` (a ``metaloss.LossTerm``; ignores the weights)."""
 
     def __init__(self, form: LossForm = "paper") -> None:
         super().__init__()
@@ -123,10 +119,10 @@ def tdfusion_loss(
     """TDFusion's learnable fusion loss ``L_int + alpha * L_grad`` around ``generator``.
 
     Args:
-        generator: e.g. :class:`~metaloss.fusion.LossGenerator` (ends in a Softmax: ``"given"``).
+        generator: e.g. ``LossGenerator`` (ends in a Softmax: ``"given"``).
         form: ``"paper"`` or ``"released"`` for both terms.
         alpha: the gradient term's coefficient (0 drops it: ablation II).
-        weights: how the generator's output becomes weights (see :class:`metaloss.LearnableLoss`).
+        weights: how the generator's output becomes weights (see ``metaloss.LearnableLoss``).
     """
     terms: dict[str, nn.Module] = {"intensity": IntensityTerm(form)}
     if alpha:

@@ -2,9 +2,9 @@
 
 Every function takes ``(N, H, W)`` (or ``(H, W)``) tensors on the 0-255 scale (float or
 integer), on any device, and returns ``(N,)`` float64 values. VIF, Q^AB/F and SSIM work through
-the batch :func:`default_images_per_pass` images at a time: one on CPU, which keeps each map in
+the batch ``default_images_per_pass`` images at a time: one on CPU, which keeps each map in
 cache, 16 on an accelerator. Images should be read as the reference pipeline reads them
-(:func:`metaloss.fusion.image_io.read_grey`). Definitions follow ``spec/fusion-metrics.md``:
+(``metaloss.fusion.image_io.read_grey``). Definitions follow ``spec/fusion-metrics.md``:
 
 - EN: entropy (log2) of the 256-bin histogram of ``uint8(round(F))``;
 - SF: spatial frequency;
@@ -89,7 +89,7 @@ def default_images_per_pass(device: torch.device) -> int:
 
 
 def _in_passes(fn: Callable[..., Tensor], *images: Tensor, per_pass: int | None = None) -> Tensor:
-    """``fn`` over consecutive groups of ``per_pass`` images (default :func:`default_images_per_pass`)."""
+    """``fn`` over consecutive groups of ``per_pass`` images (default ``default_images_per_pass``)."""
     step = per_pass or default_images_per_pass(images[0].device)
     return torch.cat([fn(*(x[i : i + step] for x in images)) for i in range(0, images[0].shape[0], step)])
 
@@ -237,7 +237,7 @@ def vif(
 ) -> Tensor:
     """Pixel-domain VIF of the fused image against each source, combined by ``convention``.
 
-    ``images_per_pass``: images filtered at once (default :func:`default_images_per_pass`).
+    ``images_per_pass``: images filtered at once (default ``default_images_per_pass``).
     """
     _check_convention(convention)
     f, a, b = _batch(fused), _batch(a), _batch(b)
@@ -299,7 +299,7 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, images_per_pass: int | None = N
     """Xydeas-Petrovic Q^AB/F (gradient-weighted edge preservation of both sources).
 
     Computed in float32, as the reference evaluator computes it (its images are OpenCV float32).
-    ``images_per_pass``: images processed at once (default :func:`default_images_per_pass`).
+    ``images_per_pass``: images processed at once (default ``default_images_per_pass``).
     """
     f, a, b = (_batch(x, torch.float32) for x in (fused, a, b))
     return _in_passes(_qabf_pass, f, a, b, per_pass=images_per_pass)
@@ -359,7 +359,7 @@ def ssim(
 ) -> Tensor:
     """SSIM of the uint8-rounded fused image with each source, combined by ``convention``.
 
-    ``images_per_pass``: images processed at once (default :func:`default_images_per_pass`).
+    ``images_per_pass``: images processed at once (default ``default_images_per_pass``).
     """
     _check_convention(convention)
     f, a, b = (_uint8_values(x) for x in (fused, a, b))
@@ -376,7 +376,7 @@ def evaluate_fusion(
         a: the first source, same shape.
         b: the second source, same shape.
         convention: ``"mean"`` or ``"sum"`` of the two-source VIF and SSIM.
-        images_per_pass: images evaluated at once (default :func:`default_images_per_pass`: 1 on CPU,
+        images_per_pass: images evaluated at once (default ``default_images_per_pass``: 1 on CPU,
             where the maps then stay in cache; 16 on an accelerator).
     """
     _check_convention(convention)

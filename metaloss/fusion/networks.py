@@ -3,7 +3,7 @@
 Both are fully convolutional stacks of Restormer blocks (transposed, channel-wise attention), so
 any ``H x W`` works. No "meta" shadow layers: the core's stateless inner step runs them as they
 are. Parameter names follow the authors' release, so their ``.pth`` files load after
-:func:`load_released_weights` drops the duplicated keys.
+``load_released_weights`` drops the duplicated keys.
 
 References:
     Zamir et al., "Restormer: Efficient Transformer for High-Resolution Image Restoration", CVPR 2022.
@@ -196,7 +196,7 @@ class LossGenerator(nn.Module):
     width; 3x3 conv, PReLU, 3x3 conv to 2 channels; Softmax over the 2 channels, so
     ``w_a + w_b = 1`` at every pixel (use it with ``LearnableLoss(..., weights="given")``).
     Called as ``generator(a, b)`` with ``(B, 1, H, W)`` sources. ``precise_attention`` as in
-    :class:`ReFusion`.
+    ``ReFusion``.
     """
 
     def __init__(
@@ -227,7 +227,7 @@ def load_released_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.
     and LayerNorm as ``norm.body.weight``; both are mapped. Our own checkpoints (a
     ``MetaTrainer`` checkpoint's ``"model"`` entry, or a plain state dict) load too.
 
-    The file is read with ``weights_only=True`` (:func:`metaloss.checkpoint.load_weights_file`):
+    The file is read with ``weights_only=True`` (``metaloss.checkpoint.load_weights_file``):
     a file whose pickle would run code is refused, never opened.
 
     Raises:
