@@ -5,8 +5,10 @@
 | term | paper (``form="paper"``) | released code (``form="released"``) |
 |---|---|---|
 | intensity | ``mean_px sum_k w_k (F - I_k)^2`` | ``sum_k mean_px (w_k (I_k - F))^2`` |
-| gradient | ``mean_px | |grad F| - max_k |grad I_k| |``, with ``|grad I| = |S_x*I| + |S_y*I|`` | per direction d in {x, y}, the source's signed ``S_d*I`` of largest magnitude; ``sum_d mean_px |S_d*F - that|`` |
+| gradient | ``mean_px | |grad F| - max_k |grad I_k| |`` | ``sum_d mean_px |S_d*F - T_d|`` |
 
+``|grad I| = |S_x*I| + |S_y*I|``; ``T_d`` is, per direction d in {x, y}, the source's signed
+``S_d*I`` of largest magnitude.
 ``S_x``, ``S_y`` are 3x3 Sobel kernels with zero padding. Each term has a functional form and a
 module form usable as a ``metaloss.LossTerm``.
 """
