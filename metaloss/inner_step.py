@@ -132,8 +132,20 @@ _SUPPORTED = {
     "SGD": {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"},
     "Adam": {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"},
 }
-# Options that choose an implementation, not the arithmetic, and so do not matter to a virtual step.
-_IMPLEMENTATION = {"params", "foreach", "fused", "capturable", "differentiable", "initial_lr"}
+# Entries that do not change a step's arithmetic: implementation choices, and the bookkeeping of
+# torch.optim.lr_scheduler (a step uses the group's current lr and momentum, which they set).
+_IMPLEMENTATION = {
+    "params",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "initial_lr",
+    "max_lr",
+    "min_lr",
+    "max_momentum",
+    "base_momentum",
+}
 
 
 def _groups_of(

@@ -127,6 +127,14 @@ def test_parameters_the_optimiser_does_not_hold_stay_fixed() -> None:
     assert torch.equal(new[0], theta[0]) and not torch.equal(new[2], theta[2])
 
 
+def test_a_scheduled_optimiser_is_followed_at_its_current_learning_rate_and_momentum() -> None:
+    """OneCycleLR writes its bookkeeping (max_lr, base_momentum, ...) into the param groups."""
+    model = _model()
+    opt = torch.optim.SGD(_groups(model, {"momentum": 0.9}))
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.3, 0.01], total_steps=10)
+    _check_virtual_equals_real(model, opt, InnerSGD(), steps=2)
+
+
 def test_an_option_the_virtual_step_cannot_reproduce_is_refused_by_name() -> None:
     model = _model()
 
