@@ -7,6 +7,7 @@ mean weight on ``a`` and the task network's IoU on held-out pairs after the run,
 seeds chose ``a`` (weight > 0.9).
 
     python benchmarks/toy_source_choice.py --seeds 6
+    python benchmarks/toy_source_choice.py --seeds 6 --first-seed 6 --only paper "100 steps first"
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=6)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--only", nargs="+", default=None, metavar="WORD", help="run the variants whose name holds a WORD")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -44,9 +47,12 @@ def main() -> None:
     started = time.time()
     print("| variant | weight on a / IoU per seed | seeds choosing a |\n|---|---|---|")
     for name, options in VARIANTS.items():
+        if args.only and not any(word in name for word in args.only):
+            continue
         if "warmup" in options:
             options = {**options, "warmup": min(options["warmup"], args.steps)}
-        runs = [train(steps=args.steps, seed=s, **options) for s in range(args.seeds)]
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        runs = [train(steps=args.steps, seed=s, **options) for s in seeds]
         cells = " ".join(f"{r['weight_on_a_end']:.2f}/{r['iou_end']:.2f}" for r in runs)
         chose = sum(r["weight_on_a_end"] > 0.9 for r in runs)
         print(f"| {name} | {cells} | {chose} of {args.seeds} |", flush=True)
