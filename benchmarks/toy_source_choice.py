@@ -42,9 +42,16 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, metavar="WORD", help="run the variants whose name holds a WORD")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--trace", type=int, default=None, metavar="SEED", help="print G's path in the paper's loop")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
+    if args.trace is not None:
+        path: list[tuple[int, float, float]] = []
+        train(steps=args.steps, seed=args.trace, trace=path)
+        print(f"seed {args.trace}, the paper's loop: iteration, mean weight on a, norm of G's meta-gradient")
+        print("\n".join(f"{i:4d}  {w:.2f}  {g:.1e}" for i, w, g in path))
+        return
     print("| variant | weight on a / IoU per seed | seeds choosing a |\n|---|---|---|")
     for name, options in VARIANTS.items():
         if args.only and not any(word in name for word in args.only):

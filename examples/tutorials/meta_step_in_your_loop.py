@@ -89,6 +89,7 @@ def train(
     inner_steps: int = 1,
     meta_test: str = "held_out",
     map_gradient: Literal["full", "centred"] = "full",
+    trace: list[tuple[int, float, float]] | None = None,
 ) -> dict[str, float]:
     """Train F, G and T together; return G's weight on source ``a`` and T's IoU, before and after.
 
@@ -100,6 +101,8 @@ def train(
         inner_steps: virtual steps of F per meta step (unrolled).
         meta_test: ``"held_out"`` (a fresh batch judges F') or ``"meta_train"`` (the same batch).
         map_gradient: ``"full"`` or ``"centred"`` (see ``metaloss.MetaStep``).
+        trace: if given, every 20th meta step appends ``(iteration, mean weight on a in the
+            meta-train batch, norm of G's meta-gradient)`` to it.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +133,9 @@ def train(
     for i in range(steps):
         train_batch, test_batch = make_batch(4, 16, g), make_batch(4, 16, g)
         if i >= warmup:  # 1. G's outer step; F and T are not modified by it
-            meta.step(train_batch, train_batch if meta_test == "meta_train" else test_batch)
+            stats = meta.step(train_batch, train_batch if meta_test == "meta_train" else test_batch)
+            if trace is not None and (i - warmup) % 20 == 0:
+                trace.append((i, stats.weight_mean[0], stats.hypergrad_norm))
 
         sources = [train_batch["a"], train_batch["b"]]
         fused = fusion(torch.cat(sources, dim=1))
