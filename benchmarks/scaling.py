@@ -1,0 +1,113 @@
+"""How fusion time and the meta iteration's time and memory grow with image size and batch size.
+
+Fusion: ReFusion (eager, inference mode) on one pair of each square size. Meta iteration: one run
+of ``benchmarks/meta_iteration.py`` per configuration, each in a fresh process so that its peak
+memory is its own. Prints one table per part and writes a two-panel plot.
+
+    python benchmarks/scaling.py --fusion-sizes 128 256 512 1024 --meta-sizes 64 128 192 \\
+        --batches 1 2 4 --plot docs/img/scaling_cpu.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from metaloss.fusion import ReFusion
+
+HERE = Path(__file__).resolve().parent
+
+
+def fusion_seconds(size: int, repeats: int) -> float:
+    model = ReFusion().eval()
+    x = torch.rand(1, 2, size, size)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])  # the first call warms up
+
+
+def meta_iteration(size: int, batch: int, device: str, threads: int) -> dict[str, float]:
+    command = [sys.executable, str(HERE / "meta_iteration.py"), "--crop", str(size), "--task-size", str(size)]
+    command += [str(size), "--batch-size", str(batch), "--repeats", "2", "--device", device]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    found = {
+        key: float(re.search(pattern, done.stdout).group(1))  # type: ignore[union-attr]
+        for key, pattern in (
+            ("plain", r"plain iteration\s+([\d.]+) s"),
+            ("meta", r"meta iteration\s+([\d.]+) s"),
+            ("memory", r"peak (?:RSS|CUDA memory)\s+([\d.]+) GiB"),
+        )
+    }
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fusion-sizes", type=int, nargs="*", default=[128, 256, 512, 1024])
+    p.add_argument("--meta-sizes", type=int, nargs="*", default=[64, 128, 192], help="at batch 2")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4], help="at the second meta size")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--plot", default=None, help="write the plot here (PNG)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
+    print(f"{machine}, torch {torch.__version__}\n")
+
+    fusion = {s: fusion_seconds(s, args.repeats) for s in args.fusion_sizes}
+    print("| fusion, one pair | seconds | seconds per megapixel |\n|---|---|---|")
+    for s, t in fusion.items():
+        print(f"| {s} x {s} | {t:.3f} | {t / (s * s / 1e6):.2f} |", flush=True)
+
+    rows: list[tuple[int, int, dict[str, float]]] = []
+    configs = [(s, 2) for s in args.meta_sizes]
+    if args.meta_sizes:
+        middle = args.meta_sizes[min(1, len(args.meta_sizes) - 1)]
+        configs += [(middle, b) for b in args.batches if (middle, b) not in configs]
+    print("\n| meta iteration | plain (s) | meta (s) | ratio | peak memory (GiB) |\n|---|---|---|---|---|")
+    for size, batch in configs:
+        r = meta_iteration(size, batch, args.device, args.threads)
+        rows.append((size, batch, r))
+        print(
+            f"| batch {batch} x {size}^2 | {r['plain']:.3f} | {r['meta']:.3f} | {r['meta'] / r['plain']:.1f}x "
+            f"| {r['memory']:.2f} |",
+            flush=True,
+        )
+
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+        left.plot([s * s / 1e6 for s in fusion], list(fusion.values()), "o-")
+        left.set(xlabel="megapixels", ylabel="seconds", title=f"fusion, one pair ({machine})")
+        at2 = [(s, r) for s, b, r in rows if b == 2]
+        right.plot([s for s, _ in at2], [r["meta"] for _, r in at2], "o-", label="meta iteration (s)")
+        right.plot([s for s, _ in at2], [r["plain"] for _, r in at2], "o-", label="plain iteration (s)")
+        right.plot([s for s, _ in at2], [r["memory"] for _, r in at2], "s--", label="meta peak memory (GiB)")
+        right.set(xlabel="crop and task-view side (batch 2)", title="meta iteration, SegFormer-b0")
+        right.legend(fontsize=8)
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=80)
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
