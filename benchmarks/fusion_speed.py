@@ -1,0 +1,70 @@
+"""Fusion inference: the eager ReFusion (the reference) against faster variants, side by side.
+
+One pair at 480 x 640 with the released infrared-visible weights (or random weights when the
+shared data is absent). Each variant's median time over ``--repeats`` calls, its speed-up over
+the eager reference measured in the same run, and its largest difference from the reference's
+output (the target is 1e-5 at the default precision).
+
+    python benchmarks/fusion_speed.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from metaloss.fusion import ReFusion, load_released_weights
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ReFusion" / "ReFusion_IVIF.pth"
+
+
+def network(precise_attention: bool = True) -> torch.nn.Module:
+    model = ReFusion(precise_attention=precise_attention)
+    return (load_released_weights(model, WEIGHTS) if WEIGHTS.is_file() else model).eval()
+
+
+def timed(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> tuple[float, Tensor]:
+    times, out = [], fn(x)  # the first call warms up (and compiles)
+    for _ in range(repeats):
+        started = time.perf_counter()
+        out = fn(x)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    x = torch.rand(1, 2, *args.size, generator=torch.Generator().manual_seed(0))
+    print(
+        f"{args.size[0]} x {args.size[1]}, {args.threads} threads, torch {torch.__version__}, "
+        f"{'released IVIF weights' if WEIGHTS.is_file() else 'random weights'}"
+    )
+    variants: dict[str, Callable[[Tensor], Tensor]] = {
+        "eager (reference)": network(),
+        "eager, float32 attention reductions": network(precise_attention=False),
+        "torch.compile": torch.compile(network()),
+    }
+    print("| variant | seconds | speed-up | max difference |\n|---|---|---|---|")
+    reference_time, reference = 0.0, None
+    with torch.inference_mode():
+        for name, fn in variants.items():
+            seconds, out = timed(fn, x, args.repeats)
+            if reference is None:
+                reference_time, reference = seconds, out
+            diff = float((out - reference).abs().max())
+            print(f"| {name} | {seconds:.3f} | {reference_time / seconds:.2f}x | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
