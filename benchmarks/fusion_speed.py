@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,13 @@ def main() -> None:
         "eager, float32 attention reductions": network(precise_attention=False),
         "torch.compile": torch.compile(network()),
     }
+    try:  # the deploy extra
+        from metaloss.fusion.export import OnnxFusion, export_onnx
+
+        onnx_file = export_onnx(network(), Path(tempfile.mkdtemp()) / "refusion.onnx")
+        variants["onnxruntime (exported)"] = OnnxFusion(onnx_file, threads=args.threads)
+    except ImportError:
+        print("(onnxruntime not installed: pip install -e '.[deploy]')")
     print("| variant | seconds | speed-up | max difference |\n|---|---|---|---|")
     reference_time, reference = 0.0, None
     with torch.inference_mode():
