@@ -273,8 +273,8 @@ class MetaStep:
             weights = self.loss.weights(sources)
         seen: dict[str, Any] = {}
 
-        # The exact mode differentiates F's backward: grouped convolutions take the double
-        # backward that does not loop over their groups (metaloss.grouped_conv).
+        # The exact and implicit modes differentiate F's backward: grouped convolutions take the
+        # double backward that does not loop over their groups (metaloss.grouped_conv).
         fast_conv = FastGroupedConv if self.mode != "finite_difference" else contextlib.nullcontext
 
         def inner_loss(theta: tuple[Tensor, ...]) -> Tensor:
