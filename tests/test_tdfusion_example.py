@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
 sys.path.insert(0, str(EXAMPLE))
@@ -343,7 +344,7 @@ def test_ablations_train(tmp_path: Path, ablation: str) -> None:
     )
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["position"] == {"epoch": 1, "phase": "meta", "step": 0}
-    assert json.loads((tmp_path / "config.json").read_text())["ablation"] == ablation
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["ablation"] == ablation
 
 
 def test_yolov8_batchnorm_survives_the_virtual_step() -> None:

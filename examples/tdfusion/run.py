@@ -38,6 +38,7 @@ from data import (  # noqa: E402
     paired_files,
     to_unit,
 )
+from run_config import expand_config, write_config  # noqa: E402
 from study import OracleProbe, downstream_miou, fuse_arrays, fuse_scenes, weights_at  # noqa: E402
 from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
 from tasks import TASK_KINDS, StandardizedInput, build_task, median_frequency_weights  # noqa: E402
@@ -231,11 +232,8 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
     """
     trainer = build_trainer(args, callbacks)
     out = Path(args.out)
-    if trainer.rank == 0:
-        (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(
-            json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str)
-        )
+    if trainer.rank == 0:  # train --config OUT/config.yaml --out NEW repeats this run
+        write_config(out / "config.yaml", args, SUBPARSERS["train"])
     resume = getattr(args, "resume", None)  # the demo has no --resume
     try:
         steps = trainer.fit(resume=resume)
@@ -871,6 +869,10 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+SUBPARSERS: dict[str, argparse.ArgumentParser] = {}
+"""The commands' parsers by name, filled by :func:`build_parser`."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -880,12 +882,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tdfusion_out/demo", help="report folder")
     p.set_defaults(func=demo)
     p = sub.add_parser(
-        "train", help="train TDFusion (resumable); writes last.pt, fusion.safetensors, config.json, logs/"
+        "train", help="train TDFusion (resumable); writes last.pt, fusion.safetensors, config.yaml, logs/"
     )
     _train_options(p)
     p.add_argument("--resume", help="continue from a checkpoint (last.pt)")
     p.add_argument("--out", required=True, help="run folder")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="settings from a YAML file (configs/, or a run's config.yaml); flags given here win over it",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings applied last (epochs=10 lr=2e-4)")
     p.set_defaults(func=train)
+    SUBPARSERS["train"] = p
     p = sub.add_parser("fuse", help="fuse a pair or two folders with a checkpoint (ours or the authors' .pth)")
     p.add_argument(
         "--weights",
@@ -974,6 +983,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", help="unused; accepted for symmetry with the other commands")
     p.set_defaults(func=check_data)
+    for command in sub.choices.values():  # --help shows the defaults that apply to each command
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
 
 
@@ -982,6 +993,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["demo", *argv]  # no subcommand: the demo, with any options given
+    if argv[0] == "train" and not {"-h", "--help"} & set(argv):
+        argv = ["train", *expand_config(SUBPARSERS["train"], argv[1:])]
     args = parser.parse_args(argv)
     check_paths(parser, args)  # before any work or any file written
     if getattr(args, "quiet", False):
