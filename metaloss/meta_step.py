@@ -94,7 +94,8 @@ class MetaStep:
     Args:
         model: the model ``F`` trained under the learnable loss.
         loss: the ``LearnableLoss`` whose parameters are meta-learned.
-        task_model: the task model ``T`` that judges ``F``'s predictions.
+        task_model: the task model ``T`` that judges ``F``'s predictions (one without
+            parameters, such as ``nn.Identity()``, makes the task loss a fixed metric).
         task_loss: ``task_loss(task_model_output, batch) -> scalar``.
         outer_optimizer: steps ``loss``'s parameters (``None``: ``step`` only writes
             ``.grad`` of those parameters and leaves the stepping to you).
@@ -248,6 +249,8 @@ class MetaStep:
         with self._autocast():
             output = view(params, *self.adapter.task_args(batch, prediction.detach()))
         value = checked_task_loss(self.task_loss, output, batch)
+        if not params:  # a task "model" without parameters (a fixed metric) has nothing to step
+            return (), value.detach()
         grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
         new = self.task_inner.start(params, view.parameters, self.task_optimizer)(params, grads)
