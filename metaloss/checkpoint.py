@@ -9,10 +9,12 @@ only such types: the RNG states are stored as tensors and plain tuples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 
 __all__ = [
     "UnsafeCheckpointError",
+    "atomic_path",
     "get_rng_state",
     "load_checkpoint",
     "load_weights_file",
@@ -80,24 +83,35 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
         ) from None
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``state`` with ``torch.save`` atomically: a temporary file, then a rename.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` only if the block succeeds.
 
-    A crash while writing never leaves a half-written file at ``path``.
+    A crash or an error while writing never leaves a half-written file at ``path`` (the
+    temporary file is removed instead). The parent folder is created.
+
+    Example:
+        >>> with atomic_path("run/weights.bin") as tmp:
+        ...     Path(tmp).write_bytes(data)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``state`` with ``torch.save`` atomically (``atomic_path``), synced to disk."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
@@ -108,17 +122,9 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from metaloss.checkpoint import atomic_path
 
 __all__ = ["OnnxFusion", "export_onnx"]
 
@@ -32,8 +33,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, example_size:
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     example = torch.rand(1, 2, *example_size, device=device)
     dims = {
@@ -43,12 +42,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, example_size:
             3: torch.export.Dim("width", min=8, max=16384),
         }
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     was_training = model.training
     try:
         model.eval()
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress
             torch.onnx.export(
                 model,
                 (example,),
@@ -59,11 +56,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, example_size:
                 output_names=["fused"],
                 external_data=False,
             )
-        os.replace(tmp, path)
     finally:
         model.train(was_training)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 class OnnxFusion:
