@@ -208,9 +208,10 @@ def check_pairs(
         classes: the label maps' classes.
         box_classes: the boxes' classes (default: ``classes``).
         progress: show a progress bar.
-        need: the labels the task needs: ``"seg"`` (a label map for every pair) or ``"det"``
-            (box files; a pair without one is a background image, as in YOLO's convention, but a
-            split without any is a problem). ``None``: fusion only.
+        need: the labels the task needs: ``"seg"`` (a label map for every pair; box files are
+            then not read) or ``"det"`` (box files; a pair without one is a background image, as
+            in YOLO's convention, but a split without any is a problem). ``None``: fusion only,
+            every label present is checked.
     """
     box_classes = classes if box_classes is None else box_classes
     report = SplitReport(pairs=len(pairs))
@@ -241,7 +242,7 @@ def check_pairs(
                 if bad:
                     report.problems.append(f"{p.mask}: label ids {bad} are outside the {len(classes)} classes")
                 report.pixels.update({int(i): int(c) for i, c in zip(ids, counts) if i < len(classes)})
-        if p.boxes is not None:
+        if p.boxes is not None and need != "seg":
             try:
                 if p.boxes.suffix == ".xml":
                     _, ids = read_voc(p.boxes, box_classes, (h, w))

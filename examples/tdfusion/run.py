@@ -319,10 +319,7 @@ def export(args: argparse.Namespace) -> Path:
         raise SystemExit(f"--weights: {err}") from None
     if args.format == "onnx":
         return export_onnx(model, args.out)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.state_dict(), out)
-    return out
+    return save_safetensors(model.state_dict(), args.out)
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -689,7 +686,10 @@ def needed_labels(dataset: str, task_net: str | None) -> Literal["seg", "det"] |
 def check_training_data(args: argparse.Namespace, kind: Literal["seg", "det"]) -> None:
     """``check-data``'s checks on the training split, before ``train`` starts; exits 1 naming
     every offending file (a missing label, an id outside the classes, a bad image)."""
-    files = dataset_files(args, "train")
+    try:
+        files = dataset_files(args, "train")
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"{args.dataset}: {err}") from None
     classes = dataset_classes(args.dataset, "seg"), dataset_classes(args.dataset, "det")
     report = ds.check_pairs(files, *classes, progress=not args.quiet, need=kind)
     if report.problems:
@@ -715,8 +715,6 @@ def check_data(args: argparse.Namespace) -> None:
             ds.write_split(
                 Path(args.write_splits) / f"{split}.txt", [f.name for f in files], f"{args.dataset} {split} split"
             )
-        if args.dataset == "msrs" and need == "seg":  # MSRS's box files matter to detection only
-            files = [PairFiles(f.name, f.a, f.b, f.mask, None) for f in files]
         report = ds.check_pairs(files, seg_classes, box_classes, progress=not args.quiet, need=need)
         sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in report.sizes.most_common())
         print(f"[{split}] {report.pairs} pairs; sizes {sizes or '-'}")
@@ -734,6 +732,12 @@ def check_data(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------- CLI
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N"
+    )
+
+
 def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> None:
     p.add_argument(
         "--dataset",
@@ -791,7 +795,8 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
         "--inner-steps",
         type=at_least(1),
         default=1,
-        help="virtual steps of F per meta iteration, differentiated by unrolling (paper: 1; more need --mode exact)",
+        help="virtual steps of F per meta iteration (paper: 1); more are unrolled (--mode exact) or differentiated "
+        "implicitly (--mode implicit)",
     )
     p.add_argument(
         "--meta-test",
@@ -856,7 +861,7 @@ def _train_options(p: argparse.ArgumentParser, demo_defaults: bool = False) -> N
     )
     p.add_argument("--synthetic-train", type=at_least(2), default=32, help="procedural training scenes")
     p.add_argument("--synthetic-test", type=at_least(1), default=32, help="procedural test scenes")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    _device_option(p)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on the forward passes (losses in float32)")
     p.add_argument(
         "--activation-checkpointing",
@@ -914,7 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="torch",
         help="torch (a .pt/.pth/.safetensors checkpoint) or onnxruntime (an .onnx file from `export`; CPU)",
     )
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    _device_option(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=fuse)
     p = sub.add_parser("export", help="write a fusion checkpoint as ONNX (dynamic height and width) or safetensors")
@@ -939,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean",
         help="two-source VIF/SSIM: mean (TDFusion) or sum (CDDFuse)",
     )
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    _device_option(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=evaluate)
     p = sub.add_parser(
@@ -962,7 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task-size", type=at_least(8), nargs=2, metavar=("H", "W"), help="task input size (default: per data set)"
     )
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    _device_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")

@@ -61,6 +61,7 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
     The file's settings come first (so flags on the command line win), the overrides last.
     """
     argv = list(argv)
+    actions = _actions(parser)
     file_tokens: list[str] = []
     if "--config" in argv:
         i = argv.index("--config")
@@ -78,7 +79,6 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
             data = {}
         if not isinstance(data, dict):
             parser.error(f"argument --config: {path} must hold a mapping of option: value")
-        actions = _actions(parser)
         for key, value in data.items():
             if key not in actions:
                 parser.error(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(actions))}")
@@ -86,7 +86,6 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     rest = [a for a in argv if a not in overrides]
     override_tokens: list[str] = []
-    actions = _actions(parser)
     for item in overrides:
         key, _, text = item.partition("=")
         key = key.replace("-", "_")
