@@ -11,13 +11,13 @@ output (the target is 1e-5 at the default precision).
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 from torch import Tensor
 
 from metaloss.fusion import ReFusion, load_released_weights
@@ -28,15 +28,6 @@ WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ReFusion" /
 def network(precise_attention: bool = True) -> torch.nn.Module:
     model = ReFusion(precise_attention=precise_attention)
     return (load_released_weights(model, WEIGHTS) if WEIGHTS.is_file() else model).eval()
-
-
-def timed(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> tuple[float, Tensor]:
-    times, out = [], fn(x)  # the first call warms up (and compiles)
-    for _ in range(repeats):
-        started = time.perf_counter()
-        out = fn(x)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), out
 
 
 def main() -> None:
@@ -67,7 +58,7 @@ def main() -> None:
     reference_time, reference = 0.0, None
     with torch.inference_mode():
         for name, fn in variants.items():
-            seconds, out = timed(fn, x, args.repeats)
+            seconds, out = median_seconds(functools.partial(fn, x), args.repeats)
             if reference is None:
                 reference_time, reference = seconds, out
             diff = float((out - reference).abs().max())

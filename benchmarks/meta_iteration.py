@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 
 import torch  # noqa: E402
 from tasks import build_task, detection_targets  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
@@ -86,17 +85,10 @@ def main() -> None:
         config=MetaTrainerConfig(progress=False, autocast_dtype="bfloat16" if args.bf16 else None),
     )
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
     def timed(fn) -> float:
-        times = []
-        for _ in range(args.repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[1:])  # the first call warms up
+        return median_seconds(fn, args.repeats, sync)[0]
 
     plain, metas = [], []
     for _ in range(2):  # interleaved, so that machine noise hits both alike

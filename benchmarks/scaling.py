@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 from metaloss.fusion import ReFusion
 
@@ -29,13 +28,8 @@ HERE = Path(__file__).resolve().parent
 def fusion_seconds(size: int, repeats: int) -> float:
     model = ReFusion().eval()
     x = torch.rand(1, 2, size, size)
-    times = []
     with torch.inference_mode():
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])  # the first call warms up
+        return median_seconds(lambda: model(x), repeats)[0]
 
 
 def meta_iteration(size: int, batch: int, device: str, threads: int) -> dict[str, float]:
