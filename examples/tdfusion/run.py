@@ -36,10 +36,9 @@ from data import (  # noqa: E402
     collate_swapped,
     find_image,
     paired_files,
-    to_unit,
 )
 from run_config import expand_config, write_config  # noqa: E402
-from study import OracleProbe, downstream_miou, fuse_arrays, fuse_scenes, weights_at  # noqa: E402
+from study import OracleProbe, downstream_miou, fuse_arrays, fuse_scenes, scene_weights, weights_at  # noqa: E402
 from synthetic import DET_CLASSES, SEG_CLASSES, make_scenes  # noqa: E402
 from tasks import TASK_KINDS, StandardizedInput, build_task, median_frequency_weights  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -520,9 +519,7 @@ def write_weight_figure(path: Path, loss: LearnableLoss, scenes: list[Scene], fu
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    device = next(iter(loss.parameters()), torch.empty(0)).device
-    with torch.no_grad():
-        weights = [loss.weights([to_unit(s.a).to(device), to_unit(s.b).to(device)])[0].float().cpu() for s in scenes]
+    weights = [scene_weights(loss, s) for s in scenes]
     regions = ListedColormap(["black", "tab:red", "tab:red", "tab:cyan"])
     fig, axes = plt.subplots(len(scenes), 5, figsize=(13, 2.3 * len(scenes)), squeeze=False)
     for row, (s, w, f) in enumerate(zip(scenes, weights, fused)):
@@ -530,7 +527,7 @@ def write_weight_figure(path: Path, loss: LearnableLoss, scenes: list[Scene], fu
             (s.a, "infrared A", "gray", 255),
             (s.b, "visible B", "gray", 255),
             (s.label_mask(), "truth: red = targets (want A),\ncyan = markings (want B)", regions, 3),
-            (w[0].numpy(), "learned w_infrared (1 - w_visible)", "coolwarm", 1),
+            (w[0], "learned w_infrared (1 - w_visible)", "coolwarm", 1),
             (f, "fused", "gray", 255),
         )
         for col, (img, title, cmap, vmax) in enumerate(panels):

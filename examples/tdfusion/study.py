@@ -43,6 +43,7 @@ __all__ = [
     "fuse_arrays",
     "fuse_scenes",
     "paired_interval",
+    "scene_weights",
     "train_fusion_fixed",
     "weights_at",
 ]
@@ -155,6 +156,14 @@ def _day_or_night(name: str) -> str:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def scene_weights(loss: LearnableLoss, scene: Scene) -> np.ndarray:
+    """A learnable loss's ``(2, H, W)`` weight map ``(w_infrared, w_visible)`` on a whole scene
+    (float32, on the CPU; the loss may live on any device)."""
+    device = next(iter(loss.parameters()), torch.empty(0)).device
+    return loss.weights([to_unit(scene.a).to(device), to_unit(scene.b).to(device)])[0].float().cpu().numpy()
+
+
 def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]:
     """Where a learnable loss puts its weight on whole scenes.
 
@@ -165,9 +174,8 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         has no such pixel).
     """
     sums: dict[str, list[float]] = {}
-    device = next(iter(loss.parameters()), torch.empty(0)).device
     for s in scenes:
-        w = loss.weights([to_unit(s.a).to(device), to_unit(s.b).to(device)])[0].float().cpu().numpy()
+        w = scene_weights(loss, s)
         mask = s.label_mask()
         when = _day_or_night(s.name)
         for key, pixels, values in (
