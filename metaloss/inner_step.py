@@ -184,8 +184,27 @@ def _lr(own: float | None, group: dict[str, Any], who: str) -> float:
     return float(group["lr"])
 
 
+class _OneStep:
+    """``step``, a single virtual step, for rules that define ``start``."""
+
+    def start(
+        self, params: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
+    ) -> InnerUpdate:
+        raise NotImplementedError
+
+    def step(
+        self,
+        params: Params,
+        grads: Params,
+        real_params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer | None,
+    ) -> Params:
+        """One virtual step: ``start(params, real_params, optimizer)(params, grads)``."""
+        return self.start(params, real_params, optimizer)(params, grads)
+
+
 @dataclass(frozen=True)
-class InnerSGD:
+class InnerSGD(_OneStep):
     """A virtual step of SGD, ``theta' = theta - lr * g`` (the paper's eq. 4).
 
     With a real ``torch.optim.SGD`` the step is that optimiser's, option for option and param
@@ -235,19 +254,9 @@ class InnerSGD:
 
         return update
 
-    def step(
-        self,
-        params: Params,
-        grads: Params,
-        real_params: Sequence[nn.Parameter],
-        optimizer: torch.optim.Optimizer | None,
-    ) -> Params:
-        """One virtual step: ``start(params, real_params, optimizer)(params, grads)``."""
-        return self.start(params, real_params, optimizer)(params, grads)
-
 
 @dataclass(frozen=True)
-class InnerAdam:
+class InnerAdam(_OneStep):
     """A virtual step of the real ``torch.optim.Adam`` or ``AdamW``, seeded from its state.
 
     From a fresh state Adam's first step is about ``lr * sign(g)`` and its derivative with respect
@@ -335,13 +344,3 @@ class InnerAdam:
             return tuple(out)
 
         return update
-
-    def step(
-        self,
-        params: Params,
-        grads: Params,
-        real_params: Sequence[nn.Parameter],
-        optimizer: torch.optim.Optimizer | None,
-    ) -> Params:
-        """One virtual step: ``start(params, real_params, optimizer)(params, grads)``."""
-        return self.start(params, real_params, optimizer)(params, grads)
