@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from run import build_parser, run_arms  # noqa: E402
-from study import paired_interval  # noqa: E402
+from tdfusion.cli import build_parser  # noqa: E402
+from tdfusion.commands.demo import run_arms  # noqa: E402
+from tdfusion.study import paired_interval  # noqa: E402
 
 
 def main() -> None:

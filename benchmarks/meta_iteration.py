@@ -22,7 +22,7 @@ os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "meta
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
 
 import torch  # noqa: E402
-from tasks import build_task, detection_targets  # noqa: E402
+from tdfusion.tasks import build_task, detection_targets  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from study import FIXED_MAPS, downstream_miou, fuse_scenes, paired_interval, train_fusion_fixed  # noqa: E402
-from synthetic import SEG_CLASSES, make_scenes  # noqa: E402
+from tdfusion.study import FIXED_MAPS, downstream_miou, fuse_scenes, paired_interval, train_fusion_fixed  # noqa: E402
+from tdfusion.synthetic import SEG_CLASSES, make_scenes  # noqa: E402
 
 
 def main() -> None:

@@ -3,15 +3,11 @@ raised before any work is done or any file is written."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
-
-from run import main  # noqa: E402
+from tdfusion.cli import main
 
 BAD_VALUES = [
     (["demo", "--epochs", "0"], "--epochs"),

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import tdfusion.datasets as ds
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
-
-import datasets as ds  # noqa: E402
-import run  # noqa: E402
-from data import FusionDataset, Scene, SceneList, collate  # noqa: E402
+from tdfusion.cli import main
+from tdfusion.data import FusionDataset, Scene, SceneList, collate
 
 VOC = """<annotation><size><width>{w}</width><height>{h}</height></size>{objects}</annotation>"""
 OBJ = "<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"  # noqa: E501
@@ -28,7 +24,7 @@ def _img(path: Path, h: int = 32, w: int = 40, value: int = 100, colour: bool = 
 
 def _check(capsys, *args: str) -> tuple[int, str]:
     try:
-        run.main(["check-data", "--quiet", *args])
+        main(["check-data", "--quiet", *args])
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
@@ -117,7 +113,7 @@ def test_m3fd_native_layout_and_voc_boxes(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [
-        ("lonely", "without their partner"),
+        ("lonely", "has no partner"),
         ("size", "but"),
         ("truncated", "truncated"),
         ("unreadable", "not a readable image"),
@@ -178,6 +174,27 @@ def test_check_data_names_each_offending_file(tmp_path: Path, capsys, breakage: 
     assert re.search(expected, out), out
 
 
+def test_check_data_lists_a_lonely_source_with_every_other_kind_of_problem(tmp_path: Path, capsys) -> None:
+    """One run names them all: a source without its partner no longer hides the other problems."""
+    root = tmp_path / "MSRS"
+    for split in ("train", "test"):
+        for i in range(3):
+            name = f"0000{i}N"
+            _img(root / split / "ir" / f"{name}.png")
+            _img(root / split / "vi" / f"{name}.png", colour=True)
+            _img(root / split / "Segmentation_labels" / f"{name}.png", value=2)
+    bad = root / "train"
+    _img(bad / "vi" / "00007N.png")  # no infrared partner
+    _img(bad / "Segmentation_labels" / "00001N.png", value=12)  # an id outside the 9 classes
+    _img(bad / "vi" / "00002N.png", 30, 40)  # sizes differ
+    code, out = _check(capsys, "--dataset", "msrs", "--root", str(root))
+    assert code == 1
+    assert f"{bad / 'vi' / '00007N.png'} has no partner" in out
+    assert "00001N.png: label ids [12]" in out
+    assert "00002N.png is 40x30" in out
+    assert "3 problem(s)" in out
+
+
 def test_boxes_frame_the_same_pixels_after_flip_and_resize() -> None:
     h, w = 60, 80
     a = np.zeros((h, w), np.float32)
@@ -217,7 +234,7 @@ def test_check_data_checks_what_the_task_needs_and_train_runs_it_first(
     assert code == 1 and "no label map for segmentation" in out and "00001D" in out, out
     out_dir = tmp_path / "run"
     with pytest.raises(SystemExit, match="no label map for segmentation"):
-        run.main(["train", "--dataset", "msrs", "--root", msrs, "--out", str(out_dir), "--quiet"])
+        main(["train", "--dataset", "msrs", "--root", msrs, "--out", str(out_dir), "--quiet"])
     assert not (out_dir / "last.pt").exists() and not (out_dir / "logs").exists()
     # The LLVIP sample's training split holds no annotation file: detection has nothing to learn.
     code, out = _check(capsys, "--dataset", "llvip", "--root", str(shared_data / "LLVIP"))

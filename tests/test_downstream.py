@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,13 +11,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tdfusion.cli import main
+from tdfusion.downstream import confusion_matrix, detection_scores, segmentation_scores
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
-
-import run  # noqa: E402
-from downstream import confusion_matrix, detection_scores, segmentation_scores  # noqa: E402
-
-from metaloss.fusion.image_io import read_grey  # noqa: E402
+from metaloss.fusion.image_io import read_grey
 
 
 def test_segmentation_scores_by_hand() -> None:
@@ -96,4 +92,4 @@ def test_downstream_protocol_on_real_msrs_pairs(shared_data: Path, tmp_path: Pat
 
 def _downstream(root: Path, task_net: str, epochs: str, *methods: str, out: Path) -> None:
     args = ["downstream", "--dataset", "msrs", "--root", str(root), "--task-net", task_net, "--epochs", epochs]
-    run.main([*args, "--task-size", "64", "96", *methods, "--out", str(out), "--quiet"])
+    main([*args, "--task-size", "64", "96", *methods, "--out", str(out), "--quiet"])

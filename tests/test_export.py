@@ -4,21 +4,17 @@ torch backend writes; `export --format safetensors` gives weights `fuse` reads t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from tdfusion.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
-
-from run import main  # noqa: E402
-
-from metaloss.fusion import ReFusion, load_released_weights  # noqa: E402
-from metaloss.fusion.export import OnnxFusion  # noqa: E402
-from metaloss.fusion.image_io import read_bgr, to_ycrcb  # noqa: E402
+from metaloss.fusion import ReFusion, load_released_weights
+from metaloss.fusion.export import OnnxFusion
+from metaloss.fusion.image_io import read_bgr, to_ycrcb
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxscript, onnxruntime) is not installed")
 pytestmark = pytest.mark.slow

@@ -3,22 +3,19 @@ the precedence is default < file < flag < key=value, and a run's config.yaml rep
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
-
-import run  # noqa: E402
+from tdfusion.cli import build_parser, main
+from tdfusion.commands.train import config_parser
+from tdfusion.run_config import expand_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parse(argv: list[str]):
-    parser = run.build_parser()
-    return parser.parse_args(["train", *run.expand_config(run.SUBPARSERS["train"], argv), "--out", "unused"])
+    return build_parser().parse_args(["train", *expand_config(config_parser(), argv), "--out", "unused"])
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -52,7 +49,7 @@ def test_a_bad_entry_is_an_error_naming_the_key_and_the_file(
     config = tmp_path / "run.yaml"
     config.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
-        run.main(["train", "--config", str(config), "--out", str(tmp_path / "out")])
+        main(["train", "--config", str(config), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert str(config) in err and all(w in err for w in words), err
@@ -70,9 +67,9 @@ def test_precedence_is_default_then_file_then_flag_then_override(tmp_path: Path)
 def test_a_runs_config_yaml_repeats_it(tmp_path: Path) -> None:
     first = tmp_path / "first"
     argv = ["train", "epochs=1", "meta_iterations=1", "model_iterations=1", "synthetic_train=4", "crop=32"]
-    run.main([*argv, "task_size=32,48", "alpha=0.3", "--out", str(first), "--quiet"])
+    main([*argv, "task_size=32,48", "alpha=0.3", "--out", str(first), "--quiet"])
     written = first / "config.yaml"
     assert yaml.safe_load(written.read_text())["alpha"] == 0.3
     again = tmp_path / "again"
-    run.main(["train", "--config", str(written), "--out", str(again), "--quiet"])
+    main(["train", "--config", str(written), "--out", str(again), "--quiet"])
     assert (again / "config.yaml").read_text() == written.read_text()

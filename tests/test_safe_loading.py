@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tdfusion.cli import main
+from tdfusion.tasks import build_task
+
+from metaloss import UnsafeCheckpointError, load_checkpoint
+from metaloss.checkpoint import get_rng_state, save_checkpoint, set_rng_state
+from metaloss.fusion import ReFusion, load_released_weights
+from tests.toy import SmallFusion
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
-sys.path.insert(0, str(EXAMPLE))
-
-import run  # noqa: E402
-from tasks import build_task  # noqa: E402
-
-from metaloss import UnsafeCheckpointError, load_checkpoint  # noqa: E402
-from metaloss.checkpoint import get_rng_state, save_checkpoint, set_rng_state  # noqa: E402
-from metaloss.fusion import ReFusion, load_released_weights  # noqa: E402
-from tests.toy import SmallFusion  # noqa: E402
 
 
 class _Payload:
@@ -45,10 +42,10 @@ def _entry_points(path: Path, tmp_path: Path) -> dict[str, object]:
         "load_checkpoint": lambda: load_checkpoint(path),
         "load_released_weights": lambda: load_released_weights(ReFusion(), path),
         "task weights": lambda: build_task("segformer", 4, weights=path),
-        "fuse --weights": lambda: run.main(
+        "fuse --weights": lambda: main(
             ["fuse", "--weights", str(path), "--a", pair, "--b", pair, "--out", str(tmp_path / "f"), "--quiet"]
         ),
-        "train --resume": lambda: run.main(
+        "train --resume": lambda: main(
             [
                 "train",
                 "--quiet",

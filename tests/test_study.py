@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from tdfusion import study
+from tdfusion.catalog import load_scenes
+from tdfusion.cli import build_parser
+from tdfusion.commands.demo import _probe_pairs
+from tdfusion.commands.train import train
+from tdfusion.study import FIXED_MAPS, paired_interval, weights_at
+from tdfusion.synthetic import make_scene, make_scenes, oracle_weights
+from tdfusion.tasks import median_frequency_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
-
-import study  # noqa: E402
-from study import FIXED_MAPS, paired_interval, weights_at  # noqa: E402
-from synthetic import make_scene, make_scenes, oracle_weights  # noqa: E402
-from tasks import median_frequency_weights  # noqa: E402
-
-from metaloss import ConstantWeights  # noqa: E402
-from metaloss.fusion import tdfusion_loss  # noqa: E402
+from metaloss import ConstantWeights
+from metaloss.fusion import tdfusion_loss
 
 
 def test_oracle_weights_follow_the_labels() -> None:
@@ -74,16 +72,15 @@ def test_median_frequency_weights() -> None:
 
 def test_the_probe_does_not_change_the_training_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """OracleProbe runs the task network in train mode (dropout): it must restore the RNG."""
-    import run
 
     def fit(probe: bool) -> dict[str, torch.Tensor]:
-        args = run.build_parser().parse_args(
+        args = build_parser().parse_args(
             ["demo", "--epochs", "2", "--warmup-epochs", "0", "--meta-iterations", "1", "--meta-accumulation", "1"]
             + ["--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path / str(probe))]
         )
-        scenes = run.load_scenes(args, "train", "seg")
-        callbacks = [study.OracleProbe(run._probe_pairs(args, scenes), [scenes[0], scenes[1]])] if probe else []
-        trainer = run.train(args, callbacks)
+        scenes = load_scenes(args, "train", "seg")
+        callbacks = [study.OracleProbe(_probe_pairs(args, scenes), [scenes[0], scenes[1]])] if probe else []
+        trainer = train(args, callbacks)
         if probe:
             assert len(callbacks[0].rows) == 2 and -1 <= callbacks[0].rows[0]["cos_to_oracle"] <= 1
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}

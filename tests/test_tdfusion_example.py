@@ -14,18 +14,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tdfusion.cli import main
+from tdfusion.data import FusionDataset, SceneList, collate
+from tdfusion.datasets import msrs_files
+from tdfusion.networks import load_fusion_network
+from tdfusion.tasks import TaskName, build_task
+
+from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter
+from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss
+from metaloss.fusion.image_io import read_grey, read_ycrcb
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
-sys.path.insert(0, str(EXAMPLE))
-
-import run  # noqa: E402
-from data import FusionDataset, SceneList, collate  # noqa: E402
-from datasets import msrs_files  # noqa: E402
-from tasks import TaskName, build_task  # noqa: E402
-
-from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
-from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
-from metaloss.fusion.image_io import read_grey, read_ycrcb  # noqa: E402
 
 MSRS_CLASSES = 9
 
@@ -103,7 +102,7 @@ def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, 
 def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -> None:
     pairs = shared_data / "ReFusion/test_cases/IVIF"
     out = tmp_path / "fused"
-    run.main(
+    main(
         [
             "fuse",
             "--weights",
@@ -146,7 +145,7 @@ def test_colour_comes_from_the_one_colour_source_and_a_grey_pair_has_none(shared
     mif = shared_data / "ReFusion/test_cases/MIF"
     out = tmp_path / "mif"
     weights = str(shared_data / "ReFusion/ReFusion_MIF.pth")
-    run.main(
+    main(
         ["fuse", "--weights", weights, "--a", str(mif / "CT_PET_SPECT/MRI_PET_14.png")]
         + ["--b", str(mif / "MRI/MRI_PET_14.png"), "--out", str(out), "--quiet"]
     )
@@ -160,7 +159,7 @@ def test_colour_comes_from_the_one_colour_source_and_a_grey_pair_has_none(shared
     pet_spread = pet_bgr.astype(np.float32).max(axis=2) - pet_bgr.astype(np.float32).min(axis=2)
     assert spread.mean() > 0.7 * pet_spread.mean()  # not desaturated
     grey_out = tmp_path / "grey"
-    run.main(
+    main(
         ["fuse", "--weights", weights, "--a", str(mif / "MRI/MRI_PET_14.png")]
         + ["--b", str(mif / "MRI/MRI_PET_14.png"), "--out", str(grey_out), "--quiet"]
     )
@@ -169,20 +168,20 @@ def test_colour_comes_from_the_one_colour_source_and_a_grey_pair_has_none(shared
 
 def test_fuse_loads_an_ablation_v_checkpoint_from_train(shared_data: Path, tmp_path: Path) -> None:
     """`train --ablation V` saves the weighted-sum network; `fuse` recognises it from its keys."""
-    run.main(
+    main(
         ["train", "--ablation", "V", "--epochs", "1", "--meta-iterations", "1", "--model-iterations", "1"]
         + ["--synthetic-train", "4", "--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path / "v"), "--quiet"]
     )
     pairs = shared_data / "ReFusion/test_cases/IVIF"
     out = tmp_path / "fused"
     args = ["--a", str(pairs / "infrared/00710N.png"), "--b", str(pairs / "visible/00710N.png"), "--out", str(out)]
-    run.main(["fuse", "--weights", str(tmp_path / "v" / "last.pt"), *args, "--raw", "--quiet"])
+    main(["fuse", "--weights", str(tmp_path / "v" / "last.pt"), *args, "--raw", "--quiet"])
     a, b = (read_ycrcb(pairs / name)[..., 0] / 255.0 for name in ("infrared/00710N.png", "visible/00710N.png"))
     raw = np.load(out / "00710N.npy")
     between = (raw >= np.minimum(a, b) - 1e-5) & (raw <= np.maximum(a, b) + 1e-5)
     assert between.all()  # a convex combination of the two sources, pixel by pixel
     with pytest.raises(SystemExit, match="--weights"):
-        run.main(["fuse", "--weights", str(tmp_path / "missing.pt"), *args, "--quiet"])
+        main(["fuse", "--weights", str(tmp_path / "missing.pt"), *args, "--quiet"])
 
 
 def test_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
@@ -190,7 +189,7 @@ def test_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
     with both ranks' RNG states and unwrapped weights that `fuse` loads; logs written once."""
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += [str(Path(run.__file__)), "train", "--device", "cpu", "--epochs", "1", "--meta-iterations", "2"]
+    command += [str(EXAMPLE / "run.py"), "train", "--device", "cpu", "--epochs", "1", "--meta-iterations", "2"]
     command += ["--model-iterations", "2", "--synthetic-train", "8", "--crop", "32", "--task-size", "32", "48"]
     done = subprocess.run(
         [*command, "--out", str(out), "--quiet"],
@@ -202,7 +201,7 @@ def test_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     state = torch.load(out / "last.pt", weights_only=False)
     assert len(state["rng"]) == 2 and state["global_step"] == 4
-    assert isinstance(run.load_fusion_network(out / "last.pt"), ReFusion)
+    assert isinstance(load_fusion_network(out / "last.pt"), ReFusion)
     assert len((out / "logs" / "meta.csv").read_text().splitlines()) == 1 + 2  # header + 2 meta steps
 
 
@@ -218,21 +217,17 @@ def test_evaluate_keeps_methods_whose_folders_share_a_name(shared_data: Path, tm
     cv2.imwrite(str(runs["runA"] / "00001D.png"), np.maximum(a, b).astype(np.uint8))
     cv2.imwrite(str(runs["runB"] / "00001D.png"), np.round(0.5 * a + 0.5 * b).astype(np.uint8))
     common = ["--a", str(a_dir), "--b", str(b_dir), "--quiet"]
-    run.main(["evaluate", "--fused", str(runs["runA"]), str(runs["runB"]), "--out", str(tmp_path / "e"), *common])
+    main(["evaluate", "--fused", str(runs["runA"]), str(runs["runB"]), "--out", str(tmp_path / "e"), *common])
     table = (tmp_path / "e" / "comparison.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in table[1:]] == ["runA_fused", "runB_fused"]
     assert table[1] != table[2].replace("runB", "runA")  # two different results
-    run.main(
-        ["evaluate", "--fused", f"max={runs['runA']}", f"mean={runs['runB']}", "--out", str(tmp_path / "n"), *common]
-    )
+    main(["evaluate", "--fused", f"max={runs['runA']}", f"mean={runs['runB']}", "--out", str(tmp_path / "n"), *common])
     assert [r.split(",")[0] for r in (tmp_path / "n" / "comparison.csv").read_text().splitlines()[1:]] == [
         "max",
         "mean",
     ]
     with pytest.raises(SystemExit, match="named 'x'"):
-        run.main(
-            ["evaluate", "--fused", f"x={runs['runA']}", f"x={runs['runB']}", "--out", str(tmp_path / "x"), *common]
-        )
+        main(["evaluate", "--fused", f"x={runs['runA']}", f"x={runs['runB']}", "--out", str(tmp_path / "x"), *common])
 
 
 def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) -> None:
@@ -247,7 +242,7 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
         cv2.imwrite(str(methods["mean"] / f"{name}.png"), np.round(0.5 * a + 0.5 * b).astype(np.uint8))
         cv2.imwrite(str(methods["max"] / f"{name}.png"), np.maximum(a, b).astype(np.uint8))
     out = tmp_path / "eval"
-    run.main(
+    main(
         [
             "evaluate",
             "--fused",
@@ -270,16 +265,16 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
     assert (out / "comparison.png").stat().st_size > 1000
     cv2.imwrite(str(methods["max"] / "00003N.png"), np.zeros((100, 120), np.uint8))  # not the sources' size
     with pytest.raises(SystemExit, match=r"max/00003N.png: .*must share one shape"):
-        run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
+        main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
     with pytest.raises(SystemExit, match="no partner"):
         (b_dir / "00003N.png").unlink()
-        run.main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
+        main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate", "check-data", "downstream"])
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run.main([command, "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--out" in text and len(text.splitlines()) > 5
@@ -289,7 +284,7 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     """The README's first command, at a tiny size: both arms trained, each scored by a fresh
     SegFormer on its fused scenes, the learned maps measured, the verdict written."""
     out = tmp_path / "demo"
-    run.main(
+    main(
         ["--quiet", "--epochs", "1", "--warmup-epochs", "0", "--meta-iterations", "2", "--synthetic-train", "4"]
         + ["--synthetic-test", "2", "--task-epochs", "1", "--crop", "32", "--out", str(out)]
     )
@@ -313,13 +308,13 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
 
 def test_demo_refuses_a_detection_network_before_training(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="segmentation"):
-        run.main(["demo", "--task-net", "yolov8", "--out", str(tmp_path / "d")])
+        main(["demo", "--task-net", "yolov8", "--out", str(tmp_path / "d")])
     assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("ablation", ["II", "III", "IV", "V"])
 def test_ablations_train(tmp_path: Path, ablation: str) -> None:
-    run.main(
+    main(
         [
             "train",
             "--quiet",
@@ -398,7 +393,7 @@ def test_released_multi_focus_and_multi_exposure_fuse_as_released(
 
     cases = shared_data / "ReFusion/test_cases" / task
     out = tmp_path / task
-    run.main(
+    main(
         ["fuse", "--weights", str(shared_data / f"ReFusion/ReFusion_{task}.pth"), "--a", str(cases / first)]
         + ["--b", str(cases / second), "--out", str(out), "--raw", "--quiet"]
     )
@@ -435,10 +430,10 @@ def test_training_writes_fusion_safetensors_that_fuse_reads(
     damaged .safetensors is a command-line error naming it."""
     train = ["train", "--epochs", "1", "--meta-iterations", "1", "--model-iterations", "1", "--synthetic-train", "4"]
     train += ["--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path / "run"), "--quiet"]
-    run.main(train)
+    main(train)
     said = capsys.readouterr().out
     assert "trained 2 steps" in said and "fusion.safetensors" in said
-    run.main([*train, "--resume", str(tmp_path / "run" / "last.pt")])
+    main([*train, "--resume", str(tmp_path / "run" / "last.pt")])
     assert "finished run" in capsys.readouterr().out
     weights = tmp_path / "run" / "fusion.safetensors"
     assert weights.is_file() and not list((tmp_path / "run").glob(".*.tmp"))
@@ -451,18 +446,18 @@ def test_training_writes_fusion_safetensors_that_fuse_reads(
         "--raw",
         "--quiet",
     ]
-    run.main(["fuse", "--weights", str(tmp_path / "run" / "last.pt"), *args, "--out", str(tmp_path / "pt")])
-    run.main(["fuse", "--weights", str(weights), *args, "--out", str(tmp_path / "st")])
+    main(["fuse", "--weights", str(tmp_path / "run" / "last.pt"), *args, "--out", str(tmp_path / "pt")])
+    main(["fuse", "--weights", str(weights), *args, "--out", str(tmp_path / "st")])
     np.testing.assert_array_equal(np.load(tmp_path / "pt/MRI_PET_14.npy"), np.load(tmp_path / "st/MRI_PET_14.npy"))
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(SystemExit, match="damaged.safetensors"):
-        run.main(["fuse", "--weights", str(damaged), *args, "--out", str(tmp_path / "d")])
+        main(["fuse", "--weights", str(damaged), *args, "--out", str(tmp_path / "d")])
 
 
 def test_quiet_silences_ultralytics_too(tmp_path: Path) -> None:
     """`train --task-net yolov8 --quiet` prints only what it wrote: no settings banner, no model log."""
-    command = [sys.executable, str(Path(run.__file__)), "train", "--task-net", "yolov8", "--epochs", "1"]
+    command = [sys.executable, str(EXAMPLE / "run.py"), "train", "--task-net", "yolov8", "--epochs", "1"]
     command += ["--meta-iterations", "1", "--model-iterations", "1", "--synthetic-train", "4", "--crop", "32"]
     command += ["--task-size", "64", "64", "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}

@@ -24,10 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from data import Scene, to_unit
-from downstream import train_and_evaluate
-from synthetic import SEG_CLASSES, oracle_weights
-from tasks import TaskName, build_task
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,6 +31,11 @@ from metaloss import ConstantWeights, LearnableLoss, MetaTrainer
 from metaloss.callbacks import append_csv_row
 from metaloss.checkpoint import get_rng_state, set_rng_state
 from metaloss.fusion import ReFusion, tdfusion_loss
+
+from .data import Scene, to_unit
+from .downstream import train_and_evaluate
+from .synthetic import SEG_CLASSES, oracle_weights
+from .tasks import TaskName, build_task
 
 __all__ = [
     "FIXED_MAPS",

@@ -25,10 +25,11 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from data import PairFiles, find_dir, paired_files, read_yolo_boxes
 from tqdm.auto import tqdm
 
 from metaloss.fusion.image_io import read_bgr
+
+from .data import PairFiles, find_dir, paired_files, read_yolo_boxes
 
 CLASSES: dict[str, tuple[str, ...]] = {
     "msrs": ("unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail", "color_cone", "bump"),
@@ -65,20 +66,21 @@ def _split_folder(root: Path, split: str) -> Path:
     return _require(find_dir(root, split), root, split)
 
 
-def msrs_files(root: str | Path, split: str) -> list[PairFiles]:
+def msrs_files(root: str | Path, split: str, strict: bool = True) -> list[PairFiles]:
     """MSRS: ``{split}/{ir,vi}`` with ``Segmentation_labels`` (or ``label``) and ``det_labels``."""
     base = _split_folder(Path(root), split)
     a = _require(find_dir(base, "ir", "infrared"), base, "ir")
     b = _require(find_dir(base, "vi", "visible"), base, "vi")
-    return paired_files(a, b, find_dir(base, "Segmentation_labels", "label", "labels"), find_dir(base, "det_labels"))
+    labels = find_dir(base, "Segmentation_labels", "label", "labels")
+    return paired_files(a, b, labels, find_dir(base, "det_labels"), strict=strict)
 
 
-def fmb_files(root: str | Path, split: str) -> list[PairFiles]:
+def fmb_files(root: str | Path, split: str, strict: bool = True) -> list[PairFiles]:
     """FMB: ``{split}/{Infrared,Visible,Label}`` (or ``ir``, ``vi``, ``label``)."""
     base = _split_folder(Path(root), split)
     a = _require(find_dir(base, "Infrared", "ir"), base, "Infrared")
     b = _require(find_dir(base, "Visible", "vi"), base, "Visible")
-    return paired_files(a, b, find_dir(base, "Label", "label", "labels"))
+    return paired_files(a, b, find_dir(base, "Label", "label", "labels"), strict=strict)
 
 
 def _voc(pairs: list[PairFiles], annotations: Path | None) -> list[PairFiles]:
@@ -121,13 +123,13 @@ def m3fd_split(
     return {"train": [n for n in names if n not in set(test)], "test": test}
 
 
-def m3fd_files(root: str | Path, split: str, split_dir: Path | None = None) -> list[PairFiles]:
+def m3fd_files(root: str | Path, split: str, split_dir: Path | None = None, strict: bool = True) -> list[PairFiles]:
     """M3FD: ``M3FD_Detection/{Ir,Vis,Annotation}``; split by ``m3fd_split`` or a split file."""
     root = Path(root)
     det = find_dir(root, "M3FD_Detection") or root
     a = _require(find_dir(det, "Ir", "ir"), det, "Ir")
     b = _require(find_dir(det, "Vis", "vi"), det, "Vis")
-    pairs = _voc(paired_files(a, b), find_dir(det, "Annotation", "Annotations", "label"))
+    pairs = _voc(paired_files(a, b, strict=strict), find_dir(det, "Annotation", "Annotations", "label"))
     if split_dir is not None and (split_dir / f"{split}.txt").is_file():
         keep = set(read_split(split_dir / f"{split}.txt"))
     else:
@@ -138,18 +140,18 @@ def m3fd_files(root: str | Path, split: str, split_dir: Path | None = None) -> l
     return [p for p in pairs if p.name in keep]
 
 
-def llvip_files(root: str | Path, split: str, every: int = 10) -> list[PairFiles]:
+def llvip_files(root: str | Path, split: str, every: int = 10, strict: bool = True) -> list[PairFiles]:
     """LLVIP: ``{infrared,visible}/{split}``, VOC XML in ``Annotations``; every 10th image (paper)."""
     root = Path(root)
     ir = _require(find_dir(root, "infrared", "ir"), root, "infrared")
     vi = _require(find_dir(root, "visible", "vi"), root, "visible")
-    pairs = paired_files(_split_folder(ir, split), _split_folder(vi, split))
+    pairs = paired_files(_split_folder(ir, split), _split_folder(vi, split), strict=strict)
     return _voc(pairs[::every], find_dir(root, "Annotations", "Annotation"))
 
 
-def folder_files(a: str | Path, b: str | Path) -> list[PairFiles]:
+def folder_files(a: str | Path, b: str | Path, strict: bool = True) -> list[PairFiles]:
     """Any two folders of matching names (TNO, RoadScene, medical pairs, multi-exposure...)."""
-    return paired_files(Path(a), Path(b))
+    return paired_files(Path(a), Path(b), strict=strict)
 
 
 def read_voc(path: Path, classes: tuple[str, ...], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +196,14 @@ class SplitReport:
     problems: list[str] = field(default_factory=list)
 
 
+def _without_partner(pair: PairFiles) -> str | None:
+    """The problem of a pair whose one source exists and the other not (``paired_files(strict=False)``)."""
+    for have, partner in ((pair.a, pair.b), (pair.b, pair.a)):
+        if have.is_file() and not partner.is_file():
+            return f"{have} has no partner (no {partner.parent}/{pair.name}.*)"
+    return None
+
+
 def check_pairs(
     pairs: list[PairFiles],
     classes: tuple[str, ...],
@@ -216,10 +226,18 @@ def check_pairs(
     box_classes = classes if box_classes is None else box_classes
     report = SplitReport(pairs=len(pairs))
     if need == "seg":
-        report.problems += [f"{p.a}: no label map for segmentation (pair {p.name})" for p in pairs if p.mask is None]
+        report.problems += [
+            f"{p.a}: no label map for segmentation (pair {p.name})"
+            for p in pairs
+            if p.mask is None and _without_partner(p) is None  # a lonely source is named once, below
+        ]
     if need == "det" and pairs and all(p.boxes is None for p in pairs):
         report.problems.append(f"no pair has a box file for detection (the first is {pairs[0].a})")
     for p in tqdm(pairs, desc="check", disable=not progress, leave=False):
+        lonely = _without_partner(p)
+        if lonely:
+            report.problems.append(lonely)
+            continue
         try:
             a, b = read_bgr(p.a), read_bgr(p.b)
         except (ValueError, FileNotFoundError) as err:

@@ -26,11 +26,12 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tasks import detection_targets
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from metaloss.fusion.image_io import IMAGE_SUFFIXES, read_grey
+
+from .tasks import detection_targets
 
 
 @dataclass
@@ -83,22 +84,35 @@ def find_image(folder: Path, stem: str) -> Path | None:
 
 
 def paired_files(
-    a_dir: Path, b_dir: Path, mask_dir: Path | None = None, box_dir: Path | None = None
+    a_dir: Path, b_dir: Path, mask_dir: Path | None = None, box_dir: Path | None = None, strict: bool = True
 ) -> list[PairFiles]:
     """Pairs of two folders matched by file stem.
 
+    Args:
+        a_dir, b_dir: the two sources' folders.
+        mask_dir: label maps of the same stems (optional).
+        box_dir: YOLO txt box files of the same stems (optional).
+        strict: a source without its partner is an error. ``False`` keeps it as a pair whose
+            missing partner is the path where it was looked for (which does not exist), so that a
+            check (``datasets.check_pairs``) can name it together with every other problem.
+
     Raises:
         FileNotFoundError: a folder is missing.
-        ValueError: a source has no partner (each offending file is named).
+        ValueError: (``strict``) a source has no partner (each offending file is named).
     """
     for folder in (a_dir, b_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"missing folder {folder}")
     a_files, b_files = _images(a_dir), _images(b_dir)
-    lonely = [str(a_files[n]) for n in sorted(set(a_files) - set(b_files))]
-    lonely += [str(b_files[n]) for n in sorted(set(b_files) - set(a_files))]
-    if lonely:
-        raise ValueError("sources without their partner:\n  " + "\n  ".join(lonely))
+    lonely = sorted(set(a_files) ^ set(b_files))
+    if lonely and strict:
+        missing = [str(a_files[n]) for n in lonely if n in a_files] + [str(b_files[n]) for n in lonely if n in b_files]
+        raise ValueError("sources without their partner:\n  " + "\n  ".join(missing))
+    for name in lonely:  # not strict: the partner is where it was looked for
+        if name in a_files:
+            b_files[name] = b_dir / a_files[name].name
+        else:
+            a_files[name] = a_dir / b_files[name].name
     masks = _images(mask_dir) if mask_dir else {}
     pairs = []
     for name in sorted(a_files):
@@ -132,7 +146,7 @@ def load_scene(files: PairFiles, classes: tuple[str, ...] = ()) -> Scene:
         scene.mask = mask.astype(np.int64)
     if files.boxes is not None:
         if files.boxes.suffix.lower() == ".xml":
-            from datasets import read_voc
+            from .datasets import read_voc  # (a module-level import would be circular)
 
             scene.boxes, scene.classes = read_voc(files.boxes, classes, a.shape)
         else:

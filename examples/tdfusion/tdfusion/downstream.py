@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from data import Scene, collate, to_unit
-from tasks import Task
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from .data import Scene, collate, to_unit
+from .tasks import Task
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:

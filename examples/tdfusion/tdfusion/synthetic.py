@@ -30,7 +30,8 @@ Segmentation classes: 0 background, 1 person, 2 car, 3 marking. Detection classe
 from __future__ import annotations
 
 import numpy as np
-from data import Scene
+
+from .data import Scene
 
 SEG_CLASSES = ("background", "person", "car", "marking")
 DET_CLASSES = ("person", "car")

@@ -1,0 +1,135 @@
+"""``run.py demo`` (the default command): TDFusion against the fixed ``w = 1/2`` loss on the embedded
+procedural scenes, each scored the paper's way; a report folder with the verdict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaloss.fusion.image_io import write_grey
+from metaloss.fusion.metrics import evaluate_fusion
+
+from ..catalog import DATASETS, load_scenes
+from ..cli_values import at_least
+from ..data import FusionDataset, Scene, SceneList, collate
+from ..networks import ABLATIONS
+from ..options import add_training_options
+from ..reports import write_demo_summary, write_weight_figure
+from ..study import OracleProbe, downstream_miou, fuse_scenes, weights_at
+from ..tasks import TASK_KINDS
+from .train import train
+
+__all__ = ["ARMS", "add_parser", "demo", "run_arms"]
+
+ARMS = (("tdfusion", "none"), ("fixed_half", "I"))
+"""The demo's two arms: the learned loss and the fixed ``w = 1/2`` loss (ablation I)."""
+
+
+def run_arms(
+    args: argparse.Namespace, out: Path, probe: bool = False, arms: Sequence[str] = ("tdfusion", "fixed_half")
+) -> dict[str, Any]:
+    """Train both arms on the procedural scenes and score each the paper's way (section 4.3).
+
+    Per arm: train with Algorithm 1 (``--ablation I`` for the fixed arm), fuse the training and
+    test scenes, train a fresh task network on the fused training scenes and score it on the
+    fused test scenes; the six fusion metrics on the test scenes; for the learned arm, where its
+    loss puts its weight (``study.weights_at``) and, with ``probe``, the per-epoch
+    ``study.OracleProbe`` rows. ``arms`` picks the arms to run (by name, from ``ARMS``).
+    """
+    unknown = set(arms) - {name for name, _ in ARMS}
+    if unknown:
+        raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {[name for name, _ in ARMS]}")
+    train_scenes = load_scenes(args, "train", "seg")
+    test_scenes = load_scenes(args, "test", "seg")
+    results: dict[str, Any] = {}
+    for method, ablation in ARMS:
+        if method not in arms:
+            continue
+        if not args.quiet:
+            print(f"[demo] training {method}: {ABLATIONS[ablation]}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "ablation": ablation, "out": str(out / method), "resume": None})
+        callbacks: list[Any] = []
+        if probe and ablation == "none":
+            callbacks.append(OracleProbe(_probe_pairs(run_args, train_scenes), test_scenes, out / method / "probe.csv"))
+        t0 = time.time()
+        trainer = train(run_args, callbacks)
+        seconds = time.time() - t0
+        fused_train, fused_test = fuse_scenes(trainer.model, train_scenes), fuse_scenes(trainer.model, test_scenes)
+        for s, f in zip(test_scenes, fused_test):
+            write_grey(out / method / "fused" / f"{s.name}.png", f)
+        t0 = time.time()
+        scores = downstream_miou(
+            fused_train,
+            train_scenes,
+            fused_test,
+            test_scenes,
+            epochs=args.task_epochs,
+            seed=args.seed,
+            task_net=args.task_net,
+            progress=not args.quiet,
+        )
+        metrics = evaluate_fusion(
+            torch.from_numpy(np.stack(fused_test)),
+            torch.from_numpy(np.stack([s.a for s in test_scenes])),
+            torch.from_numpy(np.stack([s.b for s in test_scenes])),
+        )
+        results[method] = {
+            "train_seconds": round(seconds, 1),
+            "downstream_seconds": round(time.time() - t0, 1),
+            "downstream": {"mIoU": scores["mIoU"], "per_class": {k: v["IoU"] for k, v in scores["per_class"].items()}},
+            "fusion_metrics": {k: float(v.mean()) for k, v in metrics.items()},
+        }
+        if ablation == "none":
+            results[method]["weights_at"] = weights_at(trainer.loss, test_scenes)
+            if callbacks:
+                results[method]["probe"] = callbacks[0].rows
+            shown = [test_scenes[i] for i in range(min(4, len(test_scenes)))]
+            write_weight_figure(out / "weights.png", trainer.loss, shown, fused_test[: len(shown)])
+    return results
+
+
+def _probe_pairs(args: argparse.Namespace, scenes: list[Scene] | SceneList) -> list[tuple[Any, Any]]:
+    """Four fixed (meta-train, meta-test) pairs of training samples for ``study.OracleProbe``
+    (the scenes cycle when there are fewer than eight batches of them)."""
+    g = torch.Generator().manual_seed(12345)
+    dataset = FusionDataset(scenes, "seg", crop=args.crop, task_size=DATASETS["synthetic"]["task_size"])
+    state = torch.get_rng_state()
+    torch.manual_seed(12345)  # the crops' windows; the global stream is restored below
+    order = torch.randperm(len(dataset), generator=g).tolist()
+    size = args.batch_size
+    batches = [collate([dataset[order[(j + t) % len(order)]] for t in range(size)]) for j in range(0, 8 * size, size)]
+    torch.set_rng_state(state)
+    return list(zip(batches[0::2], batches[1::2]))
+
+
+def demo(args: argparse.Namespace) -> Path:
+    """Train TDFusion and the fixed-weight baseline on procedural scenes; score both; report."""
+    if TASK_KINDS[args.task_net] != "seg":
+        raise SystemExit(f"--task-net {args.task_net}: the demo scores segmentation (segformer or unet)")
+    if args.dataset != "synthetic":
+        raise SystemExit("the demo runs on --dataset synthetic; use train / fuse / downstream for real data sets")
+    out = Path(args.out)
+    started = time.time()
+    results = run_arms(args, out)
+    results["convention"] = "mean"
+    results["task_net"] = args.task_net
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_demo_summary(out, results, time.time() - started)
+    return out
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``demo`` on the subparsers ``sub``."""
+    p = sub.add_parser("demo", help="the embedded demo (the default): train, fuse, evaluate, report")
+    add_training_options(p, demo_defaults=True)
+    p.add_argument("--task-epochs", type=at_least(1), default=30, help="epochs of each arm's fresh task network")
+    p.add_argument("--out", default="tdfusion_out/demo", help="report folder")
+    p.set_defaults(func=demo)
+    return p

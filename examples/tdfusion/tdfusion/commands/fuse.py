@@ -1,0 +1,87 @@
+"""``run.py fuse``: fuse a pair or two folders with our checkpoint, the authors' released weights
+or an exported ONNX file; grey output (and colour where a source has it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from metaloss.fusion.export import OnnxFusion
+from metaloss.fusion.image_io import fused_chroma, has_colour, read_bgr, to_ycrcb, write_grey, write_ycrcb_as_rgb
+
+from ..catalog import matched_names
+from ..data import PairFiles
+from ..networks import load_fusion_network
+from ..options import add_device_option
+from ..study import fuse_arrays
+
+__all__ = ["add_parser", "fuse", "stretch"]
+
+
+def stretch(raw: np.ndarray) -> np.ndarray:
+    """Min-max stretch to 0-255, as the released inference saves its images."""
+    lo, hi = float(raw.min()), float(raw.max())
+    return (raw - lo) / (hi - lo + 1e-12) * 255.0
+
+
+def fuse(args: argparse.Namespace) -> Path:
+    """Fuse one pair or two folders with our checkpoint, the authors' released weights, or (with
+    ``--backend onnxruntime``) an exported ONNX file."""
+    device = torch.device(args.device if args.backend == "torch" else "cpu")
+    try:
+        if args.backend == "onnxruntime":
+            model: Any = OnnxFusion(args.weights)
+        else:
+            model = load_fusion_network(args.weights).to(device).eval()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--weights: {err}") from None
+    out = Path(args.out)
+    a, b = Path(args.a), Path(args.b)
+    pairs = [PairFiles(a.stem, a, b)] if a.is_file() else matched_names(a, b)
+    for pair in tqdm(pairs, desc="fuse", disable=args.quiet):
+        name, pa, pb = pair.name, pair.a, pair.b
+        bgr_a, bgr_b = read_bgr(pa), read_bgr(pb)
+        if bgr_a.shape != bgr_b.shape:
+            raise SystemExit(f"{pa} and {pb} differ in size: {bgr_a.shape[:2]} vs {bgr_b.shape[:2]}")
+        ya, yb = to_ycrcb(bgr_a), to_ycrcb(bgr_b)
+        raw = fuse_arrays(model, ya[..., 0], yb[..., 0], device)
+        grey = stretch(raw)
+        write_grey(out / f"{name}.png", grey)
+        if args.raw:
+            np.save(out / f"{name}.npy", raw.astype(np.float32))
+        crcb = fused_chroma(ya, has_colour(bgr_a), yb, has_colour(bgr_b))
+        if crcb is not None:
+            write_ycrcb_as_rgb(out / "rgb" / f"{name}.png", grey, crcb)
+    return out
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``fuse`` on the subparsers ``sub``."""
+    p = sub.add_parser("fuse", help="fuse a pair or two folders with a checkpoint (ours or the authors' .pth)")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="our last.pt or fusion.safetensors (ReFusion, or --ablation V's weighted sum) or a released .pth: "
+        "ReFusion_IVIF.pth "
+        "(--a infrared, --b visible), ReFusion_MIF.pth (--a CT/PET/SPECT, --b MRI), ReFusion_MFIF.pth "
+        "(--a near focus, --b far focus), ReFusion_MEIF.pth (--a under-exposed, --b over-exposed)",
+    )
+    p.add_argument("--a", required=True, help="first source image or folder (infrared for IVIF; see --weights)")
+    p.add_argument("--b", required=True, help="second source image or folder, names matched by stem (visible for IVIF)")
+    p.add_argument("--out", required=True, help="output folder: <name>.png grey (stretched to 0-255), rgb/<name>.png")
+    p.add_argument("--raw", action="store_true", help="also write <name>.npy, the float32 network output")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="torch (a .pt/.pth/.safetensors checkpoint) or onnxruntime (an .onnx file from `export`; CPU)",
+    )
+    add_device_option(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=fuse)
+    return p
