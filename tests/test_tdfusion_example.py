@@ -230,7 +230,9 @@ def test_evaluate_keeps_methods_whose_folders_share_a_name(shared_data: Path, tm
         main(["evaluate", "--fused", f"x={runs['runA']}", f"x={runs['runB']}", "--out", str(tmp_path / "x"), *common])
 
 
-def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) -> None:
+def test_evaluate_command_compares_methods(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a_dir, b_dir = tmp_path / "ir", tmp_path / "vi"
     methods = {"mean": tmp_path / "mean", "max": tmp_path / "max"}
     for d in (a_dir, b_dir, *methods.values()):
@@ -257,6 +259,7 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
             "--quiet",
         ]
     )
+    assert f"wrote {out / 'comparison.md'}" in capsys.readouterr().out  # says what it wrote
     report = json.loads((out / "max" / "metrics.json").read_text())
     assert report["convention"] == "mean" and [r["name"] for r in report["images"]] == ["00001D", "00003N"]
     assert set(report["mean"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
@@ -264,14 +267,46 @@ def test_evaluate_command_compares_methods(shared_data: Path, tmp_path: Path) ->
     assert "| mean |" in table and "| max |" in table and "**" in table and "convention: mean" in table
     assert (out / "comparison.png").stat().st_size > 1000
     cv2.imwrite(str(methods["max"] / "00003N.png"), np.zeros((100, 120), np.uint8))  # not the sources' size
+    fresh = tmp_path / "fresh"
     with pytest.raises(SystemExit, match=r"max/00003N.png: .*must share one shape"):
-        main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
+        main(
+            ["evaluate", "--fused", str(methods["mean"]), str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir)]
+            + ["--out", str(fresh)]
+        )
+    assert not fresh.exists()  # the first method's scores are not left behind half-written
     with pytest.raises(SystemExit, match="no partner"):
         (b_dir / "00003N.png").unlink()
         main(["evaluate", "--fused", str(methods["max"]), "--a", str(a_dir), "--b", str(b_dir), "--out", str(out)])
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate", "check-data", "downstream"])
+def test_the_example_puts_one_package_on_the_import_path() -> None:
+    """run.py adds only `tdfusion`: no flat `data` or `datasets` module shadows an installed package
+    (transformers probes for Hugging Face's `datasets`)."""
+    probe = (
+        "import importlib.util, runpy, sys\n"
+        f"sys.argv = ['run.py', '--help']\n"
+        f"try:\n    runpy.run_path({str(EXAMPLE / 'run.py')!r}, run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "for name in ('data', 'datasets', 'tasks', 'study'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    print(name, spec.origin if spec else None)\n"
+        "print('tdfusion', importlib.util.find_spec('tdfusion').origin)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lines = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True, cwd=EXAMPLE
+    ).stdout.splitlines()
+    origins = dict(
+        line.split(" ", 1)
+        for line in lines
+        if line.split(" ", 1)[0] in {"data", "datasets", "tasks", "study", "tdfusion"}
+    )
+    assert origins["tdfusion"] == str(EXAMPLE / "tdfusion" / "__init__.py")
+    for name in ("data", "datasets", "tasks", "study"):
+        assert str(EXAMPLE) not in origins[name], f"{name} resolves to the example: {origins[name]}"
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "fuse", "export", "evaluate", "check-data", "downstream"])
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
