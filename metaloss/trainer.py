@@ -171,7 +171,9 @@ class MetaTrainer:
         collate_fn: builds a batch from samples (default: PyTorch's).
         adapter: reads batches (default ``SourcesAdapter``).
         model_optimizer: default Adam at ``config.lr``.
-        task_optimizer: default Adam at ``config.lr``.
+        task_optimizer: default Adam at ``config.lr``; none for a task model without trainable
+            parameters (a fixed metric such as ``nn.Identity()`` with a quality objective as the
+            task loss), which is then never stepped.
         outer_optimizer: default ``make_outer_optimizer`` from the config.
         schedulers: learning-rate schedulers stepped at the end of every epoch.
         inner: the model's inner update rule (default SGD at its optimiser's rate).
@@ -216,7 +218,10 @@ class MetaTrainer:
         self.adapter: BatchAdapter[Any] = adapter or SourcesAdapter()
         cfg = self.config
         self.model_optimizer = model_optimizer or torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        self.task_optimizer = task_optimizer or torch.optim.Adam(task_model.parameters(), lr=cfg.lr)
+        task_params = [p for p in task_model.parameters() if p.requires_grad]
+        self.task_optimizer: torch.optim.Optimizer | None = task_optimizer or (
+            torch.optim.Adam(task_params, lr=cfg.lr) if task_params else None
+        )
         generator_params = [p for p in loss.parameters() if p.requires_grad]
         self.learns_loss = bool(generator_params)
         self.outer_optimizer = outer_optimizer or (
@@ -342,9 +347,10 @@ class MetaTrainer:
         with self._autocast():
             task_out = self.task_model(*adapter.task_args(batch, task_view.detach()))
         task_value = checked_task_loss(self.task_loss, task_out, batch)
-        self.task_optimizer.zero_grad(set_to_none=True)
-        task_value.backward()
-        self.task_optimizer.step()
+        if self.task_optimizer is not None:  # a fixed task model (no parameters) is only evaluated
+            self.task_optimizer.zero_grad(set_to_none=True)
+            task_value.backward()
+            self.task_optimizer.step()
         return ModelStepStats(
             model_loss=float(out.total.detach()),
             task_loss=float(task_value.detach()),
@@ -363,7 +369,7 @@ class MetaTrainer:
             "loss": self.loss.state_dict(),
             "task_model": unwrap(self.task_model).state_dict(),
             "model_optimizer": self.model_optimizer.state_dict(),
-            "task_optimizer": self.task_optimizer.state_dict(),
+            "task_optimizer": self.task_optimizer.state_dict() if self.task_optimizer else None,
             "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer else None,
             "schedulers": [s.state_dict() for s in self.schedulers],
             "rng": all_gather_objects(get_rng_state()),  # one per rank
@@ -382,7 +388,8 @@ class MetaTrainer:
         self.loss.load_state_dict(state["loss"])
         unwrap(self.task_model).load_state_dict(state["task_model"])
         self.model_optimizer.load_state_dict(state["model_optimizer"])
-        self.task_optimizer.load_state_dict(state["task_optimizer"])
+        if self.task_optimizer is not None and state["task_optimizer"] is not None:
+            self.task_optimizer.load_state_dict(state["task_optimizer"])
         if self.outer_optimizer is not None and state["outer_optimizer"] is not None:
             self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         for scheduler, s in zip(self.schedulers, state["schedulers"], strict=True):

@@ -23,28 +23,11 @@ from tdfusion.tasks import TaskName, build_task
 from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss
 from metaloss.fusion.image_io import read_grey, read_ycrcb
+from tests.samples import msrs_tree
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
 
 MSRS_CLASSES = 9
-
-
-def _msrs_tree(shared_data: Path, tmp_path: Path, names: list[str]) -> Path:
-    """A small MSRS tree in the native layout, with label PNGs written here (uint8 class ids)."""
-    root = tmp_path / "MSRS"
-    for sub in ("ir", "vi", "det_labels"):
-        (root / "train" / sub).mkdir(parents=True)
-    labels = root / "train" / "Segmentation_labels"
-    labels.mkdir()
-    for name in names:
-        for sub, suffix in (("ir", ".png"), ("vi", ".png"), ("det_labels", ".txt")):
-            shutil.copy(shared_data / "MSRS/train" / sub / f"{name}{suffix}", root / "train" / sub)
-        ir = read_grey(root / "train/ir" / f"{name}.png")
-        mask = np.zeros(ir.shape, np.uint8)  # hot regions -> person (2), a road band -> curve (4)
-        mask[ir > 150] = 2
-        mask[int(0.8 * ir.shape[0]) :, :] = 4
-        cv2.imwrite(str(labels / f"{name}.png"), mask)
-    return root
 
 
 class _Recorder:
@@ -65,7 +48,7 @@ class _Recorder:
     ("task_net", "task_size"), [("segformer", (64, 96)), ("unet", (64, 96)), ("yolov8", (96, 128))]
 )
 def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, task_net: TaskName, task_size) -> None:
-    root = _msrs_tree(shared_data, tmp_path, ["00001D", "00003N"])
+    root = msrs_tree(shared_data, tmp_path, {"train": ["00001D", "00003N"]})
     torch.manual_seed(0)  # before any network is built: the test is deterministic
     task = build_task(task_net, MSRS_CLASSES if task_net != "yolov8" else 3)
     # Centre crops (train=False): a small overfit on fixed inputs, so the losses must fall.

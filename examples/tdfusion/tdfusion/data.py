@@ -173,7 +173,8 @@ class FusionDataset(Dataset[dict[str, Any]]):
 
     Args:
         scenes: the records.
-        kind: ``"seg"`` or ``"det"`` (which labels a sample carries).
+        kind: ``"seg"`` or ``"det"`` (which labels a sample carries), or ``None``: no labels
+            (fusion alone, or a task objective that needs none, such as an image-quality measure).
         crop: side of the fusion crop (clipped to the image).
         task_size: ``(H, W)`` of the task view.
         train: random crops (``False``: the centre crop).
@@ -183,14 +184,14 @@ class FusionDataset(Dataset[dict[str, Any]]):
     def __init__(
         self,
         scenes: Sequence[Scene],
-        kind: str,
+        kind: str | None,
         crop: int = 256,
         task_size: tuple[int, int] = (240, 320),
         train: bool = True,
         flip: bool = False,
     ) -> None:
-        if kind not in ("seg", "det"):
-            raise ValueError(f"kind must be 'seg' or 'det', got {kind!r}")
+        if kind not in ("seg", "det", None):
+            raise ValueError(f"kind must be 'seg', 'det' or None, got {kind!r}")
         self.scenes, self.kind, self.crop, self.task_size, self.train, self.flip = (
             scenes,
             kind,
@@ -235,7 +236,7 @@ class FusionDataset(Dataset[dict[str, Any]]):
             sample["crop_mask"] = torch.from_numpy(np.ascontiguousarray(mask_np[y : y + c, x : x + c]))
             mask = torch.from_numpy(mask_np)[None, None].float()
             sample["mask"] = F.interpolate(mask, size=self.task_size, mode="nearest")[0, 0].long()
-        else:
+        elif self.kind == "det":
             boxes = boxes if boxes is not None else np.zeros((0, 4), np.float32)
             classes = scene.classes if scene.classes is not None else np.zeros((0,), np.int64)
             sample["boxes"], sample["classes"] = torch.from_numpy(boxes).float(), torch.from_numpy(classes)
