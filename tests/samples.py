@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from metaloss.fusion.image_io import read_grey
+from metaloss.fusion.image_io import read_bgr, read_grey
 
 
 def msrs_tree(shared_data: Path, tmp_path: Path, splits: dict[str, list[str]]) -> Path:
@@ -37,7 +37,7 @@ def downsized_pairs(source_a: Path, source_b: Path, tmp_path: Path, side: int = 
         target = tmp_path / folder.name
         target.mkdir(parents=True)
         for path in sorted(folder.iterdir()):
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image = read_bgr(path)
             scale = side / max(image.shape[:2])
             size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
             cv2.imwrite(str(target / f"{path.stem}.png"), cv2.resize(image, size, interpolation=cv2.INTER_AREA))
