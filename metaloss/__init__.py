@@ -11,7 +11,7 @@ from metaloss.callbacks import Callback, CSVLogger, TensorBoardLogger
 from metaloss.checkpoint import UnsafeCheckpointError, load_checkpoint, load_weights_file, save_checkpoint
 from metaloss.hypergradient import HypergradientResult, NonFiniteHypergradientError, hypergradient
 from metaloss.inner_step import BufferPolicy, InnerAdam, InnerRule, InnerSGD, StatelessModule
-from metaloss.learnable_loss import ConstantWeights, LearnableLoss, LossOutput, LossTerm
+from metaloss.learnable_loss import ConstantWeights, GlobalWeights, LearnableLoss, LossOutput, LossTerm
 from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss
 from metaloss.outer import MaxNormalizedSGD, make_outer_optimizer
 from metaloss.trainer import MetaTrainer, MetaTrainerConfig, ModelStepStats, Position
@@ -24,6 +24,7 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "ConstantWeights",
+    "GlobalWeights",
     "HypergradientResult",
     "InnerAdam",
     "InnerRule",

@@ -24,7 +24,26 @@ BatchT_contra = TypeVar("BatchT_contra", contravariant=True)
 
 @runtime_checkable
 class BatchAdapter(Protocol[BatchT_contra]):
-    """The four views of a batch that a meta step needs."""
+    """The four views of a batch that a meta step needs.
+
+    Any class with these four methods is an adapter (no subclassing needed).
+
+    Example:
+        Batches that are tuples ``(ir, vis, labels)``:
+
+        >>> import torch
+        >>> class TupleAdapter:
+        ...     def sources(self, batch):
+        ...         return [batch[0], batch[1]]
+        ...     def model_args(self, batch):
+        ...         return (torch.cat([batch[0], batch[1]], dim=1),)
+        ...     def task_model_args(self, batch):
+        ...         return self.model_args(batch)
+        ...     def task_args(self, batch, prediction):
+        ...         return (prediction,)
+        >>> isinstance(TupleAdapter(), BatchAdapter)
+        True
+    """
 
     def sources(self, batch: BatchT_contra) -> Sequence[Tensor]:
         """The K source tensors the learnable loss and its generator see."""
@@ -52,6 +71,16 @@ class SourcesAdapter:
         task_keys: the keys of the sources for the task view; ``None`` reuses ``keys``.
         model_input: ``"concat"`` calls the model on the sources concatenated over channels
             (``model(torch.cat(sources, 1))``); ``"separate"`` calls ``model(*sources)``.
+
+    Example:
+        Crops for the loss (``"a"``, ``"b"``), whole resized images for the task network:
+
+        >>> import torch
+        >>> batch = {"a": torch.rand(2, 1, 32, 32), "b": torch.rand(2, 1, 32, 32),
+        ...          "task_a": torch.rand(2, 1, 64, 64), "task_b": torch.rand(2, 1, 64, 64)}
+        >>> adapter = SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b"))
+        >>> [tuple(x.shape) for x in adapter.model_args(batch)], [tuple(x.shape) for x in adapter.task_model_args(batch)]
+        ([(2, 2, 32, 32)], [(2, 2, 64, 64)])
     """
 
     keys: tuple[str, ...] = ("a", "b")
@@ -83,7 +112,15 @@ class SourcesAdapter:
 
 
 def move_to_device(obj: BatchT, device: torch.device, non_blocking: bool = True) -> BatchT:
-    """Move every tensor inside mappings, sequences and dataclasses to ``device``."""
+    """Move every tensor inside mappings, sequences and dataclasses to ``device``.
+
+    Example:
+        >>> import torch
+        >>> batch = {"a": torch.rand(1, 1, 4, 4), "names": ["00001D"], "det": {"boxes": torch.zeros(0, 4)}}
+        >>> moved = move_to_device(batch, torch.device("cpu"))
+        >>> moved["a"].device.type, moved["names"], moved["det"]["boxes"].shape
+        ('cpu', ['00001D'], torch.Size([0, 4]))
+    """
     if isinstance(obj, Tensor):
         return obj.to(device, non_blocking=non_blocking)  # type: ignore[return-value]
     if isinstance(obj, Mapping):

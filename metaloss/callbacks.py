@@ -22,7 +22,33 @@ __all__ = ["CSVLogger", "Callback", "TensorBoardLogger", "flatten_stats"]
 
 
 class Callback:
-    """Hooks called by ``MetaTrainer`` (override the ones you need)."""
+    """Hooks called by ``MetaTrainer`` (override the ones you need).
+
+    Example:
+        Stop the generator's learning rate from staying high once its weights saturate:
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss, MetaTrainer, MetaTrainerConfig
+        >>> data = [{"a": torch.rand(1, 8, 8), "b": torch.rand(1, 8, 8), "mask": torch.randint(0, 2, (8, 8))}
+        ...         for _ in range(8)]
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> class LowerOuterLr(Callback):
+        ...     def on_meta_step(self, trainer, stats):
+        ...         if max(stats.weight_mean) > 0.95:
+        ...             for group in trainer.outer_optimizer.param_groups:
+        ...                 group["lr"] *= 0.5
+        ...     def on_fit_end(self, trainer):
+        ...         print(f"done after {trainer.global_step} steps")
+        >>> trainer = MetaTrainer(nn.Conv2d(2, 1, 3, padding=1), loss, nn.Conv2d(1, 2, 3, padding=1),
+        ...                       lambda logits, batch: F.cross_entropy(logits, batch["mask"]), data,
+        ...                       config=MetaTrainerConfig(epochs=1, meta_iterations=2, batch_size=2, progress=False),
+        ...                       callbacks=[LowerOuterLr()])
+        >>> _ = trainer.fit()
+        done after 6 steps
+    """
 
     def on_meta_step(self, trainer: MetaTrainer, stats: MetaStepStats) -> None:
         """After each meta iteration (step of the loss generator)."""
@@ -71,6 +97,26 @@ class CSVLogger(Callback):
     Args:
         directory: created if missing; existing files are appended to (a resumed run continues
             them).
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss, MetaTrainer, MetaTrainerConfig
+        >>> data = [{"a": torch.rand(1, 8, 8), "b": torch.rand(1, 8, 8), "mask": torch.randint(0, 2, (8, 8))}
+        ...         for _ in range(8)]
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> logs = tempfile.mkdtemp()
+        >>> trainer = MetaTrainer(nn.Conv2d(2, 1, 3, padding=1), loss, nn.Conv2d(1, 2, 3, padding=1),
+        ...                       lambda logits, batch: F.cross_entropy(logits, batch["mask"]), data,
+        ...                       config=MetaTrainerConfig(epochs=1, meta_iterations=2, batch_size=2, progress=False),
+        ...                       callbacks=[CSVLogger(logs)])
+        >>> _ = trainer.fit()
+        >>> open(f"{logs}/meta.csv").readline().split(",")[:5]
+        ['epoch', 'step', 'inner_loss', 'task_inner_loss', 'outer_loss']
+        >>> sum(1 for _ in open(f"{logs}/model.csv"))  # a header and one row per ordinary step
+        5
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -93,6 +139,25 @@ class TensorBoardLogger(Callback):
 
     Args:
         log_dir: the event-file folder.
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss, MetaTrainer, MetaTrainerConfig
+        >>> data = [{"a": torch.rand(1, 8, 8), "b": torch.rand(1, 8, 8), "mask": torch.randint(0, 2, (8, 8))}
+        ...         for _ in range(8)]
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> logs = tempfile.mkdtemp()
+        >>> trainer = MetaTrainer(nn.Conv2d(2, 1, 3, padding=1), loss, nn.Conv2d(1, 2, 3, padding=1),
+        ...                       lambda logits, batch: F.cross_entropy(logits, batch["mask"]), data,
+        ...                       config=MetaTrainerConfig(epochs=1, meta_iterations=2, batch_size=2, progress=False),
+        ...                       callbacks=[TensorBoardLogger(logs)])
+        >>> _ = trainer.fit()  # then: tensorboard --logdir LOGS
+        >>> import os
+        >>> any(name.startswith("events.out.tfevents") for name in os.listdir(logs))
+        True
     """
 
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:

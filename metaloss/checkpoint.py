@@ -34,7 +34,21 @@ __all__ = [
 
 
 class UnsafeCheckpointError(ValueError):
-    """A weights file asks to build objects or run code that loading weights never needs."""
+    """A weights file asks to build objects or run code that loading weights never needs.
+
+    Example:
+        >>> import os, tempfile
+        >>> class Payload:
+        ...     def __reduce__(self):  # what a crafted file can do when unpickled
+        ...         return (os.system, ("echo this would run",))
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pth")
+        >>> torch.save({"weight": Payload()}, path)
+        >>> try:
+        ...     load_weights_file(path)
+        ... except UnsafeCheckpointError:
+        ...     print("refused, never opened")
+        refused, never opened
+    """
 
 
 def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> Any:
@@ -48,6 +62,19 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
         UnsafeCheckpointError: the file's pickle asks for more than tensors and plain containers
             (it would run code when opened with ``weights_only=False``); it is not opened.
         ValueError: the file is no PyTorch file (text, random bytes) or is truncated.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "weights.pth"
+        >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
+        >>> sorted(load_weights_file(path))
+        ['bias', 'weight']
+        >>> path.write_text("not weights")
+        11
+        >>> load_weights_file(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../weights.pth is not a PyTorch weights file ...
     """
     path = Path(path)
     if not path.is_file():
@@ -91,8 +118,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     temporary file is removed instead). The parent folder is created.
 
     Example:
-        >>> with atomic_path("run/weights.bin") as tmp:
-        ...     Path(tmp).write_bytes(data)
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "run" / "weights.bin"
+        >>> with atomic_path(target) as tmp:
+        ...     _ = Path(tmp).write_bytes(b"complete")
+        >>> target.read_bytes()
+        b'complete'
+        >>> try:
+        ...     with atomic_path(target) as tmp:
+        ...         _ = Path(tmp).write_bytes(b"half")
+        ...         raise RuntimeError("crashed while writing")
+        ... except RuntimeError:
+        ...     pass
+        >>> target.read_bytes()  # the old file is intact, no temporary file is left
+        b'complete'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +145,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``state`` with ``torch.save`` atomically (``atomic_path``), synced to disk."""
+    """Write ``state`` with ``torch.save`` atomically (``atomic_path``), synced to disk.
+
+    Example:
+        ``MetaTrainer`` writes its ``last.pt`` with it; any dict of tensors and plain values works:
+
+        >>> import tempfile
+        >>> path = save_checkpoint({"model": torch.nn.Linear(2, 1).state_dict(), "epoch": 3},
+        ...                        Path(tempfile.mkdtemp()) / "state.pt")
+        >>> load_weights_file(path)["epoch"]
+        3
+    """
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -134,6 +183,18 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         FileNotFoundError: nothing at ``path``.
         UnsafeCheckpointError: the file asks for more than tensors and plain containers.
         ValueError: not a PyTorch file, truncated, or not a checkpoint of ``MetaTrainer``.
+
+    Example:
+        >>> import tempfile
+        >>> path = save_checkpoint({"model": {}}, Path(tempfile.mkdtemp()) / "last.pt")
+        >>> load_checkpoint(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../last.pt is not a MetaTrainer checkpoint (it holds keys ['model']; expected [...])
+
+        A checkpoint written by ``MetaTrainer`` (``checkpoint_dir/last.pt``) holds the modules,
+        optimisers, random states and position: ``MetaTrainer.fit(resume=path)`` reads it
+        with this function.
     """
     path = Path(path)
     if not path.is_file():

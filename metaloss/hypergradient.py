@@ -61,7 +61,25 @@ HypergradientMode = Literal["exact", "finite_difference", "implicit"]
 
 
 class NonFiniteHypergradientError(FloatingPointError):
-    """Raised when a hypergradient holds NaN or Inf and the policy is ``"raise"``."""
+    """Raised when a hypergradient holds NaN or Inf and the policy is ``"raise"``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss, MetaStep
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> fusion, task = nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(1, 1, 1)
+        >>> meta = MetaStep(fusion, loss, task, lambda out, batch: out.mean() * float("nan"),
+        ...                 outer_optimizer=torch.optim.Adam(loss.parameters()),
+        ...                 model_optimizer=torch.optim.SGD(fusion.parameters(), lr=0.1),
+        ...                 task_optimizer=torch.optim.SGD(task.parameters(), lr=0.1), nonfinite="raise")
+        >>> batch = {"a": torch.rand(2, 1, 8, 8), "b": torch.rand(2, 1, 8, 8)}
+        >>> try:
+        ...     meta.step(batch, batch)
+        ... except NonFiniteHypergradientError:
+        ...     print("skipped: the meta-gradient is not finite")
+        skipped: the meta-gradient is not finite
+    """
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,14 @@ class HypergradientResult:
         grads: one tensor per ``wrt`` entry (zeros where the loss does not depend on it).
         inner_loss: ``L_in(theta)``, detached.
         outer_loss: ``L_out(theta')``, detached.
+
+    Example:
+        >>> import torch
+        >>> lam = torch.zeros(1, requires_grad=True)
+        >>> result = hypergradient(lambda t: ((t[0] - lam) ** 2).sum(), lambda t, g: (t[0] - 0.25 * g[0],),
+        ...                        lambda t: (t[0] ** 2).sum(), (torch.ones(1, requires_grad=True),), [lam])
+        >>> float(result.inner_loss), float(result.outer_loss), result.norm(), result.is_finite()
+        (1.0, 0.25, 0.5, True)
     """
 
     grads: tuple[Tensor, ...]
@@ -140,6 +166,23 @@ def hypergradient(
 
     Returns:
         The hypergradient with the inner and outer loss values (the inner loss of the first step).
+
+    Example:
+        ``L_in = (theta - lam)^2``, one SGD step of size 1/4, ``L_out = theta'^2``: from
+        ``theta = 1, lam = 0``, ``theta' = 1/2`` and ``dL_out/dlam = 2 theta' * 2 * 1/4 = 1/2``.
+
+        >>> import torch
+        >>> lam = torch.zeros(1, requires_grad=True)
+        >>> theta = (torch.ones(1, requires_grad=True),)
+        >>> inner = lambda t: ((t[0] - lam) ** 2).sum()
+        >>> sgd = lambda t, g: (t[0] - 0.25 * g[0],)
+        >>> outer = lambda t: (t[0] ** 2).sum()
+        >>> hypergradient(inner, sgd, outer, theta, [lam]).grads
+        (tensor([0.5000]),)
+        >>> round(float(hypergradient(inner, sgd, outer, theta, [lam], mode="finite_difference").grads[0]), 4)
+        0.5
+        >>> hypergradient(inner, sgd, outer, theta, [lam], steps=2).grads  # two unrolled steps
+        (tensor([0.3750]),)
     """
     wrt = tuple(wrt)
     if steps < 1:

@@ -54,6 +54,15 @@ class BufferPolicy(enum.StrEnum):
             updates land on throw-away copies, so the real buffers never change. The default.
         FROZEN: norm layers run in eval mode for the virtual forwards (running statistics are
             used and nothing is updated); their mode is restored afterwards.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        >>> view = StatelessModule(net, BufferPolicy.DISCARD)  # or "frozen"
+        >>> _ = view(view.snapshot(), torch.rand(2, 1, 5, 5))
+        >>> int(net[1].num_batches_tracked)  # the real running statistics did not move
+        0
     """
 
     DISCARD = "discard"
@@ -69,6 +78,17 @@ class StatelessModule:
     Args:
         module: the user's module; never modified.
         buffer_policy: see ``BufferPolicy``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 1)
+        >>> view = StatelessModule(net)
+        >>> params = view.snapshot()  # detached leaves that require grad
+        >>> shifted = tuple(p + 1.0 for p in params)  # any differentiable function of them
+        >>> out = view(shifted, torch.zeros(1, 3))  # the module run with the shifted parameters
+        >>> torch.allclose(out, net.bias + 1.0)
+        True
     """
 
     def __init__(self, module: nn.Module, buffer_policy: BufferPolicy | str = BufferPolicy.DISCARD) -> None:
@@ -112,7 +132,23 @@ steps of the real optimiser."""
 
 
 class InnerRule(Protocol):
-    """An inner update rule: starts a run of differentiable virtual steps."""
+    """An inner update rule: starts a run of differentiable virtual steps.
+
+    Example:
+        A rule of your own: SGD with the step size clipped per parameter.
+
+        >>> import torch
+        >>> class ClippedSGD:
+        ...     def __init__(self, lr, max_step):
+        ...         self.lr, self.max_step = lr, max_step
+        ...     def start(self, params, real_params, optimizer):
+        ...         def update(theta, grads):
+        ...             return tuple(x - (self.lr * g).clamp(-self.max_step, self.max_step) for x, g in zip(theta, grads))
+        ...         return update
+        >>> update = ClippedSGD(0.1, 0.05).start((torch.zeros(2),), [], None)
+        >>> update((torch.zeros(2),), (torch.tensor([1.0, 0.1]),))
+        (tensor([-0.0500, -0.0100]),)
+    """
 
     def start(
         self, params: Params, real_params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None
@@ -215,6 +251,21 @@ class InnerSGD(_OneStep):
 
     Args:
         lr: step size for every parameter; ``None`` follows each param group's learning rate.
+
+    Example:
+        The virtual step is the step the real optimiser would take (here SGD with momentum):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        >>> grads = tuple(torch.ones_like(p) for p in net.parameters())
+        >>> virtual = InnerSGD().step(tuple(p.detach() for p in net.parameters()), grads, list(net.parameters()), opt)
+        >>> for p, g in zip(net.parameters(), grads):
+        ...     p.grad = g
+        >>> opt.step()
+        >>> all(torch.allclose(v, p) for v, p in zip(virtual, net.parameters()))
+        True
     """
 
     lr: float | None = None
@@ -270,6 +321,24 @@ class InnerAdam(_OneStep):
         betas: ``None`` follows each param group's.
         eps: ``None`` follows each param group's.
         eps_root: added under the square root (must be > 0).
+
+    Example:
+        In a meta step whose model trains with Adam (``MetaStep(..., inner=InnerAdam())``), or
+        directly: three virtual steps, unrolled, from the real optimiser's state.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        >>> theta = tuple(p.detach().requires_grad_() for p in net.parameters())
+        >>> update = InnerAdam().start(theta, list(net.parameters()), opt)
+        >>> x = theta
+        >>> for _ in range(3):
+        ...     loss = sum((p**2).sum() for p in x)
+        ...     x = update(x, torch.autograd.grad(loss, x, create_graph=True))
+        >>> sum(p.sum() for p in x).backward()  # d(after three steps) / d(start): theta[0].grad
+        >>> theta[0].grad.shape
+        torch.Size([1, 2])
     """
 
     lr: float | None = None

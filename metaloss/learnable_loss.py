@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ConstantWeights",
+    "GlobalWeights",
     "LearnableLoss",
     "LossOutput",
     "LossTerm",
@@ -35,6 +36,14 @@ class LossTerm(Protocol):
 
     A term maps the prediction, the K sources and the weight map ``(B, K, ...)`` to a scalar.
     Terms that do not use the weights simply ignore them.
+
+    Example:
+        >>> import torch
+        >>> def weighted_l1(prediction, sources, weights):  # sum_k w_k |F - I_k|, averaged
+        ...     stacked = torch.stack(list(sources), dim=1)  # (B, K, C, H, W)
+        ...     return (weights.unsqueeze(2) * (prediction.unsqueeze(1) - stacked).abs()).sum(1).mean()
+        >>> isinstance(weighted_l1, LossTerm)
+        True
     """
 
     def __call__(self, prediction: Tensor, sources: Sequence[Tensor], weights: Tensor) -> Tensor:
@@ -50,6 +59,13 @@ class LossOutput:
         total: the scalar loss, float32 (float64 when the inputs are float64).
         weights: the weight map ``(B, K, ...)`` that produced it.
         terms: each term's unweighted scalar value, by name.
+
+    Example:
+        >>> import torch
+        >>> loss = LearnableLoss(ConstantWeights(2), {"l1": lambda f, s, w: (f - s[0]).abs().mean()})
+        >>> out = loss([torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)], torch.ones(1, 1, 4, 4))
+        >>> float(out.total), sorted(out.terms), tuple(out.weights.shape)
+        (1.0, ['l1'], (1, 2, 4, 4))
     """
 
     total: Tensor
@@ -121,6 +137,11 @@ class ConstantWeights(nn.Module):
 
     Args:
         num_sources: K.
+
+    Example:
+        >>> import torch
+        >>> ConstantWeights(2)(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))[0, :, 0, 0]
+        tensor([0.5000, 0.5000])
     """
 
     def __init__(self, num_sources: int = 2) -> None:
@@ -134,6 +155,37 @@ class ConstantWeights(nn.Module):
         ref = sources[0]
         shape = (ref.shape[0], self.num_sources, *ref.shape[2:])
         return torch.full(shape, 1.0 / self.num_sources, dtype=ref.dtype, device=ref.device)
+
+
+class GlobalWeights(nn.Module):
+    """A generator of one learnable logit per source, the same at every pixel.
+
+    A learned *global* weighting: the baseline a per-pixel generator should beat, and the
+    smallest generator to try the engine with. The logits start at 0 (weights ``1/K``).
+
+    Args:
+        num_sources: K.
+
+    Example:
+        >>> import torch
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> loss.weights([torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)])[0, :, 0, 0]
+        tensor([0.5000, 0.5000], grad_fn=<SelectBackward0>)
+        >>> [name for name, _ in loss.named_parameters()]
+        ['generator.logits']
+    """
+
+    def __init__(self, num_sources: int = 2) -> None:
+        super().__init__()
+        if num_sources < 2:
+            raise ValueError(f"num_sources must be >= 2, got {num_sources}")
+        self.logits = nn.Parameter(torch.zeros(num_sources))
+
+    def forward(self, *sources: Tensor) -> Tensor:
+        """Return the logits as ``(B, K, *spatial)``, constant over the spatial dimensions."""
+        ref = sources[0]
+        shape = (ref.shape[0], self.logits.numel(), *ref.shape[2:])
+        return self.logits.to(ref.dtype).view(1, -1, *([1] * (ref.dim() - 2))).expand(shape)
 
 
 class LearnableLoss(nn.Module):
@@ -152,9 +204,23 @@ class LearnableLoss(nn.Module):
         validate: check sources and weight maps on every call (cheap; raises ``ValueError``).
 
     Example:
-        >>> loss = LearnableLoss(my_generator, {"int": intensity_term}, weights="softmax")
+        >>> import torch
+        >>> from torch import nn
+        >>> class Generator(nn.Module):  # the K sources in, K logit maps out
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        ...     def forward(self, a, b):
+        ...         return self.conv(torch.cat([a, b], dim=1))
+        >>> def intensity(prediction, sources, weights):  # sum_k w_k (F - I_k)^2, averaged
+        ...     stacked = torch.stack(list(sources), dim=1)
+        ...     return (weights.unsqueeze(2) * (prediction.unsqueeze(1) - stacked) ** 2).sum(1).mean()
+        >>> loss = LearnableLoss(Generator(), {"intensity": intensity})
+        >>> ir, vis, fused = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
         >>> out = loss([ir, vis], fused)
-        >>> out.total.backward()
+        >>> out.total.backward()  # gradients reach the generator (and the prediction, if it has a graph)
+        >>> loss.weights([ir, vis]).sum(dim=1).allclose(torch.ones(2, 8, 8))
+        True
     """
 
     def __init__(

@@ -42,7 +42,9 @@ from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statist
 __all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
 
 TaskLoss = Callable[[Any, Any], Tensor]
-"""``task_loss(task_output, batch) -> scalar tensor``."""
+"""``task_loss(task_output, batch) -> scalar tensor``: the task model's output and the whole
+batch, for instance ``lambda logits, batch: F.cross_entropy(logits, batch["mask"])``, or a
+detection loss that reads its targets from the batch (any callable; no base class)."""
 
 
 def checked_task_loss(task_loss: TaskLoss, output: Any, batch: Any) -> Tensor:
@@ -73,6 +75,21 @@ class MetaStepStats:
         weight_map_grad: the outer loss's gradient with respect to that weight map: where the
             task asks the loss to move its weights (the descent direction is its negative; only
             with ``weight_map_grad=True``; not logged).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> fusion, task = nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(1, 1, 1)
+        >>> meta = MetaStep(fusion, loss, task, lambda out, batch: out.mean(),
+        ...                 outer_optimizer=torch.optim.Adam(loss.parameters()),
+        ...                 model_optimizer=torch.optim.SGD(fusion.parameters(), lr=0.1),
+        ...                 task_optimizer=torch.optim.SGD(task.parameters(), lr=0.1), weight_map_grad=True)
+        >>> batch = {"a": torch.rand(2, 1, 8, 8), "b": torch.rand(2, 1, 8, 8)}
+        >>> stats = meta.step(batch, batch)
+        >>> stats.weight_mean, stats.skipped, stats.weight_map_grad.shape
+        ((0.5, 0.5), False, torch.Size([2, 2, 8, 8]))
     """
 
     inner_loss: float
@@ -143,14 +160,35 @@ class MetaStep:
             and backward pass of the generator.
 
     Example:
-        >>> meta = MetaStep(fusion, loss, segformer, ce_loss, outer_optimizer=opt_g,
-        ...                 model_optimizer=opt_f, task_optimizer=opt_t)
-        >>> for train_batch, test_batch in my_meta_batches:
-        ...     stats = meta.step(train_batch, test_batch)
+        Source ``a`` holds a square that the task model must find; ``b`` is noise. One meta
+        step moves the generator (here one global logit per source) and nothing else:
 
-        To average the meta-gradient over several (meta-train, meta-test) pairs before one
-        outer step (a less noisy signal for more time), call ``accumulate`` for each pair,
-        then ``apply``.
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> fusion, task = nn.Conv2d(2, 1, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        >>> opt_f, opt_t = torch.optim.Adam(fusion.parameters(), 1e-2), torch.optim.Adam(task.parameters(), 1e-2)
+        >>> meta = MetaStep(fusion, loss, task, lambda logits, batch: F.cross_entropy(logits, batch["mask"]),
+        ...                 outer_optimizer=torch.optim.Adam(loss.parameters(), 1e-2),
+        ...                 model_optimizer=opt_f, task_optimizer=opt_t)
+        >>> def batch():
+        ...     mask = torch.zeros(2, 8, 8, dtype=torch.long)
+        ...     mask[:, 2:6, 2:6] = 1
+        ...     return {"a": mask[:, None].float(), "b": torch.rand(2, 1, 8, 8), "mask": mask}
+        >>> before = [p.clone() for p in fusion.parameters()]
+        >>> stats = meta.step(batch(), batch())  # meta-train batch, meta-test batch
+        >>> loss.generator.logits.detach().abs().max() > 0  # G moved
+        tensor(True)
+        >>> all(torch.equal(p, q) for p, q in zip(fusion.parameters(), before))  # F did not
+        True
+
+        In your loop, follow ``meta.step`` with your ordinary steps of ``F`` (under
+        ``loss(sources, fused, detach_weights=True)``) and of ``T`` (README, tutorial 1). To
+        average the meta-gradient over several (meta-train, meta-test) pairs before one outer
+        step (a less noisy signal for more time), call ``accumulate`` for each pair, then
+        ``apply``.
     """
 
     def __init__(

@@ -27,6 +27,15 @@ class MaxNormalizedSGD(torch.optim.Optimizer):
     Args:
         params: the parameters (or param groups; the maximum is taken over all groups).
         lr: the step size, i.e. the largest change of any single entry.
+
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.zeros(3))
+        >>> opt = MaxNormalizedSGD([p], lr=0.1)
+        >>> p.grad = torch.tensor([1e-6, -4e-6, 2e-6])  # meta-gradients are tiny
+        >>> opt.step()
+        >>> p.data
+        tensor([-0.0250,  0.1000, -0.0500])
     """
 
     def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict], lr: float = 1e-4) -> None:
@@ -61,6 +70,14 @@ def make_outer_optimizer(rule: OuterRule, params: Iterable[nn.Parameter], lr: fl
         rule: ``"adam"`` (the paper), ``"sgd"``, or ``"max_normalized"`` (the released code).
         params: the generator's parameters.
         lr: learning rate.
+
+    Example:
+        >>> from metaloss import GlobalWeights
+        >>> make_outer_optimizer("max_normalized", GlobalWeights(2).parameters(), lr=3e-3)
+        MaxNormalizedSGD (
+        Parameter Group 0
+            lr: 0.003
+        )
     """
     params = list(params)
     if rule == "adam":

@@ -87,6 +87,15 @@ class MetaTrainerConfig:
             set that the meta-train batches do not; ``"meta_train"``: the task loss is taken on
             the meta-train batch itself, after the virtual step it shaped (the meta-gradient then
             includes each pixel's direct effect on its own fused value).
+
+    Example:
+        >>> config = MetaTrainerConfig(epochs=10, meta_iterations=50, warmup_epochs=1, outer_rule="max_normalized")
+        >>> config.batch_size, config.mode, config.inner_steps  # the paper's, unless given
+        (2, 'exact', 1)
+        >>> MetaTrainerConfig(warmup_epochs=60)
+        Traceback (most recent call last):
+        ...
+        ValueError: warmup_epochs must be in [0, epochs=50], got 60
     """
 
     epochs: int = 50
@@ -134,7 +143,26 @@ class MetaTrainerConfig:
 
 @dataclass
 class Position:
-    """Where the schedule stands: the next step to run."""
+    """Where the schedule stands: the next step to run.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss, MetaTrainer, MetaTrainerConfig
+        >>> data = [{"a": torch.rand(1, 8, 8), "b": torch.rand(1, 8, 8), "mask": torch.randint(0, 2, (8, 8))}
+        ...         for _ in range(8)]  # your samples (any map-style data set)
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> trainer = MetaTrainer(nn.Conv2d(2, 1, 3, padding=1), loss, nn.Conv2d(1, 2, 3, padding=1),
+        ...                       lambda logits, batch: F.cross_entropy(logits, batch["mask"]), data,
+        ...                       config=MetaTrainerConfig(epochs=1, meta_iterations=2, batch_size=2, progress=False))
+        >>> trainer.position  # nothing run yet: the meta phase of epoch 0
+        Position(epoch=0, phase='meta', step=0)
+        >>> trainer.fit(max_steps=3)  # stops (after a checkpoint, if it has a folder) after 3 steps
+        3
+        >>> trainer.position  # two meta steps done, one ordinary step of four
+        Position(epoch=0, phase='model', step=1)
+    """
 
     epoch: int = 0
     phase: Literal["meta", "model"] = "meta"
@@ -150,6 +178,28 @@ class ModelStepStats:
         task_loss: the task loss the task model stepped on.
         weight_mean: the mean weight of each source.
         terms: each term of the learnable loss.
+
+    Example:
+        What a ``Callback`` receives after each ordinary iteration:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss, MetaTrainer, MetaTrainerConfig
+        >>> data = [{"a": torch.rand(1, 8, 8), "b": torch.rand(1, 8, 8), "mask": torch.randint(0, 2, (8, 8))}
+        ...         for _ in range(8)]  # your samples (any map-style data set)
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> from metaloss import Callback
+        >>> class PrintTaskLoss(Callback):
+        ...     def on_model_step(self, trainer, stats):
+        ...         print(f"task loss {stats.task_loss:.1f}, weights {[round(w, 2) for w in stats.weight_mean]}")
+        >>> trainer = MetaTrainer(nn.Conv2d(2, 1, 3, padding=1), loss, nn.Conv2d(1, 2, 3, padding=1),
+        ...                       lambda logits, batch: F.cross_entropy(logits, batch["mask"]), data,
+        ...                       config=MetaTrainerConfig(epochs=1, meta_iterations=2, batch_size=2, progress=False), callbacks=[PrintTaskLoss()])
+        >>> trainer.fit()  # two meta steps, then one pass of four batches  # doctest: +ELLIPSIS
+        task loss 0..., weights [0.5, 0.5]
+        ...
+        6
     """
 
     model_loss: float
@@ -180,6 +230,31 @@ class MetaTrainer:
         task_inner: the task model's inner update rule (default SGD at its optimiser's rate).
         callbacks: objects with ``Callback`` methods.
         checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
+
+    Example:
+        Algorithm 1 on your data: dict samples with the two sources and the task's labels.
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from metaloss import GlobalWeights, LearnableLoss, MetaTrainer, MetaTrainerConfig
+        >>> data = [{"a": torch.rand(1, 8, 8), "b": torch.rand(1, 8, 8), "mask": torch.randint(0, 2, (8, 8))}
+        ...         for _ in range(8)]  # your samples (any map-style data set)
+        >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
+        >>> run = tempfile.mkdtemp()
+        >>> trainer = MetaTrainer(nn.Conv2d(2, 1, 3, padding=1), loss, nn.Conv2d(1, 2, 3, padding=1),
+        ...                       lambda logits, batch: F.cross_entropy(logits, batch["mask"]), data,
+        ...                       config=MetaTrainerConfig(epochs=2, meta_iterations=3, batch_size=2, progress=False),
+        ...                       checkpoint_dir=run)
+        >>> trainer.fit(max_steps=5)  # stopped early, checkpointed
+        5
+        >>> trainer.fit(resume=f"{run}/last.pt")  # continues where it stopped: 14 steps in all
+        9
+
+        Each epoch: ``meta_iterations`` outer steps of the generator (meta-train and meta-test
+        batches from the two halves of the data), then one pass of ordinary steps of the model
+        and the task model (``model_iterations``).
     """
 
     def __init__(
