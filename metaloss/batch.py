@@ -79,8 +79,8 @@ class SourcesAdapter:
         >>> batch = {"a": torch.rand(2, 1, 32, 32), "b": torch.rand(2, 1, 32, 32),
         ...          "task_a": torch.rand(2, 1, 64, 64), "task_b": torch.rand(2, 1, 64, 64)}
         >>> adapter = SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b"))
-        >>> [tuple(x.shape) for x in adapter.model_args(batch)], [tuple(x.shape) for x in adapter.task_model_args(batch)]
-        ([(2, 2, 32, 32)], [(2, 2, 64, 64)])
+        >>> adapter.model_args(batch)[0].shape, adapter.task_model_args(batch)[0].shape
+        (torch.Size([2, 2, 32, 32]), torch.Size([2, 2, 64, 64]))
     """
 
     keys: tuple[str, ...] = ("a", "b")

@@ -64,7 +64,13 @@ class Callback:
 
 
 def flatten_stats(stats: Any) -> dict[str, float | int | bool]:
-    """A stats dataclass as one flat dict (tuples become ``name_0``, dicts ``name/key``)."""
+    """A stats dataclass as one flat dict (tuples become ``name_0``, dicts ``name/key``).
+
+    Example:
+        >>> from metaloss import ModelStepStats
+        >>> flatten_stats(ModelStepStats(model_loss=0.5, task_loss=1.25, weight_mean=(0.25, 0.75), terms={"grad": 0.1}))
+        {'model_loss': 0.5, 'task_loss': 1.25, 'weight_mean_0': 0.25, 'weight_mean_1': 0.75, 'terms/grad': 0.1}
+    """
     flat: dict[str, float | int | bool] = {}
     for f in dataclasses.fields(stats):
         key, value = f.name, getattr(stats, f.name)

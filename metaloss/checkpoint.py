@@ -168,6 +168,12 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
 
     The deployment format for network weights: it holds tensors only, so opening it can never
     run code (https://huggingface.co/docs/safetensors).
+
+    Example:
+        >>> import tempfile
+        >>> path = save_safetensors(torch.nn.Linear(2, 1).state_dict(), Path(tempfile.mkdtemp()) / "fusion.safetensors")
+        >>> sorted(load_weights_file(path))  # opening it can never run code
+        ['bias', 'weight']
     """
     from safetensors.torch import save_file
 
@@ -211,6 +217,13 @@ def get_rng_state() -> dict[str, Any]:
     """The state of Python's, NumPy's, torch's and (if present) CUDA's generators.
 
     Stored in types ``torch.load(weights_only=True)`` accepts: NumPy's key array as a tensor.
+
+    Example:
+        >>> state = get_rng_state()
+        >>> first = torch.rand(2)
+        >>> set_rng_state(state)
+        >>> torch.equal(torch.rand(2), first)  # the same draws again
+        True
     """
     name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     state: dict[str, Any] = {
@@ -224,7 +237,16 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore generators saved by ``get_rng_state``."""
+    """Restore generators saved by ``get_rng_state``.
+
+    Example:
+        >>> import random
+        >>> state = get_rng_state()
+        >>> draws = (random.random(), torch.rand(1))
+        >>> set_rng_state(state)
+        >>> (random.random(), torch.rand(1)) == (draws[0], draws[1])
+        True
+    """
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     name, keys, pos, has_gauss, cached = state["numpy"]

@@ -16,19 +16,40 @@ __all__ = ["all_gather_objects", "all_reduce_mean", "rank_and_world_size", "unwr
 
 
 def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of ranks (``(0, 1)`` without a process group)."""
+    """This process's rank and the number of ranks (``(0, 1)`` without a process group).
+
+    Example:
+        >>> rank_and_world_size()  # under torchrun --nproc-per-node 4, rank 2 gets (2, 4)
+        (0, 1)
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module a DistributedDataParallel wrapper holds (the module itself otherwise)."""
+    """The module a DistributedDataParallel wrapper holds (the module itself otherwise).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> unwrap(net) is net  # DistributedDataParallel(net) would give net back too
+        True
+    """
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def all_reduce_mean(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The mean of ``tensors`` over the ranks: one flat buffer, one all-reduce."""
+    """The mean of ``tensors`` over the ranks: one flat buffer, one all-reduce (the tensors
+    themselves, detached, without a process group).
+
+    Example:
+        >>> import torch
+        >>> all_reduce_mean((torch.tensor([1.0, 3.0]),))  # one process: unchanged
+        (tensor([1., 3.]),)
+    """
+    if rank_and_world_size()[1] == 1:
+        return tuple(t.detach() for t in tensors)
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
@@ -36,7 +57,12 @@ def all_reduce_mean(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group).
+
+    Example:
+        >>> all_gather_objects({"rng": 1})  # one process: a list of its own object
+        [{'rng': 1}]
+    """
     _, world = rank_and_world_size()
     if world == 1:
         return [obj]

@@ -99,6 +99,17 @@ def grouped_conv2d(
     The same forward as ``torch.nn.functional.conv2d`` and the same first and second
     derivatives (to rounding); only numeric ``padding`` is supported (not ``"same"``). Under
     ``torch.autocast`` it computes in the autocast dtype, as the native convolution does.
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.rand(1, 4, 6, 6, requires_grad=True), torch.rand(4, 1, 3, 3, requires_grad=True)
+        >>> native = torch.nn.functional.conv2d(x, w, padding=1, groups=4)
+        >>> torch.allclose(grouped_conv2d(x, w, padding=1, groups=4), native)
+        True
+        >>> (g,) = torch.autograd.grad(grouped_conv2d(x, w, padding=1, groups=4).square().sum(), w, create_graph=True)
+        >>> g.sum().backward()  # the double backward, without a loop over the 4 groups
+        >>> x.grad.shape
+        torch.Size([1, 4, 6, 6])
     """
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -114,9 +125,15 @@ class FastGroupedConv(TorchFunctionMode):
     """Route grouped 2-D convolutions (``groups > 1``, numeric padding) to ``grouped_conv2d``.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Conv2d(4, 4, 3, padding=1, groups=4)  # depthwise, as in ReFusion
         >>> with FastGroupedConv():
-        ...     loss = model(x).square().mean()
-        ...     g = torch.autograd.grad(loss, params, create_graph=True)
+        ...     loss = model(torch.rand(1, 4, 8, 8)).square().mean()
+        ...     g = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        >>> sum(t.square().sum() for t in g).backward()  # second order, as in the exact meta step
+        >>> model.weight.grad.shape
+        torch.Size([4, 1, 3, 3])
     """
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

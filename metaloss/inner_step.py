@@ -143,7 +143,8 @@ class InnerRule(Protocol):
         ...         self.lr, self.max_step = lr, max_step
         ...     def start(self, params, real_params, optimizer):
         ...         def update(theta, grads):
-        ...             return tuple(x - (self.lr * g).clamp(-self.max_step, self.max_step) for x, g in zip(theta, grads))
+        ...             steps = [(self.lr * g).clamp(-self.max_step, self.max_step) for g in grads]
+        ...             return tuple(x - s for x, s in zip(theta, steps))
         ...         return update
         >>> update = ClippedSGD(0.1, 0.05).start((torch.zeros(2),), [], None)
         >>> update((torch.zeros(2),), (torch.tensor([1.0, 0.1]),))

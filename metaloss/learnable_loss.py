@@ -78,6 +78,13 @@ def check_sources(sources: Sequence[Tensor]) -> None:
 
     Args:
         sources: the K source tensors, each ``(B, C, ...)``.
+
+    Example:
+        >>> import torch
+        >>> check_sources([torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5)])
+        Traceback (most recent call last):
+        ...
+        ValueError: sources must share one shape: source 0 is (1, 1, 4, 4), source 1 is (1, 1, 4, 5)
     """
     if len(sources) < 2:
         raise ValueError(f"a learnable loss needs at least 2 sources, got {len(sources)}")
@@ -95,6 +102,15 @@ def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | N
     Valid means: shape ``(B, K, *spatial)`` matching the sources' batch and spatial size,
     finite, non-negative, and summing to 1 over ``K`` at every position (within ``atol``;
     default 1e-3, or a few units of rounding for half-precision weights).
+
+    Example:
+        >>> import torch
+        >>> sources = [torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)]
+        >>> check_weight_map(torch.full((1, 2, 4, 4), 0.5), sources)  # valid: no error
+        >>> check_weight_map(torch.full((1, 2, 4, 4), 0.6), sources)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ...sum to 1...
     """
     if atol is None:  # a softmax rounded to bf16 or fp16 is off by a few units of its precision
         atol = max(1e-3, 8 * torch.finfo(weights.dtype).eps) if weights.is_floating_point() else 1e-3
@@ -125,7 +141,14 @@ def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | N
 
 
 def weight_statistics(weights: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and standard deviation of each source's weight over a ``(B, K, ...)`` weight map."""
+    """Mean and standard deviation of each source's weight over a ``(B, K, ...)`` weight map.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (B=1, K=2, 1, 2)
+        >>> weight_statistics(w)
+        ((0.5, 0.5), (0.7071067690849304, 0.7071067690849304))
+    """
     per_source = weights.detach().float().transpose(0, 1).reshape(weights.shape[1], -1)
     return tuple(per_source.mean(dim=1).tolist()), tuple(per_source.std(dim=1).tolist())
 

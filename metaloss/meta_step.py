@@ -48,7 +48,17 @@ detection loss that reads its targets from the batch (any callable; no base clas
 
 
 def checked_task_loss(task_loss: TaskLoss, output: Any, batch: Any) -> Tensor:
-    """Call ``task_loss`` and check that it returned a scalar tensor (cast to float32)."""
+    """Call ``task_loss`` and check that it returned a scalar tensor (cast to float32).
+
+    Example:
+        >>> import torch
+        >>> checked_task_loss(lambda out, batch: out.mean(), torch.ones(2, 3), None)
+        tensor(1.)
+        >>> checked_task_loss(lambda out, batch: out, torch.ones(2, 3), None)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ...scalar...
+    """
     value = task_loss(output, batch)
     if not isinstance(value, Tensor) or value.ndim != 0:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__

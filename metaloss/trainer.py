@@ -195,7 +195,8 @@ class ModelStepStats:
         ...         print(f"task loss {stats.task_loss:.1f}, weights {[round(w, 2) for w in stats.weight_mean]}")
         >>> trainer = MetaTrainer(nn.Conv2d(2, 1, 3, padding=1), loss, nn.Conv2d(1, 2, 3, padding=1),
         ...                       lambda logits, batch: F.cross_entropy(logits, batch["mask"]), data,
-        ...                       config=MetaTrainerConfig(epochs=1, meta_iterations=2, batch_size=2, progress=False), callbacks=[PrintTaskLoss()])
+        ...                       config=MetaTrainerConfig(epochs=1, meta_iterations=2, batch_size=2, progress=False),
+        ...                       callbacks=[PrintTaskLoss()])
         >>> trainer.fit()  # two meta steps, then one pass of four batches  # doctest: +ELLIPSIS
         task loss 0..., weights [0.5, 0.5]
         ...

@@ -32,16 +32,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, example_size:
 
     Returns:
         The path written.
+
+    Example:
+        >>> import tempfile
+        >>> import onnx
+        >>> path = export_onnx(torch.nn.Conv2d(2, 1, 3, padding=1).eval(), Path(tempfile.mkdtemp()) / "fusion.onnx")
+        >>> shape = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+        >>> [d.dim_param or d.dim_value for d in shape]  # batch, height and width stay free
+        ['batch', 2, 'height', 'width']
     """
     device = next(model.parameters()).device
     example = torch.rand(1, 2, *example_size, device=device)
-    dims = {
-        "x": {
+    dims = (  # by position, so that the forward's argument may have any name
+        {
             0: torch.export.Dim("batch", min=1, max=1024),
             2: torch.export.Dim("height", min=8, max=16384),
             3: torch.export.Dim("width", min=8, max=16384),
-        }
-    }
+        },
+    )
     was_training = model.training
     try:
         model.eval()
@@ -69,7 +77,13 @@ class OnnxFusion:
         threads: onnxruntime's intra-op threads (``None``: its default).
 
     Example:
-        >>> fused = OnnxFusion("refusion.onnx")(torch.rand(1, 2, 480, 640))  # (1, 1, 480, 640)
+        >>> import tempfile
+        >>> net = torch.nn.Conv2d(2, 1, 3, padding=1)  # any fusion network; ReFusion in the example
+        >>> path = export_onnx(net.eval(), Path(tempfile.mkdtemp()) / "fusion.onnx")
+        >>> fusion = OnnxFusion(path, threads=1)
+        >>> x = torch.rand(1, 2, 48, 80)  # any height and width
+        >>> fusion(x).shape, bool(torch.allclose(fusion(x), net(x), atol=1e-5))
+        (torch.Size([1, 1, 48, 80]), True)
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:

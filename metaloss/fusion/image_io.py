@@ -45,6 +45,15 @@ def read_bgr(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a readable (or is a truncated) image.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "vis.png"
+        >>> cv2.imwrite(str(path), np.full((4, 6, 3), (255, 0, 0), np.uint8))  # blue
+        True
+        >>> image = read_bgr(path)
+        >>> image.shape, image.dtype, image[0, 0]
+        ((4, 6, 3), dtype('float32'), array([255.,   0.,   0.], dtype=float32))
     """
     path = Path(path)
     if not path.is_file():
@@ -59,27 +68,66 @@ def read_bgr(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def read_grey(path: str | os.PathLike[str]) -> np.ndarray:
-    """The reference grey image: ``round(BGR2GRAY(float BGR))``, float32 ``(H, W)`` on 0-255."""
+    """The reference grey image: ``round(BGR2GRAY(float BGR))``, float32 ``(H, W)`` on 0-255.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "vis.png"
+        >>> cv2.imwrite(str(path), np.full((4, 6, 3), (255, 0, 0), np.uint8))  # blue
+        True
+        >>> float(read_grey(path)[0, 0])  # round(0.114 * 255)
+        29.0
+    """
     return np.round(cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2GRAY)).astype(np.float32)
 
 
 def to_ycrcb(bgr: np.ndarray) -> np.ndarray:
-    """OpenCV YCrCb of a float BGR image, ``(H, W, 3)`` float32, Y on 0-255 (chroma about 0.5)."""
+    """OpenCV YCrCb of a float BGR image, ``(H, W, 3)`` float32, Y on 0-255 (chroma about 0.5).
+
+    Example:
+        >>> ycrcb = to_ycrcb(np.full((2, 2, 3), 200.0, np.float32))
+        >>> ycrcb[0, 0]
+        array([200. ,   0.5,   0.5], dtype=float32)
+    """
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2YCrCb)
 
 
 def read_ycrcb(path: str | os.PathLike[str]) -> np.ndarray:
-    """``to_ycrcb`` of the image at ``path``."""
+    """``to_ycrcb`` of the image at ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "vis.png"
+        >>> cv2.imwrite(str(path), np.full((4, 6, 3), 128, np.uint8))
+        True
+        >>> read_ycrcb(path)[0, 0]  # Y on 0-255, neutral chroma at CHROMA_MID
+        array([128. ,   0.5,   0.5], dtype=float32)
+    """
     return to_ycrcb(read_bgr(path))
 
 
 def has_colour(bgr: np.ndarray) -> bool:
-    """Whether a ``(H, W, 3)`` image has distinct colour channels (grey stored as RGB has not)."""
+    """Whether a ``(H, W, 3)`` image has distinct colour channels (grey stored as RGB has not).
+
+    Example:
+        >>> green = np.dstack([np.zeros((2, 2)), np.ones((2, 2)), np.zeros((2, 2))])
+        >>> has_colour(np.full((2, 2, 3), 90.0)), has_colour(green)
+        (False, True)
+    """
     return not (np.array_equal(bgr[..., 0], bgr[..., 1]) and np.array_equal(bgr[..., 1], bgr[..., 2]))
 
 
 def is_colour(path: str | os.PathLike[str]) -> bool:
-    """``has_colour`` of the image at ``path``."""
+    """``has_colour`` of the image at ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "ir.png"
+        >>> cv2.imwrite(str(path), np.full((4, 6, 3), 90, np.uint8))  # grey stored as three channels
+        True
+        >>> is_colour(path)
+        False
+    """
     return has_colour(read_bgr(path))
 
 
@@ -88,6 +136,10 @@ def blend_chroma(c1: np.ndarray, c2: np.ndarray, mid: float = CHROMA_MID, eps: f
 
     ``Cf = (C1 |C1 - m| + C2 |C2 - m|) / (|C1 - m| + |C2 - m| + eps)``; ``m`` is the chroma
     mid-point: ``CHROMA_MID`` for ``read_ycrcb``'s planes.
+
+    Example:
+        >>> blend_chroma(np.array([0.5, 0.9]), np.array([0.7, 0.5])).round(3)  # one plane neutral: the other wins
+        array([0.7, 0.9])
     """
     d1, d2 = np.abs(c1 - mid), np.abs(c2 - mid)
     return (c1 * d1 + c2 * d2) / (d1 + d2 + eps)
@@ -101,6 +153,15 @@ def fused_chroma(ycrcb_a: np.ndarray, colour_a: bool, ycrcb_b: np.ndarray, colou
         colour_a: ``has_colour`` of the first source (a grey image has no chroma to keep).
         ycrcb_b: ``read_ycrcb`` of the second source.
         colour_b: ``has_colour`` of the second source.
+
+    Example:
+        >>> grey, red = np.full((2, 2, 3), 128.0, np.float32), np.zeros((2, 2, 3), np.float32)
+        >>> red[..., 2] = 255.0  # BGR
+        >>> fused = fused_chroma(to_ycrcb(grey), has_colour(grey), to_ycrcb(red), has_colour(red))
+        >>> bool(np.array_equal(fused, to_ycrcb(red)[..., 1:]))  # the one colour source's chroma
+        True
+        >>> fused_chroma(to_ycrcb(grey), False, to_ycrcb(grey), False) is None  # two grey sources: no colour
+        True
     """
     if colour_a and colour_b:
         return blend_chroma(ycrcb_a[..., 1:], ycrcb_b[..., 1:])
@@ -110,14 +171,30 @@ def fused_chroma(ycrcb_a: np.ndarray, colour_a: bool, ycrcb_b: np.ndarray, colou
 
 
 def write_grey(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Write a 0-255 float or uint8 image as an 8-bit grey PNG (clipped, rounded)."""
+    """Write a 0-255 float or uint8 image as an 8-bit grey PNG (clipped, rounded).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "fused.png"
+        >>> write_grey(path, np.array([[-3.0, 127.6, 300.0]]))  # clipped to 0-255 and rounded
+        >>> cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        array([[  0, 128, 255]], dtype=uint8)
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.clip(np.round(image), 0, 255).astype(np.uint8)):
         raise OSError(f"could not write {path}")
 
 
 def write_ycrcb_as_rgb(path: str | os.PathLike[str], y: np.ndarray, crcb: np.ndarray) -> None:
-    """Write fused luminance ``y`` (0-255) with chroma ``crcb`` ``(H, W, 2)`` as a colour PNG."""
+    """Write fused luminance ``y`` (0-255) with chroma ``crcb`` ``(H, W, 2)`` as a colour PNG.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "rgb" / "fused.png"
+        >>> write_ycrcb_as_rgb(path, np.full((2, 2), 128.0), np.full((2, 2, 2), 0.5))  # neutral chroma: grey
+        >>> cv2.imread(str(path))[0, 0]
+        array([128, 128, 128], dtype=uint8)
+    """
     ycrcb = np.concatenate([y[..., None], crcb], axis=2).astype(np.float32)
     bgr = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,14 @@ def sobel(image: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         image: ``(B, C, H, W)``.
+
+    Example:
+        >>> import torch
+        >>> step = torch.zeros(1, 1, 3, 4)
+        >>> step[..., 2:] = 1.0  # a vertical edge
+        >>> gx, gy = sobel(step)
+        >>> gx[0, 0, 1], gy[0, 0, 1]  # the edge, and the zero padding's edge at the right border
+        (tensor([ 0.,  4.,  4., -4.]), tensor([0., 0., 0., 0.]))
     """
     c = image.shape[1]
     kx = _SOBEL_X.to(image.device, image.dtype).expand(c, 1, 3, 3)
@@ -56,6 +64,13 @@ def intensity_loss(fused: Tensor, sources: Sequence[Tensor], weights: Tensor, fo
         sources: K tensors ``(B, 1, H, W)``.
         weights: ``(B, K, H, W)``.
         form: ``"paper"`` (eq. 2) or ``"released"`` (squared weights).
+
+    Example:
+        >>> import torch
+        >>> ir, vis = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+        >>> weights = torch.cat([torch.full((1, 1, 4, 4), 0.75), torch.full((1, 1, 4, 4), 0.25)], dim=1)
+        >>> intensity_loss(torch.full((1, 1, 4, 4), 0.75), [ir, vis], weights)  # the weighted mean is the minimum
+        tensor(0.1875)
     """
     _check_form(form)
     stacked = torch.cat(list(sources), dim=1)  # (B, K, H, W)
@@ -72,6 +87,14 @@ def gradient_loss(fused: Tensor, sources: Sequence[Tensor], form: LossForm = "pa
         fused: ``(B, 1, H, W)``.
         sources: K tensors ``(B, 1, H, W)``.
         form: ``"paper"`` (eq. 3, gradient magnitudes) or ``"released"`` (signed, per direction).
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
+        >>> float(gradient_loss(a, [a, a]))  # zero when F has the sources' strongest gradient
+        0.0
+        >>> float(gradient_loss(a, [a, b])) > 0
+        True
     """
     _check_form(form)
     fx, fy = sobel(fused)
@@ -88,7 +111,17 @@ def gradient_loss(fused: Tensor, sources: Sequence[Tensor], form: LossForm = "pa
 
 
 class IntensityTerm(nn.Module):
-    """Module form of ``intensity_loss`` (a ``metaloss.LossTerm``)."""
+    """Module form of ``intensity_loss`` (a ``metaloss.LossTerm``).
+
+    Example:
+        >>> import torch
+        >>> from metaloss import ConstantWeights, LearnableLoss
+        >>> terms = {"intensity": IntensityTerm(), "gradient": GradientTerm()}
+        >>> loss = LearnableLoss(ConstantWeights(2), terms, {"gradient": 0.1})
+        >>> out = loss([torch.ones(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)], torch.full((1, 1, 8, 8), 0.5))
+        >>> sorted(out.terms), round(float(out.terms["intensity"]), 4)
+        (['gradient', 'intensity'], 0.25)
+    """
 
     def __init__(self, form: LossForm = "paper") -> None:
         super().__init__()
@@ -100,7 +133,15 @@ class IntensityTerm(nn.Module):
 
 
 class GradientTerm(nn.Module):
-    """Module form of ``gradient_loss`` (a ``metaloss.LossTerm``; ignores the weights)."""
+    """Module form of ``gradient_loss`` (a ``metaloss.LossTerm``; ignores the weights).
+
+    Example:
+        >>> import torch
+        >>> term = GradientTerm(form="released")  # the released code's form; "paper" is the default
+        >>> a = torch.rand(1, 1, 8, 8)
+        >>> float(term(a, [a, torch.zeros_like(a)], torch.full((1, 2, 8, 8), 0.5)))  # the weights are ignored
+        0.0
+    """
 
     def __init__(self, form: LossForm = "paper") -> None:
         super().__init__()
@@ -125,6 +166,17 @@ def tdfusion_loss(
         form: ``"paper"`` or ``"released"`` for both terms.
         alpha: the gradient term's coefficient (0 drops it: ablation II).
         weights: how the generator's output becomes weights (see ``metaloss.LearnableLoss``).
+
+    Example:
+        >>> import torch
+        >>> from metaloss.fusion import LossGenerator
+        >>> loss = tdfusion_loss(LossGenerator(), alpha=0.1)
+        >>> ir, vis = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+        >>> out = loss([ir, vis], torch.rand(1, 1, 32, 32, requires_grad=True))
+        >>> sorted(out.terms), tuple(out.weights.shape)
+        (['gradient', 'intensity'], (1, 2, 32, 32))
+        >>> tdfusion_loss(LossGenerator(), alpha=0).terms.keys()  # ablation II: no gradient term
+        dict_keys(['intensity'])
     """
     terms: dict[str, nn.Module] = {"intensity": IntensityTerm(form)}
     if alpha:

@@ -84,7 +84,12 @@ def _combine(per_source: Tensor, convention: Convention) -> Tensor:
 def default_images_per_pass(device: torch.device) -> int:
     """How many images VIF, Q^AB/F and SSIM process at once by default: 1 on CPU (each image's
     maps then stay in cache, measured faster than batching there), 16 on an accelerator (fewer
-    kernel launches)."""
+    kernel launches).
+
+    Example:
+        >>> default_images_per_pass(torch.device("cpu")), default_images_per_pass(torch.device("cuda"))
+        (1, 16)
+    """
     return 1 if device.type == "cpu" else 16
 
 
@@ -95,7 +100,14 @@ def _in_passes(fn: Callable[..., Tensor], *images: Tensor, per_pass: int | None 
 
 
 def en(fused: Tensor) -> Tensor:
-    """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(fused))``."""
+    """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(fused))``.
+
+    Example:
+        >>> half = torch.zeros(1, 8, 8)
+        >>> half[:, :, 4:] = 255.0  # two grey levels, equally frequent: one bit
+        >>> en(half)
+        tensor([1.], dtype=torch.float64)
+    """
     values = _uint8_values(fused).long().flatten(1)
     n = values.shape[0]
     hist = torch.bincount((values + 256 * torch.arange(n, device=values.device)[:, None]).flatten(), minlength=256 * n)
@@ -104,7 +116,12 @@ def en(fused: Tensor) -> Tensor:
 
 
 def sf(fused: Tensor) -> Tensor:
-    """Spatial frequency ``sqrt(mean(dx^2) + mean(dy^2))``."""
+    """Spatial frequency ``sqrt(mean(dx^2) + mean(dy^2))``.
+
+    Example:
+        >>> sf(torch.full((1, 8, 8), 90.0)), sf(torch.rand(1, 8, 8) * 255) > 0  # a flat image has none
+        (tensor([0.], dtype=torch.float64), tensor([True]))
+    """
     f = _batch(fused)
     dx = f[:, :, 1:] - f[:, :, :-1]
     dy = f[:, 1:, :] - f[:, :-1, :]
@@ -118,7 +135,13 @@ def _corr2(x: Tensor, y: Tensor) -> Tensor:
 
 
 def scd(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Sum of the correlations of differences, ``corr2(F-B, A) + corr2(F-A, B)``."""
+    """Sum of the correlations of differences, ``corr2(F-B, A) + corr2(F-A, B)``.
+
+    Example:
+        >>> a, b = torch.rand(2, 64, 64) * 255, torch.rand(2, 64, 64) * 255
+        >>> scd((a + b) / 2, a, b).shape  # one value per image
+        torch.Size([2])
+    """
     f, a, b = (x.flatten(1) - x.flatten(1).mean(dim=1, keepdim=True) for x in (_batch(fused), _batch(a), _batch(b)))
     return _corr2(f - b, a) + _corr2(f - a, b)
 
@@ -164,7 +187,12 @@ _SCRATCH = _Scratch()
 
 def release_scratch() -> None:
     """Free the scratch tensors the metrics keep between calls on this thread (tens of MB for
-    640x480 images)."""
+    640x480 images).
+
+    Example:
+        >>> _ = vif(torch.rand(1, 64, 64) * 255, torch.rand(1, 64, 64) * 255, torch.rand(1, 64, 64) * 255)
+        >>> release_scratch()  # e.g. after evaluating a folder of large images, before training
+    """
     _SCRATCH.buffers.clear()
 
 
@@ -238,6 +266,13 @@ def vif(
     """Pixel-domain VIF of the fused image against each source, combined by ``convention``.
 
     ``images_per_pass``: images filtered at once (default ``default_images_per_pass``).
+
+    Example:
+        >>> a, b = torch.rand(1, 64, 64) * 255, torch.rand(1, 64, 64) * 255
+        >>> round(float(vif(a, a, a)), 4)  # an image has all of its own information
+        1.0
+        >>> vif(a, a, b, convention="sum").shape  # "mean" (TDFusion) or "sum" (CDDFuse) of the two sources
+        torch.Size([1])
     """
     _check_convention(convention)
     f, a, b = _batch(fused), _batch(a), _batch(b)
@@ -300,6 +335,11 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, images_per_pass: int | None = N
 
     Computed in float32, as the reference evaluator computes it (its images are OpenCV float32).
     ``images_per_pass``: images processed at once (default ``default_images_per_pass``).
+
+    Example:
+        >>> a, b = torch.rand(1, 32, 32) * 255, torch.rand(1, 32, 32) * 255
+        >>> bool(qabf((a + b) / 2, a, b) > qabf(torch.full_like(a, 128.0), a, b))  # edges kept beat a flat image
+        True
     """
     f, a, b = (_batch(x, torch.float32) for x in (fused, a, b))
     return _in_passes(_qabf_pass, f, a, b, per_pass=images_per_pass)
@@ -360,6 +400,11 @@ def ssim(
     """SSIM of the uint8-rounded fused image with each source, combined by ``convention``.
 
     ``images_per_pass``: images processed at once (default ``default_images_per_pass``).
+
+    Example:
+        >>> a = torch.rand(1, 32, 32) * 255
+        >>> round(float(ssim(a, a, a)), 4), round(float(ssim(a, a, a, convention="sum")), 4)
+        (1.0, 2.0)
     """
     _check_convention(convention)
     f, a, b = (_uint8_values(x) for x in (fused, a, b))
@@ -378,6 +423,12 @@ def evaluate_fusion(
         convention: ``"mean"`` or ``"sum"`` of the two-source VIF and SSIM.
         images_per_pass: images evaluated at once (default ``default_images_per_pass``: 1 on CPU,
             where the maps then stay in cache; 16 on an accelerator).
+
+    Example:
+        >>> ir, vis = torch.rand(2, 64, 64) * 255, torch.rand(2, 64, 64) * 255
+        >>> scores = evaluate_fusion((ir + vis) / 2, ir, vis)  # fused, source A, source B: (N, H, W) on 0-255
+        >>> {name: tuple(value.shape) for name, value in scores.items()}
+        {'EN': (2,), 'SF': (2,), 'SCD': (2,), 'VIF': (2,), 'Qabf': (2,), 'SSIM': (2,)}
     """
     _check_convention(convention)
     f, a, b = _batch(fused, None), _batch(a, None), _batch(b, None)

@@ -97,7 +97,14 @@ class GatedFeedForward(nn.Module):
 
 
 class RestormerBlock(nn.Module):
-    """``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+    """``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
+
+    Example:
+        >>> import torch
+        >>> block = RestormerBlock(dim=16, heads=8)
+        >>> block(torch.rand(1, 16, 12, 12)).shape  # any height and width
+        torch.Size([1, 16, 12, 12])
+    """
 
     def __init__(self, dim: int, heads: int = 8, expansion: float = 2.0, precise: bool = True) -> None:
         super().__init__()
@@ -163,6 +170,13 @@ class ReFusion(nn.Module):
         expansion: FFN expansion (2).
         precise_attention: accumulate the attention's whole-image reductions in float64 for
             float32 inputs (reproduces the released outputs within 1e-5; ~16% slower at 640x480).
+
+    Example:
+        >>> import torch
+        >>> fusion = ReFusion()
+        >>> ir, vis = torch.rand(1, 1, 48, 64), torch.rand(1, 1, 48, 64)
+        >>> fusion(torch.cat([ir, vis], dim=1)).shape
+        torch.Size([1, 1, 48, 64])
     """
 
     def __init__(
@@ -197,6 +211,13 @@ class LossGenerator(nn.Module):
     ``w_a + w_b = 1`` at every pixel (use it with ``LearnableLoss(..., weights="given")``).
     Called as ``generator(a, b)`` with ``(B, 1, H, W)`` sources. ``precise_attention`` as in
     ``ReFusion``.
+
+    Example:
+        >>> import torch
+        >>> generator = LossGenerator()
+        >>> w = generator(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
+        >>> w.shape, bool(torch.allclose(w.sum(dim=1), torch.ones(1, 32, 32)))  # ends in a softmax over the sources
+        (torch.Size([1, 2, 32, 32]), True)
     """
 
     def __init__(
@@ -234,6 +255,17 @@ def load_released_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.
         FileNotFoundError: no file at ``path``.
         UnsafeCheckpointError: the file asks to build objects or run code (a ``ValueError``).
         ValueError: not a PyTorch file, or its keys do not fit ``model`` (a few are named).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from metaloss import save_checkpoint
+        >>> path = save_checkpoint({"model": ReFusion().state_dict()}, Path(tempfile.mkdtemp()) / "f.pt")
+        >>> fusion = load_released_weights(ReFusion(), path)  # or "ReFusion_IVIF.pth", the authors' file
+        >>> load_released_weights(LossGenerator(), path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
     """
     path = Path(path)
     if not path.is_file():
