@@ -28,7 +28,7 @@ class BatchAdapter(Protocol[BatchT_contra]):
 
     Any class with these four methods is an adapter (no subclassing needed).
 
-    Example:
+    Examples:
         Batches that are tuples ``(ir, vis, labels)``:
 
         >>> import torch
@@ -72,7 +72,7 @@ class SourcesAdapter:
         model_input: ``"concat"`` calls the model on the sources concatenated over channels
             (``model(torch.cat(sources, 1))``); ``"separate"`` calls ``model(*sources)``.
 
-    Example:
+    Examples:
         Crops for the loss (``"a"``, ``"b"``), whole resized images for the task network:
 
         >>> import torch
@@ -114,7 +114,7 @@ class SourcesAdapter:
 def move_to_device(obj: BatchT, device: torch.device, non_blocking: bool = True) -> BatchT:
     """Move every tensor inside mappings, sequences and dataclasses to ``device``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> batch = {"a": torch.rand(1, 1, 4, 4), "names": ["00001D"], "det": {"boxes": torch.zeros(0, 4)}}
         >>> moved = move_to_device(batch, torch.device("cpu"))

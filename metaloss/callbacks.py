@@ -24,7 +24,7 @@ __all__ = ["CSVLogger", "Callback", "TensorBoardLogger", "flatten_stats"]
 class Callback:
     """Hooks called by ``MetaTrainer`` (override the ones you need).
 
-    Example:
+    Examples:
         Stop the generator's learning rate from staying high once its weights saturate:
 
         >>> import tempfile
@@ -66,7 +66,7 @@ class Callback:
 def flatten_stats(stats: Any) -> dict[str, float | int | bool]:
     """A stats dataclass as one flat dict (tuples become ``name_0``, dicts ``name/key``).
 
-    Example:
+    Examples:
         >>> from metaloss import ModelStepStats
         >>> flatten_stats(ModelStepStats(model_loss=0.5, task_loss=1.25, weight_mean=(0.25, 0.75), terms={"grad": 0.1}))
         {'model_loss': 0.5, 'task_loss': 1.25, 'weight_mean_0': 0.25, 'weight_mean_1': 0.75, 'terms/grad': 0.1}
@@ -104,7 +104,7 @@ class CSVLogger(Callback):
         directory: created if missing; existing files are appended to (a resumed run continues
             them).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> import torch
         >>> import torch.nn.functional as F
@@ -146,7 +146,7 @@ class TensorBoardLogger(Callback):
     Args:
         log_dir: the event-file folder.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> import torch
         >>> import torch.nn.functional as F

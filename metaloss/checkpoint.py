@@ -36,7 +36,7 @@ __all__ = [
 class UnsafeCheckpointError(ValueError):
     """A weights file asks to build objects or run code that loading weights never needs.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> class Payload:
         ...     def __reduce__(self):  # what a crafted file can do when unpickled
@@ -63,7 +63,7 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
             (it would run code when opened with ``weights_only=False``); it is not opened.
         ValueError: the file is no PyTorch file (text, random bytes) or is truncated.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "weights.pth"
         >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
@@ -117,7 +117,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     A crash or an error while writing never leaves a half-written file at ``path`` (the
     temporary file is removed instead). The parent folder is created.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "run" / "weights.bin"
         >>> with atomic_path(target) as tmp:
@@ -147,7 +147,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``state`` with ``torch.save`` atomically (``atomic_path``), synced to disk.
 
-    Example:
+    Examples:
         ``MetaTrainer`` writes its ``last.pt`` with it; any dict of tensors and plain values works:
 
         >>> import tempfile
@@ -169,7 +169,7 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     The deployment format for network weights: it holds tensors only, so opening it can never
     run code (https://huggingface.co/docs/safetensors).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = save_safetensors(torch.nn.Linear(2, 1).state_dict(), Path(tempfile.mkdtemp()) / "fusion.safetensors")
         >>> sorted(load_weights_file(path))  # opening it can never run code
@@ -190,7 +190,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         UnsafeCheckpointError: the file asks for more than tensors and plain containers.
         ValueError: not a PyTorch file, truncated, or not a checkpoint of ``MetaTrainer``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = save_checkpoint({"model": {}}, Path(tempfile.mkdtemp()) / "last.pt")
         >>> load_checkpoint(path)  # doctest: +ELLIPSIS
@@ -218,7 +218,7 @@ def get_rng_state() -> dict[str, Any]:
 
     Stored in types ``torch.load(weights_only=True)`` accepts: NumPy's key array as a tensor.
 
-    Example:
+    Examples:
         >>> state = get_rng_state()
         >>> first = torch.rand(2)
         >>> set_rng_state(state)
@@ -239,7 +239,7 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore generators saved by ``get_rng_state``.
 
-    Example:
+    Examples:
         >>> import random
         >>> state = get_rng_state()
         >>> draws = (random.random(), torch.rand(1))

@@ -18,7 +18,7 @@ __all__ = ["all_gather_objects", "all_reduce_mean", "rank_and_world_size", "unwr
 def rank_and_world_size() -> tuple[int, int]:
     """This process's rank and the number of ranks (``(0, 1)`` without a process group).
 
-    Example:
+    Examples:
         >>> rank_and_world_size()  # under torchrun --nproc-per-node 4, rank 2 gets (2, 4)
         (0, 1)
     """
@@ -30,7 +30,7 @@ def rank_and_world_size() -> tuple[int, int]:
 def unwrap(module: nn.Module) -> nn.Module:
     """The module a DistributedDataParallel wrapper holds (the module itself otherwise).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = nn.Linear(2, 1)
         >>> unwrap(net) is net  # DistributedDataParallel(net) would give net back too
@@ -43,7 +43,7 @@ def all_reduce_mean(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The mean of ``tensors`` over the ranks: one flat buffer, one all-reduce (the tensors
     themselves, detached, without a process group).
 
-    Example:
+    Examples:
         >>> import torch
         >>> all_reduce_mean((torch.tensor([1.0, 3.0]),))  # one process: unchanged
         (tensor([1., 3.]),)
@@ -59,7 +59,7 @@ def all_reduce_mean(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` without a process group).
 
-    Example:
+    Examples:
         >>> all_gather_objects({"rng": 1})  # one process: a list of its own object
         [{'rng': 1}]
     """

@@ -100,7 +100,7 @@ def grouped_conv2d(
     derivatives (to rounding); only numeric ``padding`` is supported (not ``"same"``). Under
     ``torch.autocast`` it computes in the autocast dtype, as the native convolution does.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, w = torch.rand(1, 4, 6, 6, requires_grad=True), torch.rand(4, 1, 3, 3, requires_grad=True)
         >>> native = torch.nn.functional.conv2d(x, w, padding=1, groups=4)
@@ -124,7 +124,7 @@ def grouped_conv2d(
 class FastGroupedConv(TorchFunctionMode):
     """Route grouped 2-D convolutions (``groups > 1``, numeric padding) to ``grouped_conv2d``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Conv2d(4, 4, 3, padding=1, groups=4)  # depthwise, as in ReFusion

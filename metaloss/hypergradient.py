@@ -63,7 +63,7 @@ HypergradientMode = Literal["exact", "finite_difference", "implicit"]
 class NonFiniteHypergradientError(FloatingPointError):
     """Raised when a hypergradient holds NaN or Inf and the policy is ``"raise"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from metaloss import GlobalWeights, LearnableLoss, MetaStep
@@ -91,7 +91,7 @@ class HypergradientResult:
         inner_loss: ``L_in(theta)``, detached.
         outer_loss: ``L_out(theta')``, detached.
 
-    Example:
+    Examples:
         >>> import torch
         >>> lam = torch.zeros(1, requires_grad=True)
         >>> result = hypergradient(lambda t: ((t[0] - lam) ** 2).sum(), lambda t, g: (t[0] - 0.25 * g[0],),
@@ -167,7 +167,7 @@ def hypergradient(
     Returns:
         The hypergradient with the inner and outer loss values (the inner loss of the first step).
 
-    Example:
+    Examples:
         ``L_in = (theta - lam)^2``, one SGD step of size 1/4, ``L_out = theta'^2``: from
         ``theta = 1, lam = 0``, ``theta' = 1/2`` and ``dL_out/dlam = 2 theta' * 2 * 1/4 = 1/2``.
 

@@ -55,7 +55,7 @@ class BufferPolicy(enum.StrEnum):
         FROZEN: norm layers run in eval mode for the virtual forwards (running statistics are
             used and nothing is updated); their mode is restored afterwards.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
@@ -79,7 +79,7 @@ class StatelessModule:
         module: the user's module; never modified.
         buffer_policy: see ``BufferPolicy``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Linear(3, 1)
@@ -134,7 +134,7 @@ steps of the real optimiser."""
 class InnerRule(Protocol):
     """An inner update rule: starts a run of differentiable virtual steps.
 
-    Example:
+    Examples:
         A rule of your own: SGD with the step size clipped per parameter.
 
         >>> import torch
@@ -253,7 +253,7 @@ class InnerSGD(_OneStep):
     Args:
         lr: step size for every parameter; ``None`` follows each param group's learning rate.
 
-    Example:
+    Examples:
         The virtual step is the step the real optimiser would take (here SGD with momentum):
 
         >>> import torch
@@ -323,7 +323,7 @@ class InnerAdam(_OneStep):
         eps: ``None`` follows each param group's.
         eps_root: added under the square root (must be > 0).
 
-    Example:
+    Examples:
         In a meta step whose model trains with Adam (``MetaStep(..., inner=InnerAdam())``), or
         directly: three virtual steps, unrolled, from the real optimiser's state.
 

@@ -37,7 +37,7 @@ class LossTerm(Protocol):
     A term maps the prediction, the K sources and the weight map ``(B, K, ...)`` to a scalar.
     Terms that do not use the weights simply ignore them.
 
-    Example:
+    Examples:
         >>> import torch
         >>> def weighted_l1(prediction, sources, weights):  # sum_k w_k |F - I_k|, averaged
         ...     stacked = torch.stack(list(sources), dim=1)  # (B, K, C, H, W)
@@ -60,7 +60,7 @@ class LossOutput:
         weights: the weight map ``(B, K, ...)`` that produced it.
         terms: each term's unweighted scalar value, by name.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss = LearnableLoss(ConstantWeights(2), {"l1": lambda f, s, w: (f - s[0]).abs().mean()})
         >>> out = loss([torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)], torch.ones(1, 1, 4, 4))
@@ -79,7 +79,7 @@ def check_sources(sources: Sequence[Tensor]) -> None:
     Args:
         sources: the K source tensors, each ``(B, C, ...)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> check_sources([torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5)])
         Traceback (most recent call last):
@@ -103,7 +103,7 @@ def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | N
     finite, non-negative, and summing to 1 over ``K`` at every position (within ``atol``;
     default 1e-3, or a few units of rounding for half-precision weights).
 
-    Example:
+    Examples:
         >>> import torch
         >>> sources = [torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)]
         >>> check_weight_map(torch.full((1, 2, 4, 4), 0.5), sources)  # valid: no error
@@ -143,7 +143,7 @@ def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | N
 def weight_statistics(weights: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and standard deviation of each source's weight over a ``(B, K, ...)`` weight map.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (B=1, K=2, 1, 2)
         >>> weight_statistics(w)
@@ -161,7 +161,7 @@ class ConstantWeights(nn.Module):
     Args:
         num_sources: K.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ConstantWeights(2)(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))[0, :, 0, 0]
         tensor([0.5000, 0.5000])
@@ -189,7 +189,7 @@ class GlobalWeights(nn.Module):
     Args:
         num_sources: K.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss = LearnableLoss(GlobalWeights(2), {"l2": lambda f, s, w: (w * (f - torch.cat(s, 1)) ** 2).mean()})
         >>> loss.weights([torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)])[0, :, 0, 0]
@@ -226,7 +226,7 @@ class LearnableLoss(nn.Module):
         weights: how the generator's output becomes weights.
         validate: check sources and weight maps on every call (cheap; raises ``ValueError``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> class Generator(nn.Module):  # the K sources in, K logit maps out

@@ -50,7 +50,7 @@ detection loss that reads its targets from the batch (any callable; no base clas
 def checked_task_loss(task_loss: TaskLoss, output: Any, batch: Any) -> Tensor:
     """Call ``task_loss`` and check that it returned a scalar tensor (cast to float32).
 
-    Example:
+    Examples:
         >>> import torch
         >>> checked_task_loss(lambda out, batch: out.mean(), torch.ones(2, 3), None)
         tensor(1.)
@@ -86,7 +86,7 @@ class MetaStepStats:
             task asks the loss to move its weights (the descent direction is its negative; only
             with ``weight_map_grad=True``; not logged).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from metaloss import GlobalWeights, LearnableLoss
@@ -169,7 +169,7 @@ class MetaStep:
             meta-gradient and follows the current task model's biases). Costs one more forward
             and backward pass of the generator.
 
-    Example:
+    Examples:
         Source ``a`` holds a square that the task model must find; ``b`` is noise. One meta
         step moves the generator (here one global logit per source) and nothing else:
 

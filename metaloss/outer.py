@@ -28,7 +28,7 @@ class MaxNormalizedSGD(torch.optim.Optimizer):
         params: the parameters (or param groups; the maximum is taken over all groups).
         lr: the step size, i.e. the largest change of any single entry.
 
-    Example:
+    Examples:
         >>> import torch
         >>> p = torch.nn.Parameter(torch.zeros(3))
         >>> opt = MaxNormalizedSGD([p], lr=0.1)
@@ -71,7 +71,7 @@ def make_outer_optimizer(rule: OuterRule, params: Iterable[nn.Parameter], lr: fl
         params: the generator's parameters.
         lr: learning rate.
 
-    Example:
+    Examples:
         >>> from metaloss import GlobalWeights
         >>> make_outer_optimizer("max_normalized", GlobalWeights(2).parameters(), lr=3e-3)
         MaxNormalizedSGD (

@@ -88,7 +88,7 @@ class MetaTrainerConfig:
             the meta-train batch itself, after the virtual step it shaped (the meta-gradient then
             includes each pixel's direct effect on its own fused value).
 
-    Example:
+    Examples:
         >>> config = MetaTrainerConfig(epochs=10, meta_iterations=50, warmup_epochs=1, outer_rule="max_normalized")
         >>> config.batch_size, config.mode, config.inner_steps  # the paper's, unless given
         (2, 'exact', 1)
@@ -145,7 +145,7 @@ class MetaTrainerConfig:
 class Position:
     """Where the schedule stands: the next step to run.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from torch import nn
@@ -179,7 +179,7 @@ class ModelStepStats:
         weight_mean: the mean weight of each source.
         terms: each term of the learnable loss.
 
-    Example:
+    Examples:
         What a ``Callback`` receives after each ordinary iteration:
 
         >>> import torch
@@ -232,7 +232,7 @@ class MetaTrainer:
         callbacks: objects with ``Callback`` methods.
         checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
 
-    Example:
+    Examples:
         Algorithm 1 on your data: dict samples with the two sources and the task's labels.
 
         >>> import tempfile

@@ -33,7 +33,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, example_size:
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> import onnx
         >>> path = export_onnx(torch.nn.Conv2d(2, 1, 3, padding=1).eval(), Path(tempfile.mkdtemp()) / "fusion.onnx")
@@ -76,7 +76,7 @@ class OnnxFusion:
         path: an ``.onnx`` file written by ``export_onnx``.
         threads: onnxruntime's intra-op threads (``None``: its default).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> net = torch.nn.Conv2d(2, 1, 3, padding=1)  # any fusion network; ReFusion in the example
         >>> path = export_onnx(net.eval(), Path(tempfile.mkdtemp()) / "fusion.onnx")

@@ -46,7 +46,7 @@ def read_bgr(path: str | os.PathLike[str]) -> np.ndarray:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a readable (or is a truncated) image.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "vis.png"
         >>> cv2.imwrite(str(path), np.full((4, 6, 3), (255, 0, 0), np.uint8))  # blue
@@ -70,7 +70,7 @@ def read_bgr(path: str | os.PathLike[str]) -> np.ndarray:
 def read_grey(path: str | os.PathLike[str]) -> np.ndarray:
     """The reference grey image: ``round(BGR2GRAY(float BGR))``, float32 ``(H, W)`` on 0-255.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "vis.png"
         >>> cv2.imwrite(str(path), np.full((4, 6, 3), (255, 0, 0), np.uint8))  # blue
@@ -84,7 +84,7 @@ def read_grey(path: str | os.PathLike[str]) -> np.ndarray:
 def to_ycrcb(bgr: np.ndarray) -> np.ndarray:
     """OpenCV YCrCb of a float BGR image, ``(H, W, 3)`` float32, Y on 0-255 (chroma about 0.5).
 
-    Example:
+    Examples:
         >>> ycrcb = to_ycrcb(np.full((2, 2, 3), 200.0, np.float32))
         >>> ycrcb[0, 0]
         array([200. ,   0.5,   0.5], dtype=float32)
@@ -95,7 +95,7 @@ def to_ycrcb(bgr: np.ndarray) -> np.ndarray:
 def read_ycrcb(path: str | os.PathLike[str]) -> np.ndarray:
     """``to_ycrcb`` of the image at ``path``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "vis.png"
         >>> cv2.imwrite(str(path), np.full((4, 6, 3), 128, np.uint8))
@@ -109,7 +109,7 @@ def read_ycrcb(path: str | os.PathLike[str]) -> np.ndarray:
 def has_colour(bgr: np.ndarray) -> bool:
     """Whether a ``(H, W, 3)`` image has distinct colour channels (grey stored as RGB has not).
 
-    Example:
+    Examples:
         >>> green = np.dstack([np.zeros((2, 2)), np.ones((2, 2)), np.zeros((2, 2))])
         >>> has_colour(np.full((2, 2, 3), 90.0)), has_colour(green)
         (False, True)
@@ -120,7 +120,7 @@ def has_colour(bgr: np.ndarray) -> bool:
 def is_colour(path: str | os.PathLike[str]) -> bool:
     """``has_colour`` of the image at ``path``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "ir.png"
         >>> cv2.imwrite(str(path), np.full((4, 6, 3), 90, np.uint8))  # grey stored as three channels
@@ -137,7 +137,7 @@ def blend_chroma(c1: np.ndarray, c2: np.ndarray, mid: float = CHROMA_MID, eps: f
     ``Cf = (C1 |C1 - m| + C2 |C2 - m|) / (|C1 - m| + |C2 - m| + eps)``; ``m`` is the chroma
     mid-point: ``CHROMA_MID`` for ``read_ycrcb``'s planes.
 
-    Example:
+    Examples:
         >>> blend_chroma(np.array([0.5, 0.9]), np.array([0.7, 0.5])).round(3)  # one plane neutral: the other wins
         array([0.7, 0.9])
     """
@@ -154,7 +154,7 @@ def fused_chroma(ycrcb_a: np.ndarray, colour_a: bool, ycrcb_b: np.ndarray, colou
         ycrcb_b: ``read_ycrcb`` of the second source.
         colour_b: ``has_colour`` of the second source.
 
-    Example:
+    Examples:
         >>> grey, red = np.full((2, 2, 3), 128.0, np.float32), np.zeros((2, 2, 3), np.float32)
         >>> red[..., 2] = 255.0  # BGR
         >>> fused = fused_chroma(to_ycrcb(grey), has_colour(grey), to_ycrcb(red), has_colour(red))
@@ -173,7 +173,7 @@ def fused_chroma(ycrcb_a: np.ndarray, colour_a: bool, ycrcb_b: np.ndarray, colou
 def write_grey(path: str | os.PathLike[str], image: np.ndarray) -> None:
     """Write a 0-255 float or uint8 image as an 8-bit grey PNG (clipped, rounded).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "fused.png"
         >>> write_grey(path, np.array([[-3.0, 127.6, 300.0]]))  # clipped to 0-255 and rounded
@@ -188,7 +188,7 @@ def write_grey(path: str | os.PathLike[str], image: np.ndarray) -> None:
 def write_ycrcb_as_rgb(path: str | os.PathLike[str], y: np.ndarray, crcb: np.ndarray) -> None:
     """Write fused luminance ``y`` (0-255) with chroma ``crcb`` ``(H, W, 2)`` as a colour PNG.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "rgb" / "fused.png"
         >>> write_ycrcb_as_rgb(path, np.full((2, 2), 128.0), np.full((2, 2, 2), 0.5))  # neutral chroma: grey

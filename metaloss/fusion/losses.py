@@ -37,7 +37,7 @@ def sobel(image: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         image: ``(B, C, H, W)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> step = torch.zeros(1, 1, 3, 4)
         >>> step[..., 2:] = 1.0  # a vertical edge
@@ -65,7 +65,7 @@ def intensity_loss(fused: Tensor, sources: Sequence[Tensor], weights: Tensor, fo
         weights: ``(B, K, H, W)``.
         form: ``"paper"`` (eq. 2) or ``"released"`` (squared weights).
 
-    Example:
+    Examples:
         >>> import torch
         >>> ir, vis = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
         >>> weights = torch.cat([torch.full((1, 1, 4, 4), 0.75), torch.full((1, 1, 4, 4), 0.25)], dim=1)
@@ -88,7 +88,7 @@ def gradient_loss(fused: Tensor, sources: Sequence[Tensor], form: LossForm = "pa
         sources: K tensors ``(B, 1, H, W)``.
         form: ``"paper"`` (eq. 3, gradient magnitudes) or ``"released"`` (signed, per direction).
 
-    Example:
+    Examples:
         >>> import torch
         >>> a, b = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
         >>> float(gradient_loss(a, [a, a]))  # zero when F has the sources' strongest gradient
@@ -113,7 +113,7 @@ def gradient_loss(fused: Tensor, sources: Sequence[Tensor], form: LossForm = "pa
 class IntensityTerm(nn.Module):
     """Module form of ``intensity_loss`` (a ``metaloss.LossTerm``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metaloss import ConstantWeights, LearnableLoss
         >>> terms = {"intensity": IntensityTerm(), "gradient": GradientTerm()}
@@ -135,7 +135,7 @@ class IntensityTerm(nn.Module):
 class GradientTerm(nn.Module):
     """Module form of ``gradient_loss`` (a ``metaloss.LossTerm``; ignores the weights).
 
-    Example:
+    Examples:
         >>> import torch
         >>> term = GradientTerm(form="released")  # the released code's form; "paper" is the default
         >>> a = torch.rand(1, 1, 8, 8)
@@ -167,7 +167,7 @@ def tdfusion_loss(
         alpha: the gradient term's coefficient (0 drops it: ablation II).
         weights: how the generator's output becomes weights (see ``metaloss.LearnableLoss``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metaloss.fusion import LossGenerator
         >>> loss = tdfusion_loss(LossGenerator(), alpha=0.1)

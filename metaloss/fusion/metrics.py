@@ -86,7 +86,7 @@ def default_images_per_pass(device: torch.device) -> int:
     maps then stay in cache, measured faster than batching there), 16 on an accelerator (fewer
     kernel launches).
 
-    Example:
+    Examples:
         >>> default_images_per_pass(torch.device("cpu")), default_images_per_pass(torch.device("cuda"))
         (1, 16)
     """
@@ -102,7 +102,7 @@ def _in_passes(fn: Callable[..., Tensor], *images: Tensor, per_pass: int | None 
 def en(fused: Tensor) -> Tensor:
     """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(fused))``.
 
-    Example:
+    Examples:
         >>> half = torch.zeros(1, 8, 8)
         >>> half[:, :, 4:] = 255.0  # two grey levels, equally frequent: one bit
         >>> en(half)
@@ -118,7 +118,7 @@ def en(fused: Tensor) -> Tensor:
 def sf(fused: Tensor) -> Tensor:
     """Spatial frequency ``sqrt(mean(dx^2) + mean(dy^2))``.
 
-    Example:
+    Examples:
         >>> sf(torch.full((1, 8, 8), 90.0)), sf(torch.rand(1, 8, 8) * 255) > 0  # a flat image has none
         (tensor([0.], dtype=torch.float64), tensor([True]))
     """
@@ -137,7 +137,7 @@ def _corr2(x: Tensor, y: Tensor) -> Tensor:
 def scd(fused: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Sum of the correlations of differences, ``corr2(F-B, A) + corr2(F-A, B)``.
 
-    Example:
+    Examples:
         >>> a, b = torch.rand(2, 64, 64) * 255, torch.rand(2, 64, 64) * 255
         >>> scd((a + b) / 2, a, b).shape  # one value per image
         torch.Size([2])
@@ -189,7 +189,7 @@ def release_scratch() -> None:
     """Free the scratch tensors the metrics keep between calls on this thread (tens of MB for
     640x480 images).
 
-    Example:
+    Examples:
         >>> _ = vif(torch.rand(1, 64, 64) * 255, torch.rand(1, 64, 64) * 255, torch.rand(1, 64, 64) * 255)
         >>> release_scratch()  # e.g. after evaluating a folder of large images, before training
     """
@@ -267,7 +267,7 @@ def vif(
 
     ``images_per_pass``: images filtered at once (default ``default_images_per_pass``).
 
-    Example:
+    Examples:
         >>> a, b = torch.rand(1, 64, 64) * 255, torch.rand(1, 64, 64) * 255
         >>> round(float(vif(a, a, a)), 4)  # an image has all of its own information
         1.0
@@ -336,7 +336,7 @@ def qabf(fused: Tensor, a: Tensor, b: Tensor, *, images_per_pass: int | None = N
     Computed in float32, as the reference evaluator computes it (its images are OpenCV float32).
     ``images_per_pass``: images processed at once (default ``default_images_per_pass``).
 
-    Example:
+    Examples:
         >>> a, b = torch.rand(1, 32, 32) * 255, torch.rand(1, 32, 32) * 255
         >>> bool(qabf((a + b) / 2, a, b) > qabf(torch.full_like(a, 128.0), a, b))  # edges kept beat a flat image
         True
@@ -401,7 +401,7 @@ def ssim(
 
     ``images_per_pass``: images processed at once (default ``default_images_per_pass``).
 
-    Example:
+    Examples:
         >>> a = torch.rand(1, 32, 32) * 255
         >>> round(float(ssim(a, a, a)), 4), round(float(ssim(a, a, a, convention="sum")), 4)
         (1.0, 2.0)
@@ -424,7 +424,7 @@ def evaluate_fusion(
         images_per_pass: images evaluated at once (default ``default_images_per_pass``: 1 on CPU,
             where the maps then stay in cache; 16 on an accelerator).
 
-    Example:
+    Examples:
         >>> ir, vis = torch.rand(2, 64, 64) * 255, torch.rand(2, 64, 64) * 255
         >>> scores = evaluate_fusion((ir + vis) / 2, ir, vis)  # fused, source A, source B: (N, H, W) on 0-255
         >>> {name: tuple(value.shape) for name, value in scores.items()}

@@ -99,7 +99,7 @@ class GatedFeedForward(nn.Module):
 class RestormerBlock(nn.Module):
     """``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> block = RestormerBlock(dim=16, heads=8)
         >>> block(torch.rand(1, 16, 12, 12)).shape  # any height and width
@@ -171,7 +171,7 @@ class ReFusion(nn.Module):
         precise_attention: accumulate the attention's whole-image reductions in float64 for
             float32 inputs (reproduces the released outputs within 1e-5; ~16% slower at 640x480).
 
-    Example:
+    Examples:
         >>> import torch
         >>> fusion = ReFusion()
         >>> ir, vis = torch.rand(1, 1, 48, 64), torch.rand(1, 1, 48, 64)
@@ -212,7 +212,7 @@ class LossGenerator(nn.Module):
     Called as ``generator(a, b)`` with ``(B, 1, H, W)`` sources. ``precise_attention`` as in
     ``ReFusion``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> generator = LossGenerator()
         >>> w = generator(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
@@ -256,7 +256,7 @@ def load_released_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.
         UnsafeCheckpointError: the file asks to build objects or run code (a ``ValueError``).
         ValueError: not a PyTorch file, or its keys do not fit ``model`` (a few are named).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from pathlib import Path
         >>> from metaloss import save_checkpoint
