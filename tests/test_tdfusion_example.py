@@ -360,6 +360,19 @@ def test_ablations_train(tmp_path: Path, ablation: str) -> None:
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["ablation"] == ablation
 
 
+def test_a_global_generator_learns_one_weight_per_source(tmp_path: Path) -> None:
+    """--generator global: the baseline with one learned weight per source, the same everywhere."""
+    main(
+        ["train", "--quiet", "--generator", "global", "--epochs", "1", "--meta-iterations", "3"]
+        + ["--synthetic-train", "4", "--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path)]
+    )
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert list(state["loss"]) == ["generator.logits"]
+    logits = state["loss"]["generator.logits"]
+    assert logits.shape == (2,) and bool(logits.abs().max() > 0), "the meta steps did not move the weights"
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["generator"] == "global"
+
+
 def test_yolov8_batchnorm_survives_the_virtual_step() -> None:
     """YOLOv8 has 57 BatchNorm layers: a meta step must leave every buffer of it untouched."""
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from metaloss import ConstantWeights, LearnableLoss
+from metaloss import ConstantWeights, GlobalWeights, LearnableLoss
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss
 
 __all__ = ["ABLATIONS", "WeightedSumFusion", "build_fusion_network", "build_loss", "load_fusion_network"]
@@ -42,10 +42,18 @@ def build_fusion_network(ablation: str) -> torch.nn.Module:
 
 
 def build_loss(args: argparse.Namespace) -> LearnableLoss:
-    """The learnable fusion loss for the chosen form, alpha and ablation."""
+    """The learnable fusion loss for the chosen form, alpha, generator and ablation.
+
+    ``--generator global`` replaces the paper's per-pixel generator with one learned weight per
+    source (``metaloss.GlobalWeights``): the baseline that tells whether a per-pixel loss learned
+    more than a global preference.
+    """
     alpha = 0.0 if args.ablation == "II" else args.alpha
-    generator = ConstantWeights(2) if args.ablation in ("I", "V") else LossGenerator()
-    return tdfusion_loss(generator, form=args.form, alpha=alpha)
+    if args.ablation in ("I", "V"):
+        return tdfusion_loss(ConstantWeights(2), form=args.form, alpha=alpha)
+    if getattr(args, "generator", "per_pixel") == "global":
+        return tdfusion_loss(GlobalWeights(2), form=args.form, alpha=alpha, weights="softmax")
+    return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)
 
 
 def load_fusion_network(path: str | os.PathLike[str]) -> torch.nn.Module:

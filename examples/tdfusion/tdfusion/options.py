@@ -113,6 +113,13 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         "intensity term on the demo's scenes, see docs/tdfusion.md)",
     )
     p.add_argument(
+        "--generator",
+        choices=("per_pixel", "global"),
+        default="per_pixel",
+        help="the loss generator G: per_pixel (the paper's network) or global (one learned weight per source, "
+        "the same at every pixel: the baseline a per-pixel loss should beat)",
+    )
+    p.add_argument(
         "--ablation",
         choices=sorted(ABLATIONS),
         default="none",
