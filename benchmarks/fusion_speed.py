@@ -30,6 +30,17 @@ def network(precise_attention: bool = True) -> torch.nn.Module:
     return (load_released_weights(model, WEIGHTS) if WEIGHTS.is_file() else model).eval()
 
 
+def bf16_autocast(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """``model`` under CPU bf16 autocast (oneDNN's bf16 kernels where the CPU has AVX512-BF16 or
+    AMX); an opt-in lower precision whose error the table states."""
+
+    def run(x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float()
+
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -46,6 +57,8 @@ def main() -> None:
         "eager (reference)": network(),
         "eager, float32 attention reductions": network(precise_attention=False),
         "torch.compile": torch.compile(network()),
+        "eager, bf16 autocast (opt-in)": bf16_autocast(network()),
+        "torch.compile, bf16 autocast (opt-in)": bf16_autocast(torch.compile(network())),
     }
     try:  # the deploy extra
         from metaloss.fusion.export import OnnxFusion, export_onnx

@@ -32,6 +32,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "centred map gradient": {"map_gradient": "centred"},
     "warm-up and centred map gradient": {"warmup": 100, "map_gradient": "centred"},
     "3 unrolled inner steps": {"inner_steps": 3},
+    "T adapts on F' (differentiated)": {"task_adaptation": "virtual_model"},
+    "T adapts on F', T's step 0.1": {"task_adaptation": "virtual_model", "task_inner_lr": 0.1},
+    "T adapts on F', T's step 1": {"task_adaptation": "virtual_model", "task_inner_lr": 1.0},
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaloss.batch import BatchAdapter, SourcesAdapter
 from metaloss.distributed import all_reduce_mean, rank_and_world_size, unwrap
@@ -168,6 +169,14 @@ class MetaStep:
             for one source (which, measured on the TDFusion demo, dominates the exact
             meta-gradient and follows the current task model's biases). Costs one more forward
             and backward pass of the generator.
+        task_adaptation: where ``T``'s virtual step learns from. ``"current_model"`` (the
+            paper, eq. 5): ``T' = T - eta dL_t(T(F(meta-train)))/dT``, fixed before ``F``'s
+            virtual step, so the meta-gradient asks only how ``F'`` suits the *current* task
+            model. ``"virtual_model"``: ``T'`` takes its step on ``F'(meta-train)``, and that step
+            is differentiated too, so the meta-gradient also asks how the loss changes what ``T``
+            *learns* from ``F``'s images (the paper's downstream protocol trains a fresh task
+            network on them). Costs one more forward of ``F'`` and a double backward through
+            ``T``. ``task_inner`` sets that step's size.
 
     Examples:
         Source ``a`` holds a square that the task model must find; ``b`` is noise. One meta
@@ -226,6 +235,7 @@ class MetaStep:
         cg_iterations: int = 20,
         ridge: float = 0.0,
         map_gradient: Literal["full", "centred"] = "full",
+        task_adaptation: Literal["current_model", "virtual_model"] = "current_model",
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -251,6 +261,9 @@ class MetaStep:
         self.average_over_ranks = average_over_ranks
         if map_gradient not in ("full", "centred"):
             raise ValueError(f"map_gradient must be 'full' or 'centred', got {map_gradient!r}")
+        if task_adaptation not in ("current_model", "virtual_model"):
+            raise ValueError(f"task_adaptation must be 'current_model' or 'virtual_model', got {task_adaptation!r}")
+        self.task_adaptation = task_adaptation
         self.weight_map_grad = weight_map_grad
         self.inner_steps = inner_steps
         self.cg_iterations = cg_iterations
@@ -304,6 +317,23 @@ class MetaStep:
         new = self.task_inner.start(params, view.parameters, self.task_optimizer)(params, grads)
         return tuple(p.detach() for p in new), value.detach()
 
+    def _task_adapted_to(self, theta_new: tuple[Tensor, ...], batch: Any) -> tuple[Tensor, ...]:
+        """``task_adaptation="virtual_model"``: ``T'`` from a differentiable step on ``F'(batch)``,
+        so that ``T'`` depends on ``theta_new`` (and through it on the generator)."""
+        view = self._task_view
+        params = view.snapshot()
+        if not params:
+            return params
+        # T's step is differentiated again: fused attention kernels (flash, memory-efficient)
+        # have no double backward, so scaled-dot-product attention takes its composite form.
+        with self._autocast(), sdpa_kernel(SDPBackend.MATH):
+            prediction = self._virtual_model(theta_new, *self.adapter.task_model_args(batch))
+            output = view(params, *self.adapter.task_args(batch, prediction))
+        value = checked_task_loss(self.task_loss, output, batch)
+        grads = torch.autograd.grad(value, params, allow_unused=True, create_graph=True)
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
+        return self.task_inner.start(params, view.parameters, self.task_optimizer)(params, grads)
+
     def hypergradient(self, train_batch: Any, test_batch: Any) -> tuple[HypergradientResult, MetaStepStats]:
         """Compute the loss generator's meta-gradient without stepping anything.
 
@@ -317,6 +347,7 @@ class MetaStep:
         sources = self.adapter.sources(train_batch)
         check_sources(sources)
         check_sources(self.adapter.sources(test_batch))
+        adapt_through_model = self.task_adaptation == "virtual_model"
         task_params, task_inner_loss = self._task_virtual_step(train_batch)
 
         model_args = self.adapter.model_args(train_batch)
@@ -339,9 +370,10 @@ class MetaStep:
         update = self.inner.start(theta, self._model_view.parameters, self.model_optimizer)
 
         def outer_loss(theta_new: tuple[Tensor, ...]) -> Tensor:
+            judge = self._task_adapted_to(theta_new, train_batch) if adapt_through_model else task_params
             with self._autocast():
                 prediction = self._virtual_model(theta_new, *self.adapter.task_model_args(test_batch))
-                output = self._task_view(task_params, *self.adapter.task_args(test_batch, prediction))
+                output = self._task_view(judge, *self.adapter.task_args(test_batch, prediction))
             return checked_task_loss(self.task_loss, output, test_batch)
 
         need_map = self.weight_map_grad or self.map_gradient == "centred"

@@ -77,6 +77,8 @@ class MetaTrainerConfig:
         num_workers: data-loader workers.
         checkpoint_every: also checkpoint every this many steps (0: only after each phase).
         progress: show progress bars.
+        task_adaptation: ``"current_model"`` (paper) or ``"virtual_model"``: the task model's
+            virtual step learns from the model's virtual step, differentiated (see ``MetaStep``).
         map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"`` (its global part per
             image removed; see ``MetaStep``).
         inner_steps: virtual steps of the model per meta iteration (paper: 1; more are unrolled
@@ -120,6 +122,7 @@ class MetaTrainerConfig:
     checkpoint_every: int = 0
     progress: bool = True
     map_gradient: Literal["full", "centred"] = "full"
+    task_adaptation: Literal["current_model", "virtual_model"] = "current_model"
     inner_steps: int = 1
     cg_iterations: int = 20
     ridge: float = 0.0
@@ -327,6 +330,7 @@ class MetaTrainer:
             autocast_dtype=dtype,
             activation_checkpointing=cfg.activation_checkpointing,
             map_gradient=cfg.map_gradient,
+            task_adaptation=cfg.task_adaptation,
             inner_steps=cfg.inner_steps,
             cg_iterations=cfg.cg_iterations,
             ridge=cfg.ridge,

@@ -373,6 +373,21 @@ def test_a_global_generator_learns_one_weight_per_source(tmp_path: Path) -> None
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["generator"] == "global"
 
 
+def test_segformer_adapts_on_the_virtual_fusion_network(tmp_path: Path) -> None:
+    """--task-adaptation virtual_model differentiates SegFormer's step twice: its attention must
+    take the composite kernel (the fused CPU kernels have no double backward)."""
+    main(
+        ["train", "--quiet", "--task-adaptation", "virtual_model", "--task-inner-lr", "0.1", "--epochs", "1"]
+        + ["--meta-iterations", "2", "--synthetic-train", "4", "--crop", "32", "--task-size", "32", "48"]
+        + ["--out", str(tmp_path)]
+    )
+    rows = (tmp_path / "logs" / "meta.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for row in rows[1:]:
+        values = dict(zip(header, row.split(",")))
+        assert values["skipped"] == "False" and float(values["hypergrad_norm"]) > 0, values
+
+
 def test_yolov8_batchnorm_survives_the_virtual_step() -> None:
     """YOLOv8 has 57 BatchNorm layers: a meta step must leave every buffer of it untouched."""
     torch.manual_seed(0)

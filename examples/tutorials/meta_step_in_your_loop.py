@@ -89,6 +89,8 @@ def train(
     inner_steps: int = 1,
     meta_test: str = "held_out",
     map_gradient: Literal["full", "centred"] = "full",
+    task_adaptation: Literal["current_model", "virtual_model"] = "current_model",
+    task_inner_lr: float | None = None,
     trace: list[tuple[int, float, float]] | None = None,
 ) -> dict[str, float]:
     """Train F, G and T together; return G's weight on source ``a`` and T's IoU, before and after.
@@ -101,6 +103,9 @@ def train(
         inner_steps: virtual steps of F per meta step (unrolled).
         meta_test: ``"held_out"`` (a fresh batch judges F') or ``"meta_train"`` (the same batch).
         map_gradient: ``"full"`` or ``"centred"`` (see ``metaloss.MetaStep``).
+        task_adaptation: ``"current_model"`` (the paper) or ``"virtual_model"`` (see
+            ``metaloss.MetaStep``).
+        task_inner_lr: the step size of T's virtual step (``None``: T's learning rate).
         trace: if given, every 20th meta step appends ``(iteration, mean weight on a in the
             meta-train batch, norm of G's meta-gradient)`` to it.
     """
@@ -120,6 +125,8 @@ def train(
         model_optimizer=opt_f,
         task_optimizer=opt_t,
         inner=InnerSGD(),  # a virtual SGD step at F's learning rate (the default, shown here)
+        task_inner=InnerSGD(task_inner_lr),
+        task_adaptation=task_adaptation,
         inner_steps=inner_steps,
         map_gradient=map_gradient,
     )

@@ -77,6 +77,19 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         help="step size of the virtual steps (released: F's lr)",
     )
     p.add_argument(
+        "--task-inner-lr",
+        type=positive_float,
+        default=None,
+        help="step size of T's virtual step (default: --inner-lr, as the released code)",
+    )
+    p.add_argument(
+        "--task-adaptation",
+        choices=("current_model", "virtual_model"),
+        default="current_model",
+        help="what T's virtual step learns from: current_model (paper: F as it is) or virtual_model (F after its "
+        "virtual step, differentiated: the meta-gradient also asks how the loss changes what T learns)",
+    )
+    p.add_argument(
         "--inner-steps",
         type=at_least(1),
         default=1,

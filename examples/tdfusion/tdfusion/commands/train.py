@@ -74,6 +74,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         meta_accumulation=args.meta_accumulation,
         warmup_epochs=args.warmup_epochs,
         map_gradient=args.map_gradient,
+        task_adaptation=args.task_adaptation,
         inner_steps=args.inner_steps,
         meta_test=args.meta_test,
         model_iterations=args.model_iterations,
@@ -102,7 +103,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         collate_fn=collate_swapped if args.swap else collate,
         adapter=SourcesAdapter(keys=("a", "b"), task_keys=("task_a", "task_b")),
         inner=InnerSGD(args.inner_lr),
-        task_inner=InnerSGD(args.inner_lr),
+        task_inner=InnerSGD(args.task_inner_lr if args.task_inner_lr is not None else args.inner_lr),
         callbacks=[CSVLogger(out / "logs"), *(callbacks or [])],
         checkpoint_dir=out,
     )
