@@ -30,7 +30,7 @@ def network(precise_attention: bool = True) -> torch.nn.Module:
     return (load_released_weights(model, WEIGHTS) if WEIGHTS.is_file() else model).eval()
 
 
-def bf16_autocast(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+def bf16_autocast(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """``model`` under CPU bf16 autocast (oneDNN's bf16 kernels where the CPU has AVX512-BF16 or
     AMX); an opt-in lower precision whose error the table states."""
 
