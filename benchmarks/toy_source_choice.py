@@ -36,10 +36,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "T adapts on F', T's step 0.1": {"task_adaptation": "virtual_model", "task_inner_lr": 0.1},
     "T adapts on F', T's step 1": {"task_adaptation": "virtual_model", "task_inner_lr": 1.0},
     "warm-up, T adapts on F' (T's lr)": {"warmup": 100, "task_adaptation": "virtual_model"},
-    "warm-up, T adapts on F', T's step 0.03": {"warmup": 100, "task_adaptation": "virtual_model", "task_inner_lr": 0.03},
-    "warm-up, T adapts on F', T's step 0.1": {"warmup": 100, "task_adaptation": "virtual_model", "task_inner_lr": 0.1},
-    "warm-up, T adapts on F', T's step 0.3": {"warmup": 100, "task_adaptation": "virtual_model", "task_inner_lr": 0.3},
-    "warm-up, T adapts on F', T's step 1": {"warmup": 100, "task_adaptation": "virtual_model", "task_inner_lr": 1.0},
+    **{
+        f"warm-up, T adapts on F', T's step {lr:g}": {"warmup": 100, "task_adaptation": "virtual_model", "task_inner_lr": lr}
+        for lr in (0.03, 0.1, 0.3, 1.0)
+    },
 }
 
 
