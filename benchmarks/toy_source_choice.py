@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tutor
 import torch  # noqa: E402
 from meta_step_in_your_loop import train  # noqa: E402
 
+ADAPTS = {"task_adaptation": "virtual_model"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "no meta step (G keeps its initial weights, about 1/2)": {"warmup": 10**9},
     "paper (one step, held-out meta-test)": {},
@@ -37,7 +38,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "T adapts on F', T's step 1": {"task_adaptation": "virtual_model", "task_inner_lr": 1.0},
     "warm-up, T adapts on F' (T's lr)": {"warmup": 100, "task_adaptation": "virtual_model"},
     **{
-        f"warm-up, T adapts on F', T's step {lr:g}": {"warmup": 100, "task_adaptation": "virtual_model", "task_inner_lr": lr}
+        f"warm-up, T adapts on F', T's step {lr:g}": {**ADAPTS, "warmup": 100, "task_inner_lr": lr}
         for lr in (0.03, 0.1, 0.3, 1.0)
     },
 }
