@@ -109,6 +109,19 @@ def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -
     assert grey.ndim == 2 and grey.min() == 0 and grey.max() == 255  # stretched as the release saves
     assert rgb.shape == (*grey.shape, 3) and not np.array_equal(rgb[..., 0], rgb[..., 2])
     _assert_chroma_kept(rgb, grey, read_ycrcb(pairs / "visible/00710N.png"))
+    low = tmp_path / "bf16"
+    main(
+        [
+            "fuse",
+            "--weights",
+            str(shared_data / "ReFusion/ReFusion_IVIF.pth"),
+            "--a",
+            str(pairs / "infrared/00710N.png"),
+        ]
+        + ["--b", str(pairs / "visible/00710N.png"), "--out", str(low), "--raw", "--quiet", "--bf16", "--device", "cpu"]
+    )
+    bf16 = np.load(low / "00710N.npy")
+    assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - reference).max() < 5e-2  # opt-in, lower precision
 
 
 def _assert_chroma_kept(rgb: np.ndarray, grey: np.ndarray, source: np.ndarray) -> None:
