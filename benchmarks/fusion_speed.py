@@ -41,11 +41,38 @@ def bf16_autocast(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tenso
     return run
 
 
+def onnx_profile(path: Path, x: Tensor, threads: int, calls: int = 3) -> None:
+    """onnxruntime's profiler: the share of its kernel time per operator type."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    for _ in range(calls):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values())
+    print(f"onnxruntime kernel time per operator ({path.name}, {calls} calls, profiler on):")
+    for op, micros in per_op.most_common(10):
+        print(f"  {op:24s} {micros / calls / 1e3:7.1f} ms  {100 * micros / total:4.1f}%")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    p.add_argument("--onnx-profile", action="store_true", help="print onnxruntime's time per operator type")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(1, 2, *args.size, generator=torch.Generator().manual_seed(0))
@@ -65,6 +92,10 @@ def main() -> None:
 
         onnx_file = export_onnx(network(), Path(tempfile.mkdtemp()) / "refusion.onnx")
         variants["onnxruntime (exported)"] = OnnxFusion(onnx_file, threads=args.threads)
+        fast_file = export_onnx(network(precise_attention=False), Path(tempfile.mkdtemp()) / "refusion32.onnx")
+        variants["onnxruntime, float32 attention reductions"] = OnnxFusion(fast_file, threads=args.threads)
+        if args.onnx_profile:
+            onnx_profile(fast_file, x, args.threads)
     except ImportError:
         print("(onnxruntime not installed: pip install -e '.[deploy]')")
     print("| variant | seconds | speed-up | max difference |\n|---|---|---|---|")
