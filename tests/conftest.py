@@ -13,9 +13,12 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from metaloss.allocator import retain_freed_memory  # noqa: E402
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+retain_freed_memory()  # as run.py does: meta steps on CPU reuse freed memory instead of faulting it in
 
 
 @pytest.fixture(scope="session")

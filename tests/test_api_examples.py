@@ -20,6 +20,7 @@ MODULES = [
     "metaloss.checkpoint",
     "metaloss.callbacks",
     "metaloss.grouped_conv",
+    "metaloss.allocator",
     "metaloss.fusion.losses",
     "metaloss.fusion.networks",
     "metaloss.fusion.image_io",
