@@ -73,7 +73,8 @@ class MetaStepStats:
 
     Attributes:
         inner_loss: the learnable loss of the model on the meta-train batch.
-        task_inner_loss: the task loss on the meta-train batch (before ``T``'s virtual step).
+        task_inner_loss: the task loss on the meta-train batch (before ``T``'s virtual step; on
+            ``F'``'s images with ``task_adaptation="virtual_model"``).
         outer_loss: the task loss of ``T'(F'(meta-test batch))``.
         hypergrad_norm: the L2 norm of the loss generator's meta-gradient.
         weight_mean: the mean weight of each source on the meta-train batch.
@@ -300,39 +301,38 @@ class MetaStep:
             return self._model_view(theta, *args)
         return torch.utils.checkpoint.checkpoint(self._model_view, theta, *args, use_reentrant=False)
 
-    def _task_virtual_step(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Step 1: ``T'`` from one ordinary (non-differentiable) step on ``F(batch)``."""
+    def _task_step(self, prediction: Tensor, batch: Any, differentiable: bool) -> tuple[tuple[Tensor, ...], Tensor]:
+        """``T'`` from one virtual step of ``T`` on ``prediction`` (``F``'s task view of ``batch``),
+        and ``T``'s loss before the step. ``differentiable``: the step stays in the graph, so
+        ``T'`` depends on ``prediction``; otherwise ``T'`` is detached."""
         view = self._task_view
-        with torch.no_grad(), self._autocast():
-            # Through the stateless view: a plain call in train mode would update F's buffers.
-            prediction = self._model_view(self._model_view.snapshot(False), *self.adapter.task_model_args(batch))
         params = view.snapshot()
         with self._autocast():
-            output = view(params, *self.adapter.task_args(batch, prediction.detach()))
+            output = view(params, *self.adapter.task_args(batch, prediction))
         value = checked_task_loss(self.task_loss, output, batch)
         if not params:  # a task "model" without parameters (a fixed metric) has nothing to step
             return (), value.detach()
-        grads = torch.autograd.grad(value, params, allow_unused=True)
+        grads = torch.autograd.grad(value, params, allow_unused=True, create_graph=differentiable)
         grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
         new = self.task_inner.start(params, view.parameters, self.task_optimizer)(params, grads)
-        return tuple(p.detach() for p in new), value.detach()
+        return (new if differentiable else tuple(p.detach() for p in new)), value.detach()
 
-    def _task_adapted_to(self, theta_new: tuple[Tensor, ...], batch: Any) -> tuple[Tensor, ...]:
+    def _task_virtual_step(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Step 1: ``T'`` from one ordinary (non-differentiable) step on ``F(batch)``."""
+        with torch.no_grad(), self._autocast():
+            # Through the stateless view: a plain call in train mode would update F's buffers.
+            prediction = self._model_view(self._model_view.snapshot(False), *self.adapter.task_model_args(batch))
+        return self._task_step(prediction.detach(), batch, differentiable=False)
+
+    def _task_adapted_to(self, theta_new: tuple[Tensor, ...], batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         """``task_adaptation="virtual_model"``: ``T'`` from a differentiable step on ``F'(batch)``,
         so that ``T'`` depends on ``theta_new`` (and through it on the generator)."""
-        view = self._task_view
-        params = view.snapshot()
-        if not params:
-            return params
         # T's step is differentiated again: fused attention kernels (flash, memory-efficient)
         # have no double backward, so scaled-dot-product attention takes its composite form.
-        with self._autocast(), sdpa_kernel(SDPBackend.MATH):
-            prediction = self._virtual_model(theta_new, *self.adapter.task_model_args(batch))
-            output = view(params, *self.adapter.task_args(batch, prediction))
-        value = checked_task_loss(self.task_loss, output, batch)
-        grads = torch.autograd.grad(value, params, allow_unused=True, create_graph=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
-        return self.task_inner.start(params, view.parameters, self.task_optimizer)(params, grads)
+        with sdpa_kernel(SDPBackend.MATH):
+            with self._autocast():
+                prediction = self._virtual_model(theta_new, *self.adapter.task_model_args(batch))
+            return self._task_step(prediction, batch, differentiable=True)
 
     def hypergradient(self, train_batch: Any, test_batch: Any) -> tuple[HypergradientResult, MetaStepStats]:
         """Compute the loss generator's meta-gradient without stepping anything.
@@ -348,7 +348,8 @@ class MetaStep:
         check_sources(sources)
         check_sources(self.adapter.sources(test_batch))
         adapt_through_model = self.task_adaptation == "virtual_model"
-        task_params, task_inner_loss = self._task_virtual_step(train_batch)
+        # With task_adaptation="virtual_model", T steps on F' inside the outer loss instead.
+        task_params, task_inner_loss = ((), None) if adapt_through_model else self._task_virtual_step(train_batch)
 
         model_args = self.adapter.model_args(train_batch)
         with self._autocast():
@@ -370,7 +371,9 @@ class MetaStep:
         update = self.inner.start(theta, self._model_view.parameters, self.model_optimizer)
 
         def outer_loss(theta_new: tuple[Tensor, ...]) -> Tensor:
-            judge = self._task_adapted_to(theta_new, train_batch) if adapt_through_model else task_params
+            judge = task_params
+            if adapt_through_model:
+                judge, seen["task_inner_loss"] = self._task_adapted_to(theta_new, train_batch)
             with self._autocast():
                 prediction = self._virtual_model(theta_new, *self.adapter.task_model_args(test_batch))
                 output = self._task_view(judge, *self.adapter.task_args(test_batch, prediction))
@@ -405,7 +408,7 @@ class MetaStep:
         weight_mean, weight_std = weight_statistics(weights)
         stats = MetaStepStats(
             inner_loss=float(result.inner_loss),
-            task_inner_loss=float(task_inner_loss),
+            task_inner_loss=float(seen["task_inner_loss"] if task_inner_loss is None else task_inner_loss),
             outer_loss=float(result.outer_loss),
             hypergrad_norm=result.norm(),
             weight_mean=weight_mean,
