@@ -43,7 +43,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tdfusion"))  # the example's `tdfusion` package
 
 from tdfusion.cli import main as run_py  # noqa: E402  (python examples/tdfusion/run.py ...)
-from tdfusion.data import FusionDataset, SceneList, collate  # noqa: E402
+from tdfusion.data import FusionDataset, SceneList, collate, to_unit  # noqa: E402
 from tdfusion.datasets import folder_files  # noqa: E402
 from tdfusion.study import fuse_scenes  # noqa: E402
 
@@ -118,17 +118,14 @@ def train_on_folders(
     fusion = ReFusion() if init is None else load_released_weights(ReFusion(), init)
     loss = tdfusion_loss(LossGenerator() if learn else ConstantWeights(2), alpha=0.1)
 
-    def unit(image: Any) -> Tensor:  # a 0-255 (H, W) array -> (1, 1, H, W) in [0, 1]
-        return torch.from_numpy(image / 255.0).float()[None, None]
-
     def objective() -> float:
         with torch.no_grad():
-            values = [float(exposure_and_detail(unit(f))) for f in fuse_scenes(fusion, scenes)]
+            values = [float(exposure_and_detail(to_unit(f))) for f in fuse_scenes(fusion, scenes)]
         return sum(values) / len(values)
 
     def weight_on_a() -> float:
         with torch.no_grad():
-            values = [float(loss.weights([unit(s.a), unit(s.b)])[:, 0].mean()) for s in scenes]
+            values = [float(loss.weights([to_unit(s.a), to_unit(s.b)])[:, 0].mean()) for s in scenes]
         return sum(values) / len(values)
 
     before = objective()

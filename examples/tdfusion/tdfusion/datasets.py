@@ -225,18 +225,18 @@ def check_pairs(
     """
     box_classes = classes if box_classes is None else box_classes
     report = SplitReport(pairs=len(pairs))
+    lonely = {p.name: problem for p in pairs if (problem := _without_partner(p))}
     if need == "seg":
         report.problems += [
             f"{p.a}: no label map for segmentation (pair {p.name})"
             for p in pairs
-            if p.mask is None and _without_partner(p) is None  # a lonely source is named once, below
+            if p.mask is None and p.name not in lonely  # a lonely source is named once, below
         ]
     if need == "det" and pairs and all(p.boxes is None for p in pairs):
         report.problems.append(f"no pair has a box file for detection (the first is {pairs[0].a})")
     for p in tqdm(pairs, desc="check", disable=not progress, leave=False):
-        lonely = _without_partner(p)
-        if lonely:
-            report.problems.append(lonely)
+        if p.name in lonely:
+            report.problems.append(lonely[p.name])
             continue
         try:
             a, b = read_bgr(p.a), read_bgr(p.b)

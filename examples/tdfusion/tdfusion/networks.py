@@ -51,7 +51,7 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
     alpha = 0.0 if args.ablation == "II" else args.alpha
     if args.ablation in ("I", "V"):
         return tdfusion_loss(ConstantWeights(2), form=args.form, alpha=alpha)
-    if getattr(args, "generator", "per_pixel") == "global":
+    if args.generator == "global":
         return tdfusion_loss(GlobalWeights(2), form=args.form, alpha=alpha, weights="softmax")
     return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)
 
