@@ -24,6 +24,7 @@ BAD_VALUES = [
     (["downstream", "--dataset", "msrs", "--root", "x", "--epochs", "0"], "--epochs"),
     (["demo", "--device", "gpu"], "--device"),
     (["train", "--dataset", "folders"], "--dataset"),
+    (["fuse", "--weights", "w.onnx", "--a", "a", "--b", "b", "--backend", "onnxruntime", "--bf16"], "--bf16"),
 ]
 
 

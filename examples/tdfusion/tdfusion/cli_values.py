@@ -81,7 +81,8 @@ def _writable_folder_problem(path: Path) -> str | None:
 
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need several values or the file system: ``--out`` must be a writable folder (or
-    creatable), ``--warmup-epochs`` at most ``--epochs``. Calls ``parser.error`` (exit 2)."""
+    creatable), ``--warmup-epochs`` at most ``--epochs``, ``--bf16`` only with the torch backend.
+    Calls ``parser.error`` (exit 2)."""
     out = getattr(args, "out", None)
     if out and args.func.__name__ == "export":  # --out is a file
         if Path(out).is_dir():
@@ -93,6 +94,8 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         problem = _writable_folder_problem(Path(out))
         if problem:
             parser.error(f"argument --out: {out} {problem}")
+    if getattr(args, "bf16", False) and getattr(args, "backend", "torch") == "onnxruntime":
+        parser.error("argument --bf16: applies to --backend torch; onnxruntime runs the exported float32 network")
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > epochs:
         parser.error(f"argument --warmup-epochs: must be <= --epochs ({epochs}), got {warmup}")
