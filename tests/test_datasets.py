@@ -22,6 +22,20 @@ def _img(path: Path, h: int = 32, w: int = 40, value: int = 100, colour: bool = 
     cv2.imwrite(str(path), image)
 
 
+def _msrs_sample(root: Path, pairs: int, boxes: bool = False) -> None:
+    """A small MSRS tree written here: grey infrared, colour visible, label maps (class 2) and,
+    with ``boxes``, one YOLO box per pair; both splits."""
+    for split in ("train", "test"):
+        for i in range(pairs):
+            name = f"0000{i}N"
+            _img(root / split / "ir" / f"{name}.png")
+            _img(root / split / "vi" / f"{name}.png", colour=True)
+            _img(root / split / "Segmentation_labels" / f"{name}.png", value=2)
+            if boxes:
+                (root / split / "det_labels").mkdir(exist_ok=True)
+                (root / split / "det_labels" / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+
+
 def _check(capsys, *args: str) -> tuple[int, str]:
     try:
         main(["check-data", "--quiet", *args])
@@ -125,14 +139,7 @@ def test_m3fd_native_layout_and_voc_boxes(tmp_path: Path, capsys) -> None:
 )
 def test_check_data_names_each_offending_file(tmp_path: Path, capsys, breakage: str, expected: str) -> None:
     root = tmp_path / "MSRS"
-    for split in ("train", "test"):
-        for i in range(2):
-            name = f"0000{i}N"
-            _img(root / split / "ir" / f"{name}.png")
-            _img(root / split / "vi" / f"{name}.png", colour=True)
-            _img(root / split / "Segmentation_labels" / f"{name}.png", value=2)
-            (root / split / "det_labels").mkdir(exist_ok=True)
-            (root / split / "det_labels" / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    _msrs_sample(root, pairs=2, boxes=True)
     bad = root / "test"
     culprit = ""
     if breakage == "lonely":
@@ -177,12 +184,7 @@ def test_check_data_names_each_offending_file(tmp_path: Path, capsys, breakage: 
 def test_check_data_lists_a_lonely_source_with_every_other_kind_of_problem(tmp_path: Path, capsys) -> None:
     """One run names them all: a source without its partner no longer hides the other problems."""
     root = tmp_path / "MSRS"
-    for split in ("train", "test"):
-        for i in range(3):
-            name = f"0000{i}N"
-            _img(root / split / "ir" / f"{name}.png")
-            _img(root / split / "vi" / f"{name}.png", colour=True)
-            _img(root / split / "Segmentation_labels" / f"{name}.png", value=2)
+    _msrs_sample(root, pairs=3)
     bad = root / "train"
     _img(bad / "vi" / "00007N.png")  # no infrared partner
     _img(bad / "Segmentation_labels" / "00001N.png", value=12)  # an id outside the 9 classes

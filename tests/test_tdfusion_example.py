@@ -85,21 +85,9 @@ def test_both_tasks_train_on_real_msrs_pairs(shared_data: Path, tmp_path: Path, 
 def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -> None:
     pairs = shared_data / "ReFusion/test_cases/IVIF"
     out = tmp_path / "fused"
-    main(
-        [
-            "fuse",
-            "--weights",
-            str(shared_data / "ReFusion/ReFusion_IVIF.pth"),
-            "--a",
-            str(pairs / "infrared/00710N.png"),
-            "--b",
-            str(pairs / "visible/00710N.png"),
-            "--out",
-            str(out),
-            "--raw",
-            "--quiet",
-        ]
-    )
+    fuse = ["fuse", "--weights", str(shared_data / "ReFusion/ReFusion_IVIF.pth"), "--raw", "--quiet"]
+    fuse += ["--a", str(pairs / "infrared/00710N.png"), "--b", str(pairs / "visible/00710N.png")]
+    main([*fuse, "--out", str(out)])
     raw = np.load(out / "00710N.npy")
     reference = np.load(shared_data / "ReFusion/ivif_raw_outputs.npz")["00710N"]
     assert raw.dtype == np.float32 and np.abs(raw - reference).max() < 5e-5
@@ -110,16 +98,7 @@ def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -
     assert rgb.shape == (*grey.shape, 3) and not np.array_equal(rgb[..., 0], rgb[..., 2])
     _assert_chroma_kept(rgb, grey, read_ycrcb(pairs / "visible/00710N.png"))
     low = tmp_path / "bf16"
-    main(
-        [
-            "fuse",
-            "--weights",
-            str(shared_data / "ReFusion/ReFusion_IVIF.pth"),
-            "--a",
-            str(pairs / "infrared/00710N.png"),
-        ]
-        + ["--b", str(pairs / "visible/00710N.png"), "--out", str(low), "--raw", "--quiet", "--bf16", "--device", "cpu"]
-    )
+    main([*fuse, "--out", str(low), "--bf16", "--device", "cpu"])
     bf16 = np.load(low / "00710N.npy")
     assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - reference).max() < 5e-2  # opt-in, lower precision
 
