@@ -12,6 +12,7 @@ from metaloss.checkpoint import UnsafeCheckpointError, load_checkpoint, load_wei
 from metaloss.hypergradient import HypergradientResult, NonFiniteHypergradientError, hypergradient
 from metaloss.inner_step import BufferPolicy, InnerAdam, InnerRule, InnerSGD, StatelessModule
 from metaloss.learnable_loss import ConstantWeights, GlobalWeights, LearnableLoss, LossOutput, LossTerm
+from metaloss.map_gradient import remove_component, shift_direction
 from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss
 from metaloss.outer import MaxNormalizedSGD, make_outer_optimizer
 from metaloss.trainer import MetaTrainer, MetaTrainerConfig, ModelStepStats, Position
@@ -50,5 +51,7 @@ __all__ = [
     "load_weights_file",
     "make_outer_optimizer",
     "move_to_device",
+    "remove_component",
     "save_checkpoint",
+    "shift_direction",
 ]

@@ -39,6 +39,7 @@ from metaloss.hypergradient import (
 )
 from metaloss.inner_step import BufferPolicy, InnerRule, InnerSGD, StatelessModule
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
+from metaloss.map_gradient import MAP_GRADIENTS, MapGradient, remove_component, shift_direction
 
 __all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
 
@@ -169,7 +170,13 @@ class MetaStep:
             one source should win *relative to the rest of the image*, not a global preference
             for one source (which, measured on the TDFusion demo, dominates the exact
             meta-gradient and follows the current task model's biases). Costs one more forward
-            and backward pass of the generator.
+            and backward pass of the generator. ``"shift_removed"``: per sample, the part of
+            that gradient that a uniform shift of the model's output would cause is projected
+            out (``shift_direction``): for the intensity term of a fusion loss it is the map
+            gradient's component along the sources' difference, which asks only for a brighter
+            or a darker output everywhere (measured on the TDFusion demo with task networks of
+            known skill, ``benchmarks/meta_gradient_direction.py``). The same extra cost, plus
+            a double backward of the loss alone.
         task_adaptation: where ``T``'s virtual step learns from. ``"current_model"`` (the
             paper, eq. 5): ``T' = T - eta dL_t(T(F(meta-train)))/dT``, fixed before ``F``'s
             virtual step, so the meta-gradient asks only how ``F'`` suits the *current* task
@@ -235,7 +242,7 @@ class MetaStep:
         inner_steps: int = 1,
         cg_iterations: int = 20,
         ridge: float = 0.0,
-        map_gradient: Literal["full", "centred"] = "full",
+        map_gradient: MapGradient = "full",
         task_adaptation: Literal["current_model", "virtual_model"] = "current_model",
     ) -> None:
         if nonfinite not in ("skip", "raise"):
@@ -260,8 +267,8 @@ class MetaStep:
         self.autocast_dtype = autocast_dtype
         self.activation_checkpointing = activation_checkpointing
         self.average_over_ranks = average_over_ranks
-        if map_gradient not in ("full", "centred"):
-            raise ValueError(f"map_gradient must be 'full' or 'centred', got {map_gradient!r}")
+        if map_gradient not in MAP_GRADIENTS:
+            raise ValueError(f"map_gradient must be one of {MAP_GRADIENTS}, got {map_gradient!r}")
         if task_adaptation not in ("current_model", "virtual_model"):
             raise ValueError(f"task_adaptation must be 'current_model' or 'virtual_model', got {task_adaptation!r}")
         self.task_adaptation = task_adaptation
@@ -365,6 +372,7 @@ class MetaStep:
                 prediction = self._virtual_model(theta, *model_args)
             out = self.loss.combine(prediction, sources, weights)
             seen.setdefault("terms", out.terms)
+            seen.setdefault("prediction", prediction.detach())  # at theta (the first call)
             return out.total
 
         theta = self._model_view.snapshot()
@@ -379,7 +387,7 @@ class MetaStep:
                 output = self._task_view(judge, *self.adapter.task_args(test_batch, prediction))
             return checked_task_loss(self.task_loss, output, test_batch)
 
-        need_map = self.weight_map_grad or self.map_gradient == "centred"
+        need_map = self.weight_map_grad or self.map_gradient != "full"
         targets = [*wrt, weights] if need_map else wrt
         result = hypergradient(
             inner_loss,
@@ -397,12 +405,15 @@ class MetaStep:
         if need_map:
             map_grad = result.grads[-1].detach()
             result = replace(result, grads=result.grads[:-1])
-        if self.map_gradient == "centred":
+        if self.map_gradient != "full":
             assert map_grad is not None
-            centred = map_grad - map_grad.mean(dim=tuple(range(2, map_grad.ndim)), keepdim=True)
+            if self.map_gradient == "centred":
+                carried = map_grad - map_grad.mean(dim=tuple(range(2, map_grad.ndim)), keepdim=True)
+            else:
+                carried = remove_component(map_grad, shift_direction(self.loss, seen["prediction"], sources, weights))
             with self._autocast():
                 again = self.loss.weights(sources)  # the first graph to G was freed by the backward
-            grads = torch.autograd.grad(again, wrt, grad_outputs=centred.to(again.dtype), allow_unused=True)
+            grads = torch.autograd.grad(again, wrt, grad_outputs=carried.to(again.dtype), allow_unused=True)
             grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt, strict=True))
             result = replace(result, grads=grads)
         weight_mean, weight_std = weight_statistics(weights)

@@ -37,6 +37,7 @@ from metaloss.distributed import all_gather_objects, rank_and_world_size, unwrap
 from metaloss.hypergradient import HypergradientMode
 from metaloss.inner_step import BufferPolicy, InnerRule, StatelessModule
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
+from metaloss.map_gradient import MapGradient
 from metaloss.meta_step import MetaStep, TaskLoss, checked_task_loss
 from metaloss.outer import OuterRule, make_outer_optimizer
 
@@ -79,8 +80,9 @@ class MetaTrainerConfig:
         progress: show progress bars.
         task_adaptation: ``"current_model"`` (paper) or ``"virtual_model"``: the task model's
             virtual step learns from the model's virtual step, differentiated (see ``MetaStep``).
-        map_gradient: ``"full"`` (the exact meta-gradient) or ``"centred"`` (its global part per
-            image removed; see ``MetaStep``).
+        map_gradient: ``"full"`` (the exact meta-gradient), ``"centred"`` (its global part per
+            image removed) or ``"shift_removed"`` (its part along a uniform shift of the model's
+            output removed); see ``MetaStep`` and ``metaloss.map_gradient``.
         inner_steps: virtual steps of the model per meta iteration (paper: 1; more are unrolled
             in ``mode="exact"`` or differentiated implicitly; see ``MetaStep``).
         cg_iterations: conjugate-gradient iterations of ``mode="implicit"``.
@@ -121,7 +123,7 @@ class MetaTrainerConfig:
     num_workers: int = 0
     checkpoint_every: int = 0
     progress: bool = True
-    map_gradient: Literal["full", "centred"] = "full"
+    map_gradient: MapGradient = "full"
     task_adaptation: Literal["current_model", "virtual_model"] = "current_model"
     inner_steps: int = 1
     cg_iterations: int = 20

@@ -14,6 +14,7 @@ MODULES = [
     "metaloss.inner_step",
     "metaloss.hypergradient",
     "metaloss.meta_step",
+    "metaloss.map_gradient",
     "metaloss.outer",
     "metaloss.trainer",
     "metaloss.distributed",

@@ -17,6 +17,7 @@ from metaloss import (
     MetaStep,
     NonFiniteHypergradientError,
 )
+from metaloss.map_gradient import MAP_GRADIENTS, shift_direction
 from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
 
 
@@ -278,11 +279,13 @@ def test_accumulated_pairs_step_with_the_mean_meta_gradient() -> None:
         meta.apply()  # nothing pending any more
 
 
-@pytest.mark.parametrize("map_gradient", ["full", "centred"])
+@pytest.mark.parametrize("map_gradient", MAP_GRADIENTS)
 @pytest.mark.parametrize("mode", ["exact", "finite_difference"])
 def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mode: str, map_gradient: str) -> None:
     """dL/dphi = (dw/dphi)^T dL/dw: the weight-map gradient carried back through G gives the
-    meta-gradient; "centred" carries back that gradient minus its spatial mean per image and source."""
+    meta-gradient; "centred" carries back that gradient minus its spatial mean per image and source,
+    "shift_removed" minus its projection per image on the loss's shift direction, which for a
+    weighted squared error is 2 (F - I_k) / n."""
     torch.manual_seed(0)
     fusion, task = SmallFusion(), SmallSegmenter()
     loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error}).double()
@@ -306,6 +309,14 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mod
     if map_gradient == "centred":
         carried = carried - carried.mean(dim=(2, 3), keepdim=True)
         assert not torch.allclose(carried, stats.weight_map_grad)  # the global part was not zero
+    if map_gradient == "shift_removed":
+        with torch.no_grad():
+            prediction = fusion(torch.cat([train["a"], train["b"]], 1))
+        u = 2 * (prediction - torch.cat([train["a"], train["b"]], 1)) / prediction[:, :1].numel()
+        torch.testing.assert_close(shift_direction(loss, prediction, [train["a"], train["b"]], weights), u)
+        along = (carried * u).sum((1, 2, 3), keepdim=True) / (u * u).sum((1, 2, 3), keepdim=True)
+        carried = carried - along * u
+        assert float(along.abs().min()) > 0 and float((carried * u).sum((1, 2, 3)).abs().max()) < 1e-12
     chained = torch.autograd.grad(weights, meta.generator_parameters, grad_outputs=carried)
     for a, b in zip(chained, result.grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)

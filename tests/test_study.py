@@ -9,7 +9,7 @@ from tdfusion import study
 from tdfusion.catalog import load_scenes
 from tdfusion.cli import build_parser
 from tdfusion.commands.demo import _probe_pairs
-from tdfusion.commands.train import train
+from tdfusion.commands.train import build_trainer, train
 from tdfusion.study import FIXED_MAPS, paired_interval, weights_at
 from tdfusion.synthetic import make_scene, make_scenes, oracle_weights
 from tdfusion.tasks import median_frequency_weights
@@ -87,3 +87,27 @@ def test_the_probe_does_not_change_the_training_run(tmp_path) -> None:  # type: 
 
     plain, probed = fit(False), fit(True)
     assert all(torch.equal(plain[k], probed[k]) for k in plain)
+
+
+def test_oracle_agreement_reads_the_probe_direction(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """One pair: oracle_agreement's cosine is OracleProbe's, and its shares follow the descent's signs."""
+    args = build_parser().parse_args(
+        ["demo", "--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path)]
+    )
+    scenes = load_scenes(args, "train", "seg")
+    trainer = build_trainer(args)
+    pair = next(  # a meta-train batch with targets and markings
+        (tr, te) for tr, te in _probe_pairs(args, scenes) if {1, 3} <= set(tr["crop_mask"].unique().tolist())
+    )
+    rng = torch.get_rng_state()
+    agreement = study.oracle_agreement(trainer.meta_step, *pair)
+    torch.set_rng_state(rng)  # the same dropout draws for the probe's pass
+    probe = study.OracleProbe([pair], scenes[:1])
+    assert agreement["cos_to_oracle"] == pytest.approx(probe._cosines(trainer)["cos_to_oracle"], rel=1e-5)
+    torch.set_rng_state(rng)
+    toward, descent = study.map_directions(trainer.meta_step, *pair)
+    masks = pair[0]["crop_mask"]
+    targets = (masks == 1) | (masks == 2)
+    assert bool(targets.any()) and bool((toward[targets] > 0).all()) and bool((toward[masks == 3] < 0).all())
+    expected = float(descent[targets].sum() / descent[targets].abs().sum())
+    assert agreement["target_share"] == pytest.approx(expected, rel=1e-5)

@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from metaloss.map_gradient import MAP_GRADIENTS
+
 from .catalog import DATASETS
 from .cli_values import at_least, device, non_negative_float, positive_float
 from .networks import ABLATIONS
@@ -147,9 +149,10 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     )
     p.add_argument(
         "--map-gradient",
-        choices=("full", "centred"),
+        choices=MAP_GRADIENTS,
         default="full",
-        help="G's meta-gradient: full (paper), or centred: its per-image global part removed (docs/tdfusion.md)",
+        help="G's meta-gradient on the weight map: full (paper); centred: its per-image mean removed; shift_removed: "
+        "its part along a uniform brightening of F's output removed (docs/tdfusion.md)",
     )
     p.add_argument(
         "--standardize-task-input",

@@ -11,6 +11,9 @@ benchmark (``benchmarks/learned_vs_fixed.py``) and the demo share:
   SegFormer-b0 trained on the fused training scenes, scored on the fused test scenes;
 - ``weights_at`` says where a learned loss puts its weight: the mean infrared weight on
   hot-target pixels and the mean visible weight on marking pixels, by day and by night;
+- ``map_directions`` and ``oracle_agreement`` say, for one (meta-train, meta-test) pair, what
+  the meta-gradient asks of the weight map beside what the oracle asks
+  (``benchmarks/meta_gradient_direction.py`` measures it pair by pair);
 - ``OracleProbe`` is a ``metaloss.MetaTrainer`` callback that logs, at every epoch's
   end, those weights and the cosine between what the meta-gradient asks of the weight maps and
   the direction toward the oracle maps.
@@ -24,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from metaloss import ConstantWeights, LearnableLoss, MetaTrainer
+from metaloss import ConstantWeights, LearnableLoss, MetaStep, MetaTrainer
 from metaloss.callbacks import append_csv_row
 from metaloss.checkpoint import get_rng_state, set_rng_state
 from metaloss.fusion import ReFusion, tdfusion_loss
@@ -35,13 +38,15 @@ from metaloss.fusion import ReFusion, tdfusion_loss
 from .data import Scene, to_unit
 from .downstream import train_and_evaluate
 from .synthetic import SEG_CLASSES, oracle_weights
-from .tasks import TaskName, build_task
+from .tasks import Task, TaskName, build_task
 
 __all__ = [
     "FIXED_MAPS",
     "OracleProbe",
     "downstream_miou",
     "fuse_arrays",
+    "map_directions",
+    "oracle_agreement",
     "fuse_scenes",
     "paired_interval",
     "scene_weights",
@@ -127,16 +132,20 @@ def downstream_miou(
     seed: int = 0,
     size: tuple[int, int] = (96, 128),
     task_net: TaskName = "segformer",
+    task: Task | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """A fresh segmentation network (SegFormer-b0 by default) trained on fused training images,
     scored on fused test images.
 
+    ``task`` trains (in place) a network of the caller's instead of a fresh ``task_net``, so the
+    caller keeps it; it should be freshly built too, for the paper's protocol.
+
     Returns:
         ``{"mIoU": ..., "mAcc": ..., "per_class": {name: {"IoU": ..., "Acc": ...}}}`` in %.
     """
     torch.manual_seed(seed)
-    task = build_task(task_net, len(SEG_CLASSES))
+    task = task or build_task(task_net, len(SEG_CLASSES))
     return train_and_evaluate(
         task,
         list(train_images),
@@ -156,7 +165,6 @@ def _day_or_night(name: str) -> str:
     return "night" if name.endswith("N") else "day"
 
 
-@torch.no_grad()
 @torch.no_grad()
 def scene_weights(loss: LearnableLoss, scene: Scene) -> np.ndarray:
     """A learnable loss's ``(2, H, W)`` weight map ``(w_infrared, w_visible)`` on a whole scene
@@ -207,6 +215,67 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
     return mean, mean - half, mean + half
 
 
+def map_directions(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> tuple[Tensor, Tensor]:
+    """What one meta-gradient asks of the weight map, beside what the oracle asks.
+
+    Runs ``meta_step``'s hypergradient (every option kept; no step is taken) on one
+    (meta-train, meta-test) pair whose samples carry ``crop_mask``. As ``w_a + w_b = 1``, only
+    ``w_a - w_b`` matters, so both directions are given on it, per pixel of the meta-train batch.
+
+    Returns:
+        ``(toward, descent)``, each ``(N, H, W)`` float32 on the CPU: ``toward`` is the oracle's
+        ``w*_a - w*_b`` minus the current ``w_a - w_b`` (``synthetic.oracle_weights``: positive at
+        hot targets, negative at markings); ``descent`` is ``-dL/dw_a + dL/dw_b``, the direction
+        the meta-gradient moves the map (positive: toward infrared).
+    """
+    probe = copy.copy(meta_step)  # the same options; only hypergradient() is called
+    probe.weight_map_grad = True
+    _, stats = probe.hypergradient(train_batch, test_batch)
+    assert stats.weights is not None and stats.weight_map_grad is not None
+    masks = train_batch["crop_mask"].cpu()
+    oracle = torch.stack([torch.from_numpy(oracle_weights(m.numpy())) for m in masks])
+    toward = oracle - stats.weights.float().cpu()
+    descent = -stats.weight_map_grad.float().cpu()
+    return toward[:, 0] - toward[:, 1], descent[:, 0] - descent[:, 1]
+
+
+def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> dict[str, float]:
+    """Does one pair's meta-gradient head for the oracle maps? (``map_directions`` summarised.)
+
+    Returns:
+        ``cos_to_oracle``: the cosine between the two directions over the labelled pixels;
+        ``target_share`` and ``marking_share``: over hot-target (resp. marking) pixels, the
+        descent's signed mass toward the oracle's source (infrared, resp. visible) divided by its
+        absolute mass, in ``[-1, 1]`` (1: every such pixel is pushed toward the oracle; ``nan``
+        where the batch has no such pixel); ``cos_to_brighter``: the cosine, over all pixels,
+        between the descent and the sources' difference ``a - b`` (1: the map moves toward
+        whichever source is brighter, in proportion to how much brighter; -1: toward the darker;
+        near either, one brightness preference is all the meta-gradient says);
+        ``residual_cos_to_oracle``: ``cos_to_oracle`` once each image's part of the descent along
+        ``a - b`` is removed (what the meta-gradient says beyond that one preference).
+    """
+    toward, descent = map_directions(meta_step, train_batch, test_batch)
+    masks = train_batch["crop_mask"].cpu()
+    labelled = masks > 0
+    t, d = toward[labelled], descent[labelled]
+    result = {"cos_to_oracle": _cosine(t, d)}
+    for key, pixels, sign in (("target_share", (masks == 1) | (masks == 2), 1.0), ("marking_share", masks == 3, -1.0)):
+        v = descent[pixels] * sign
+        mass = float(v.abs().sum())
+        result[key] = float(v.sum()) / mass if mass > 0 else float("nan")
+    difference = (train_batch["a"] - train_batch["b"])[:, 0].float().cpu()
+    result["cos_to_brighter"] = _cosine(difference, descent)
+    along = (descent * difference).sum((1, 2), keepdim=True) / (difference**2).sum((1, 2), keepdim=True).clamp_min(
+        1e-30
+    )
+    result["residual_cos_to_oracle"] = _cosine(t, (descent - along * difference)[labelled])
+    return result
+
+
+def _cosine(x: Tensor, y: Tensor) -> float:
+    return float((x * y).sum()) / max(float(x.norm() * y.norm()), 1e-30)
+
+
 class OracleProbe:
     """A ``metaloss.MetaTrainer`` callback: is the meta-gradient heading for the oracle maps?
 
@@ -232,22 +301,14 @@ class OracleProbe:
         self.rows: list[dict[str, float]] = []
 
     def _cosines(self, trainer: MetaTrainer) -> dict[str, float]:
-        probe = copy.copy(trainer.meta_step)  # the same options; only hypergradient() is called
-        probe.weight_map_grad = True
         dots: dict[str, list[float]] = {}
         for train_batch, test_batch in self.pairs:
-            _, stats = probe.hypergradient(train_batch, test_batch)
-            assert stats.weights is not None and stats.weight_map_grad is not None
-            masks = train_batch["crop_mask"]
-            oracle = torch.stack([torch.from_numpy(oracle_weights(m.numpy())) for m in masks.cpu()])
-            toward = oracle - stats.weights.float().cpu()
-            descent = -stats.weight_map_grad.float().cpu()
+            toward, descent = map_directions(trainer.meta_step, train_batch, test_batch)
+            masks = train_batch["crop_mask"].cpu()
             for i, name in enumerate(train_batch["name"]):
-                when = _day_or_night(name)
-                labelled = (masks[i] > 0).cpu()
-                t = toward[i][0, labelled] - toward[i][1, labelled]
-                d = descent[i][0, labelled] - descent[i][1, labelled]
-                for key in ("cos_to_oracle", f"cos_to_oracle_{when}"):
+                labelled = masks[i] > 0
+                t, d = toward[i][labelled], descent[i][labelled]
+                for key in ("cos_to_oracle", f"cos_to_oracle_{_day_or_night(name)}"):
                     acc = dots.setdefault(key, [0.0, 0.0, 0.0])
                     acc[0] += float((t * d).sum())
                     acc[1] += float((t * t).sum())
