@@ -6,13 +6,20 @@ the eager reference measured in the same run, and its largest difference from th
 output (the target is 1e-5 at the default precision).
 
     python benchmarks/fusion_speed.py --threads 2
+
+``--folder N`` also times the ``fuse`` command end to end (decoding, network, stretching and
+encoding, the images read ahead and written behind in threads) over a folder of ``N`` copies of
+a released MSRS test pair, per pair, beside the network alone on the same backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +29,9 @@ from torch import Tensor
 
 from metaloss.fusion import ReFusion, load_released_weights
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ReFusion" / "ReFusion_IVIF.pth"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WEIGHTS = DATA / "ReFusion" / "ReFusion_IVIF.pth"
+MSRS_PAIR = (DATA / "MSRS" / "test" / "ir" / "00055D.png", DATA / "MSRS" / "test" / "vi" / "00055D.png")
 
 
 def network(precise_attention: bool = True) -> torch.nn.Module:
@@ -67,12 +76,32 @@ def onnx_profile(path: Path, x: Tensor, threads: int, calls: int = 3) -> None:
         print(f"  {op:24s} {micros / calls / 1e3:7.1f} ms  {100 * micros / total:4.1f}%")
 
 
+def fuse_folder_seconds(pairs: int, backend: list[str]) -> float:
+    """Seconds per pair of ``run.py fuse`` over a folder of ``pairs`` copies of ``MSRS_PAIR``
+    (made in a temporary folder), with the backend options ``backend``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
+    from tdfusion.cli import build_parser
+
+    work = Path(tempfile.mkdtemp(prefix="fusion_speed-"))
+    for side, source in zip("ab", MSRS_PAIR, strict=True):
+        (work / side).mkdir()
+        for i in range(pairs):
+            shutil.copyfile(source, work / side / f"{i:04d}.png")
+    args = build_parser().parse_args(
+        ["fuse", *backend, "--a", str(work / "a"), "--b", str(work / "b"), "--out", str(work / "out"), "--quiet"]
+    )
+    started = time.perf_counter()
+    args.func(args)
+    return (time.perf_counter() - started) / pairs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     p.add_argument("--onnx-profile", action="store_true", help="print onnxruntime's time per operator type")
+    p.add_argument("--folder", type=int, default=0, metavar="N", help="also time `fuse` on a folder of N pairs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(1, 2, *args.size, generator=torch.Generator().manual_seed(0))
@@ -100,13 +129,25 @@ def main() -> None:
         print("(onnxruntime not installed: pip install -e '.[deploy]')")
     print("| variant | seconds | speed-up | max difference |\n|---|---|---|---|")
     reference_time, reference = 0.0, None
+    network_seconds: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in variants.items():
             seconds, out = median_seconds(functools.partial(fn, x), args.repeats)
+            network_seconds[name] = seconds
             if reference is None:
                 reference_time, reference = seconds, out
             diff = float((out - reference).abs().max())
             print(f"| {name} | {seconds:.3f} | {reference_time / seconds:.2f}x | {diff:.1e} |", flush=True)
+    if args.folder and all(f.is_file() for f in (WEIGHTS, *MSRS_PAIR)):
+        print(f"\n`fuse` on a folder of {args.folder} MSRS pairs, per pair\n")
+        print("| backend | fuse, s per pair | network alone, s | fuse / network |\n|---|---|---|---|")
+        backends = {"eager (reference)": ["--weights", str(WEIGHTS), "--device", "cpu"]}
+        if "onnxruntime (exported)" in variants:
+            backends["onnxruntime (exported)"] = ["--weights", str(onnx_file), "--backend", "onnxruntime"]
+        for name, options in backends.items():
+            per_pair = fuse_folder_seconds(args.folder, options)
+            ratio = per_pair / network_seconds[name]
+            print(f"| {name} | {per_pair:.3f} | {network_seconds[name]:.3f} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

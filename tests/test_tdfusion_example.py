@@ -23,7 +23,7 @@ from tdfusion.tasks import TaskName, build_task
 from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss
 from metaloss.fusion.image_io import read_grey, read_ycrcb
-from tests.samples import msrs_tree
+from tests.samples import downsized_pairs, msrs_tree
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
 
@@ -101,6 +101,28 @@ def test_fuse_command_with_released_weights(shared_data: Path, tmp_path: Path) -
     main([*fuse, "--out", str(low), "--bf16", "--device", "cpu"])
     bf16 = np.load(low / "00710N.npy")
     assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - reference).max() < 5e-2  # opt-in, lower precision
+
+
+def test_fuse_a_folder_reads_ahead_and_writes_behind_in_order(shared_data: Path, tmp_path: Path) -> None:
+    """A folder fused with overlapped reading and writing gives each pair exactly what fusing it
+    alone gives; a pair whose sizes differ stops the run with both files named."""
+    ir, vi = downsized_pairs(shared_data / "MSRS/test/ir", shared_data / "MSRS/test/vi", tmp_path / "small", side=64)
+    names = sorted(p.stem for p in ir.iterdir())[:4]
+    for folder in (ir, vi):
+        for extra in set(p.stem for p in folder.iterdir()) - set(names):
+            (folder / f"{extra}.png").unlink()
+    weights = ["--weights", str(shared_data / "ReFusion/ReFusion_IVIF.pth"), "--raw", "--quiet"]
+    main(["fuse", *weights, "--a", str(ir), "--b", str(vi), "--out", str(tmp_path / "all")])
+    assert sorted(p.stem for p in (tmp_path / "all").glob("*.png")) == names
+    for name in names:
+        alone = tmp_path / "alone" / name
+        main(["fuse", *weights, "--a", str(ir / f"{name}.png"), "--b", str(vi / f"{name}.png"), "--out", str(alone)])
+        np.testing.assert_array_equal(np.load(tmp_path / "all" / f"{name}.npy"), np.load(alone / f"{name}.npy"))
+        for image in (f"{name}.png", f"rgb/{name}.png"):
+            assert (tmp_path / "all" / image).read_bytes() == (alone / image).read_bytes(), image
+    cv2.imwrite(str(vi / f"{names[2]}.png"), np.zeros((10, 10), np.uint8))
+    with pytest.raises(SystemExit, match=f"{names[2]}.png and .*{names[2]}.png differ in size"):
+        main(["fuse", *weights, "--a", str(ir), "--b", str(vi), "--out", str(tmp_path / "bad")])
 
 
 def _assert_chroma_kept(rgb: np.ndarray, grey: np.ndarray, source: np.ndarray) -> None:

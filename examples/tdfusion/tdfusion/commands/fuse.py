@@ -4,6 +4,9 @@ or an exported ONNX file; grey output (and colour where a source has it)."""
 from __future__ import annotations
 
 import argparse
+import collections
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +46,53 @@ def fuse(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     a, b = Path(args.a), Path(args.b)
     pairs = [PairFiles(a.stem, a, b)] if a.is_file() else matched_names(a, b)
-    for pair in tqdm(pairs, desc="fuse", disable=args.quiet):
-        name, pa, pb = pair.name, pair.a, pair.b
-        bgr_a, bgr_b = read_bgr(pa), read_bgr(pb)
-        if bgr_a.shape != bgr_b.shape:
-            raise SystemExit(f"{pa} and {pb} differ in size: {bgr_a.shape[:2]} vs {bgr_b.shape[:2]}")
-        ya, yb = to_ycrcb(bgr_a), to_ycrcb(bgr_b)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # opt-in lower precision
-            raw = fuse_arrays(model, ya[..., 0], yb[..., 0], device)
-        grey = stretch(raw)
-        write_grey(out / f"{name}.png", grey)
-        if args.raw:
-            np.save(out / f"{name}.npy", raw.astype(np.float32))
-        crcb = fused_chroma(ya, has_colour(bgr_a), yb, has_colour(bgr_b))
-        if crcb is not None:
-            write_ycrcb_as_rgb(out / "rgb" / f"{name}.png", grey, crcb)
+    # Decoding the next pair and encoding the last one run in threads beside the network (OpenCV
+    # releases the GIL), so a folder costs about the network's time per pair.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writes: collections.deque[Future[None]] = collections.deque()
+        for pair, bgr_a, bgr_b in tqdm(read_ahead(pool, pairs), total=len(pairs), desc="fuse", disable=args.quiet):
+            ya, yb = to_ycrcb(bgr_a), to_ycrcb(bgr_b)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # opt-in lower precision
+                raw = fuse_arrays(model, ya[..., 0], yb[..., 0], device)
+            crcb = fused_chroma(ya, has_colour(bgr_a), yb, has_colour(bgr_b))
+            writes.append(pool.submit(write_outputs, out, pair.name, raw, crcb, args.raw))
+            while len(writes) > 2:  # a bounded backlog; a failed write stops the run here
+                writes.popleft().result()
+        for write in writes:
+            write.result()
     return out
+
+
+def read_pair(pair: PairFiles) -> tuple[PairFiles, np.ndarray, np.ndarray]:
+    """The pair's two images (BGR, as read); a size mismatch names both files."""
+    bgr_a, bgr_b = read_bgr(pair.a), read_bgr(pair.b)
+    if bgr_a.shape[:2] != bgr_b.shape[:2]:
+        raise SystemExit(f"{pair.a} and {pair.b} differ in size: {bgr_a.shape[:2]} vs {bgr_b.shape[:2]}")
+    return pair, bgr_a, bgr_b
+
+
+def read_ahead(
+    pool: ThreadPoolExecutor, pairs: Sequence[PairFiles], depth: int = 1
+) -> Iterator[tuple[PairFiles, np.ndarray, np.ndarray]]:
+    """``read_pair`` of each pair in order, the next ``depth`` read in ``pool`` meanwhile."""
+    pending: collections.deque[Future[tuple[PairFiles, np.ndarray, np.ndarray]]] = collections.deque()
+    for pair in pairs:
+        pending.append(pool.submit(read_pair, pair))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def write_outputs(out: Path, name: str, raw: np.ndarray, crcb: np.ndarray | None, keep_raw: bool) -> None:
+    """``<name>.png`` (grey, stretched), ``<name>.npy`` (``keep_raw``) and ``rgb/<name>.png``
+    (where a source has colour)."""
+    grey = stretch(raw)
+    write_grey(out / f"{name}.png", grey)
+    if keep_raw:
+        np.save(out / f"{name}.npy", raw.astype(np.float32))
+    if crcb is not None:
+        write_ycrcb_as_rgb(out / "rgb" / f"{name}.png", grey, crcb)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
