@@ -5,6 +5,11 @@ shared data is absent). Each variant's median time over ``--repeats`` calls, its
 the eager reference measured in the same run, and its largest difference from the reference's
 output (the target is 1e-5 at the default precision).
 
+The reference is the straightforward eager network in a process with glibc's default ``malloc``
+(as the released implementation runs): it is timed first, in a child process. Every other
+variant runs in this process with ``metaloss.allocator.retain_freed_memory()`` applied, as
+``run.py`` applies it (``--malloc default`` leaves this process's allocator alone too).
+
     python benchmarks/fusion_speed.py --threads 2
 
 ``--folder N`` also times the ``fuse`` command end to end (decoding, network, stretching and
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +33,7 @@ import torch
 from timing import median_seconds
 from torch import Tensor
 
+from metaloss.allocator import retain_freed_memory
 from metaloss.fusion import ReFusion, load_released_weights
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -95,6 +102,17 @@ def fuse_folder_seconds(pairs: int, backend: list[str]) -> float:
     return (time.perf_counter() - started) / pairs
 
 
+def reference_in_child(args: argparse.Namespace) -> tuple[float, Tensor]:
+    """The eager reference's median seconds and output, timed in a child process that keeps
+    glibc's default ``malloc``."""
+    result = Path(tempfile.mkdtemp(prefix="fusion_speed-")) / "reference.pt"
+    command = [sys.executable, __file__, "--reference-only", str(result), "--malloc", "default"]
+    command += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--size", *map(str, args.size)]
+    subprocess.run(command, check=True)
+    saved = torch.load(result, weights_only=True)
+    return float(saved["seconds"]), saved["output"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -102,15 +120,32 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     p.add_argument("--onnx-profile", action="store_true", help="print onnxruntime's time per operator type")
     p.add_argument("--folder", type=int, default=0, metavar="N", help="also time `fuse` on a folder of N pairs")
+    p.add_argument(
+        "--malloc",
+        choices=("default", "retain"),
+        default="retain",
+        help="this process's allocator (the reference's child always keeps the default): retain is run.py's",
+    )
+    p.add_argument("--reference-only", metavar="FILE", help=argparse.SUPPRESS)  # the child's job
     args = p.parse_args()
+    if args.malloc == "retain":
+        retain_freed_memory()
     torch.set_num_threads(args.threads)
     x = torch.rand(1, 2, *args.size, generator=torch.Generator().manual_seed(0))
+    if args.reference_only:
+        with torch.inference_mode():
+            seconds, out = median_seconds(functools.partial(network(), x), args.repeats)
+        torch.save({"seconds": seconds, "output": out}, args.reference_only)
+        return
     print(
         f"{args.size[0]} x {args.size[1]}, {args.threads} threads, torch {torch.__version__}, "
-        f"{'released IVIF weights' if WEIGHTS.is_file() else 'random weights'}"
+        f"{'released IVIF weights' if WEIGHTS.is_file() else 'random weights'}, this process's malloc: {args.malloc}"
     )
+    reference_time, reference = reference_in_child(args)
+    print("| variant | seconds | speed-up | max difference |\n|---|---|---|---|")
+    print(f"| eager, default malloc (reference) | {reference_time:.3f} | 1.00x | 0 |", flush=True)
     variants: dict[str, Callable[[Tensor], Tensor]] = {
-        "eager (reference)": network(),
+        "eager": network(),
         "eager, float32 attention reductions": network(precise_attention=False),
         "torch.compile": torch.compile(network()),
         "eager, bf16 autocast (opt-in)": bf16_autocast(network()),
@@ -127,23 +162,20 @@ def main() -> None:
             onnx_profile(fast_file, x, args.threads)
     except ImportError:
         print("(onnxruntime not installed: pip install -e '.[deploy]')")
-    print("| variant | seconds | speed-up | max difference |\n|---|---|---|---|")
-    reference_time, reference = 0.0, None
     network_seconds: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in variants.items():
             seconds, out = median_seconds(functools.partial(fn, x), args.repeats)
             network_seconds[name] = seconds
-            if reference is None:
-                reference_time, reference = seconds, out
             diff = float((out - reference).abs().max())
             print(f"| {name} | {seconds:.3f} | {reference_time / seconds:.2f}x | {diff:.1e} |", flush=True)
     if args.folder and all(f.is_file() for f in (WEIGHTS, *MSRS_PAIR)):
         print(f"\n`fuse` on a folder of {args.folder} MSRS pairs, per pair\n")
         print("| backend | fuse, s per pair | network alone, s | fuse / network |\n|---|---|---|---|")
-        backends = {"eager (reference)": ["--weights", str(WEIGHTS), "--device", "cpu"]}
+        backends = {"eager": ["--weights", str(WEIGHTS), "--device", "cpu"]}
         if "onnxruntime (exported)" in variants:
             backends["onnxruntime (exported)"] = ["--weights", str(onnx_file), "--backend", "onnxruntime"]
+        backends["eager, bf16 autocast (opt-in)"] = [*backends["eager"], "--bf16"]
         for name, options in backends.items():
             per_pair = fuse_folder_seconds(args.folder, options)
             ratio = per_pair / network_seconds[name]

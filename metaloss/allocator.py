@@ -7,8 +7,9 @@ is freed, and trims the top of its heap, so every step faults its memory in agai
 CPU machine about half of a meta step's time at 2 x 256^2 was spent in the kernel. Serving every
 block from the heap and never trimming it lets the next step reuse the same pages: the meta step
 there went from 12.8 s to 6.8 s (``benchmarks/meta_iteration.py --malloc retain`` against
-``--malloc default``; ``docs/benchmarks.md``). The cost: memory freed by the process is not given
-back to the system until it exits, and the peak grew by about 5%. Different workloads that
+``--malloc default``; ``docs/benchmarks.md``), and the eager fusion network's inference on a
+480 x 640 pair from 4.36 s to 1.10 s (``benchmarks/fusion_speed.py``). The cost: memory freed
+by the process is not given back to the system until it exits, and the peak grew by about 5%. Different workloads that
 alternate in one process can fragment the retained heap: two different meta-step
 implementations timed in turn at 2 x 256^2 grew past 24 GiB (``benchmarks/peer_higher.py``).
 

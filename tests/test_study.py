@@ -102,7 +102,7 @@ def test_oracle_agreement_reads_the_probe_direction(tmp_path) -> None:  # type: 
     rng = torch.get_rng_state()
     agreement = study.oracle_agreement(trainer.meta_step, *pair)
     torch.set_rng_state(rng)  # the same dropout draws for the probe's pass
-    probe = study.OracleProbe([pair], scenes[:1])
+    probe = study.OracleProbe([pair], [scenes[0]])
     assert agreement["cos_to_oracle"] == pytest.approx(probe._cosines(trainer)["cos_to_oracle"], rel=1e-5)
     torch.set_rng_state(rng)
     toward, descent = study.map_directions(trainer.meta_step, *pair)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaloss import InnerSGD, LearnableLoss, MetaStep
+from metaloss.map_gradient import MapGradient
 
 
 def make_batch(batch_size: int, size: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -88,7 +89,7 @@ def train(
     outer_lr: float = 3e-3,
     inner_steps: int = 1,
     meta_test: str = "held_out",
-    map_gradient: Literal["full", "centred"] = "full",
+    map_gradient: MapGradient = "full",
     task_adaptation: Literal["current_model", "virtual_model"] = "current_model",
     task_inner_lr: float | None = None,
     trace: list[tuple[int, float, float]] | None = None,
@@ -102,7 +103,7 @@ def train(
         outer_lr: G's Adam learning rate.
         inner_steps: virtual steps of F per meta step (unrolled).
         meta_test: ``"held_out"`` (a fresh batch judges F') or ``"meta_train"`` (the same batch).
-        map_gradient: ``"full"`` or ``"centred"`` (see ``metaloss.MetaStep``).
+        map_gradient: ``"full"``, ``"centred"`` or ``"shift_removed"`` (see ``metaloss.MetaStep``).
         task_adaptation: ``"current_model"`` (the paper) or ``"virtual_model"`` (see
             ``metaloss.MetaStep``).
         task_inner_lr: the step size of T's virtual step (``None``: T's learning rate).
