@@ -24,9 +24,8 @@ cosine to the oracle direction, the share of pairs whose cosine is positive, the
 marking shares (1: every such pixel pushed toward the oracle's source), the cosine between the
 meta-gradient and the sources' difference (near +-1: it asks only "the brighter source" or "the
 darker source" everywhere), the cosine to the oracle of what is left once that part is removed,
-and how many pairs an
-outer step would have to average for the sign of its cosine to match the mean's 19 times in 20
-((1.645 sd / mean)^2, a normal approximation).
+and how many pairs an outer step would have to average for the sign of its cosine to match the
+mean's 19 times in 20 ((1.645 sd / mean)^2, a normal approximation).
 
     python benchmarks/meta_gradient_direction.py --seeds 3 -- --alpha 0.01
 

@@ -9,9 +9,10 @@ block from the heap and never trimming it lets the next step reuse the same page
 there went from 12.8 s to 6.8 s (``benchmarks/meta_iteration.py --malloc retain`` against
 ``--malloc default``; ``docs/benchmarks.md``), and the eager fusion network's inference on a
 480 x 640 pair from 4.36 s to 1.10 s (``benchmarks/fusion_speed.py``). The cost: memory freed
-by the process is not given back to the system until it exits, and the peak grew by about 5%. Different workloads that
-alternate in one process can fragment the retained heap: two different meta-step
-implementations timed in turn at 2 x 256^2 grew past 24 GiB (``benchmarks/peer_higher.py``).
+by the process is not given back to the system until it exits, and the peak grew by about 5%.
+Different workloads that alternate in one process can fragment the retained heap: two different
+meta-step implementations timed in turn at 2 x 256^2 grew past 24 GiB
+(``benchmarks/peer_higher.py``).
 
 This changes the whole process's allocator, so the library never does it on its own: call it
 once at the start of your program (the TDFusion example's ``run.py`` and the test suite do).

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from metaloss import ConstantWeights, LearnableLoss, MetaStep, MetaTrainer
+from metaloss import ConstantWeights, LearnableLoss, MetaStep, MetaTrainer, remove_component
 from metaloss.callbacks import append_csv_row
 from metaloss.checkpoint import get_rng_state, set_rng_state
 from metaloss.fusion import ReFusion, tdfusion_loss
@@ -45,9 +45,9 @@ __all__ = [
     "OracleProbe",
     "downstream_miou",
     "fuse_arrays",
+    "fuse_scenes",
     "map_directions",
     "oracle_agreement",
-    "fuse_scenes",
     "paired_interval",
     "scene_weights",
     "train_fusion_fixed",
@@ -265,10 +265,7 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         result[key] = float(v.sum()) / mass if mass > 0 else float("nan")
     difference = (train_batch["a"] - train_batch["b"])[:, 0].float().cpu()
     result["cos_to_brighter"] = _cosine(difference, descent)
-    along = (descent * difference).sum((1, 2), keepdim=True) / (difference**2).sum((1, 2), keepdim=True).clamp_min(
-        1e-30
-    )
-    result["residual_cos_to_oracle"] = _cosine(t, (descent - along * difference)[labelled])
+    result["residual_cos_to_oracle"] = _cosine(t, remove_component(descent, difference)[labelled])
     return result
 
 
