@@ -142,9 +142,10 @@ def main() -> None:
             ]
             if adaptation == args.adaptations[0]:  # without a task network the adaptation does not matter
                 for name, (classes, sign) in OBJECTIVES.items():
-                    objective = MetaStep(
+                    objective = MetaStep(  # the demo's meta-step options, T the identity
                         trainer.model, trainer.loss, nn.Identity(), brightness_objective(classes, sign),
-                        adapter=trainer.adapter, inner=InnerSGD(demo.inner_lr),
+                        adapter=trainer.adapter, inner=InnerSGD(demo.inner_lr), mode=demo.mode,
+                        inner_steps=demo.inner_steps, map_gradient=demo.map_gradient,
                     )  # fmt: skip
                     runs.append((f"objective: {name}", "-", objective, None))
             for name, skill, meta_step, judge in runs:
