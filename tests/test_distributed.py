@@ -8,7 +8,8 @@ samples, and resume from a checkpoint bit for bit on every rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,20 @@ def _spawn(fn: Callable[[int, str, str], None], tmp_path: Path, prefix: str) -> 
     return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(WORLD)]
 
 
-def _rank(rank: int, init_file: str, out_dir: str) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, init_file: str) -> Iterator[None]:
+    """This rank in a gloo group of WORLD; on success every rank waits for the others before
+    the group is torn down (a rank leaving while gloo still talks to it aborts the process)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, init_file: str, out_dir: str) -> None:
+    with _process_group(rank, init_file):
         torch.set_num_threads(1)
         fusion, loss, task = _parts()
         meta = MetaStep(
@@ -72,8 +84,6 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         meta.step(_batch(10 + rank), _batch(20 + rank))
         unchanged = all(torch.equal(v, fusion.state_dict()[k]) for k, v in fusion_before.items())
         torch.save({"loss": loss.state_dict(), "fusion_unchanged": unchanged}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
@@ -120,8 +130,7 @@ def _state(trainer: MetaTrainer) -> dict[str, Tensor]:
 
 
 def _trainer_rank(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with _process_group(rank, init_file):
         torch.set_num_threads(1)
         out = Path(out_dir)
         full = _ddp_trainer(out / "full")
@@ -136,8 +145,6 @@ def _trainer_rank(rank: int, init_file: str, out_dir: str) -> None:
             {"full": _state(full), "resumed": _state(resumed), "orders": (meta_train, meta_test, order)},
             out / f"trainer{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")

@@ -133,6 +133,11 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
             print(f"--resume: {resume} holds a finished run ({args.epochs} epochs); nothing left to train")
         if args.func is train:
             print(f"trained {steps} steps; wrote {out / 'last.pt'}, {out / 'fusion.safetensors'} and {out / 'logs'}")
+    if args.func is train and torch.distributed.is_initialized():
+        # The command's end: every rank waits for the others, then leaves the group, so no rank
+        # exits while gloo's threads still talk to it (an abort at exit otherwise).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return trainer
 
 
