@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from timing import median_seconds
 
+from metaloss.allocator import retain_freed_memory
 from metaloss.fusion import ReFusion
 
 HERE = Path(__file__).resolve().parent
@@ -32,9 +33,9 @@ def fusion_seconds(size: int, repeats: int) -> float:
         return median_seconds(lambda: model(x), repeats)[0]
 
 
-def meta_iteration(size: int, batch: int, device: str, threads: int) -> dict[str, float]:
+def meta_iteration(size: int, batch: int, device: str, threads: int, malloc: str) -> dict[str, float]:
     command = [sys.executable, str(HERE / "meta_iteration.py"), "--crop", str(size), "--task-size", str(size)]
-    command += [str(size), "--batch-size", str(batch), "--repeats", "2", "--device", device]
+    command += [str(size), "--batch-size", str(batch), "--repeats", "2", "--device", device, "--malloc", malloc]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     found = {
@@ -57,10 +58,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plot", default=None, help="write the plot here (PNG)")
+    p.add_argument(
+        "--malloc",
+        choices=("default", "retain"),
+        default="retain",
+        help="retain: glibc keeps freed memory for reuse (metaloss.allocator.retain_freed_memory, as run.py); "
+        "default: glibc's default",
+    )
     args = p.parse_args()
+    if args.malloc == "retain":
+        retain_freed_memory()
     torch.set_num_threads(args.threads)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
-    print(f"{machine}, torch {torch.__version__}\n")
+    print(f"{machine}, torch {torch.__version__}, malloc: {args.malloc}\n")
 
     fusion = {s: fusion_seconds(s, args.repeats) for s in args.fusion_sizes}
     print("| fusion, one pair | seconds | seconds per megapixel |\n|---|---|---|")
@@ -74,7 +84,7 @@ def main() -> None:
         configs += [(middle, b) for b in args.batches if (middle, b) not in configs]
     print("\n| meta iteration | plain (s) | meta (s) | ratio | peak memory (GiB) |\n|---|---|---|---|---|")
     for size, batch in configs:
-        r = meta_iteration(size, batch, args.device, args.threads)
+        r = meta_iteration(size, batch, args.device, args.threads, args.malloc)
         rows.append((size, batch, r))
         print(
             f"| batch {batch} x {size}^2 | {r['plain']:.3f} | {r['meta']:.3f} | {r['meta'] / r['plain']:.1f}x "
