@@ -30,10 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from malloc_option import add_malloc_option, apply_malloc_option
 from timing import median_seconds
 from torch import Tensor
 
-from metaloss.allocator import retain_freed_memory
 from metaloss.fusion import ReFusion, load_released_weights
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -120,16 +120,10 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     p.add_argument("--onnx-profile", action="store_true", help="print onnxruntime's time per operator type")
     p.add_argument("--folder", type=int, default=0, metavar="N", help="also time `fuse` on a folder of N pairs")
-    p.add_argument(
-        "--malloc",
-        choices=("default", "retain"),
-        default="retain",
-        help="this process's allocator (the reference's child always keeps the default): retain is run.py's",
-    )
+    add_malloc_option(p, note="this process only: the reference's child always keeps the default")
     p.add_argument("--reference-only", metavar="FILE", help=argparse.SUPPRESS)  # the child's job
     args = p.parse_args()
-    if args.malloc == "retain":
-        retain_freed_memory()
+    apply_malloc_option(args)
     torch.set_num_threads(args.threads)
     x = torch.rand(1, 2, *args.size, generator=torch.Generator().manual_seed(0))
     if args.reference_only:

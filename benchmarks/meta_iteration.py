@@ -22,11 +22,11 @@ os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "meta
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
 
 import torch  # noqa: E402
+from malloc_option import add_malloc_option, apply_malloc_option  # noqa: E402
 from tdfusion.tasks import build_task, detection_targets  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
-from metaloss.allocator import retain_freed_memory  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
 
 
@@ -42,16 +42,9 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the meta step")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")
-    p.add_argument(
-        "--malloc",
-        choices=("default", "retain"),
-        default="retain",
-        help="retain: glibc keeps freed memory for reuse (metaloss.allocator.retain_freed_memory, as run.py "
-        "does); default: glibc's own settings",
-    )
+    add_malloc_option(p)
     args = p.parse_args()
-    if args.malloc == "retain":
-        retain_freed_memory()
+    apply_malloc_option(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     task = build_task(args.task_net, 3)

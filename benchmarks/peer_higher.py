@@ -27,12 +27,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfusion"))
 
 import torch  # noqa: E402
+from malloc_option import add_malloc_option, apply_malloc_option  # noqa: E402
 from tdfusion.tasks import build_task  # noqa: E402
 from timing import median_seconds  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, SourcesAdapter  # noqa: E402
-from metaloss.allocator import retain_freed_memory  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
 
 LR = 1e-4
@@ -100,17 +100,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=sorted(METHODS), help="(internal) one method's peak RSS in this process")
-    p.add_argument(
-        "--malloc",
-        choices=("default", "retain"),
+    add_malloc_option(
+        p,
         default="default",
-        help="glibc's malloc as it is, or metaloss.allocator.retain_freed_memory (both methods alike; with "
-        "retain, the two methods' allocation patterns in one process grew past 24 GiB at 256^2)",
+        note="both methods alike; with retain, the two methods' allocation patterns in one process grew past "
+        "24 GiB at 256^2",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.malloc == "retain":
-        retain_freed_memory()
+    apply_malloc_option(args)
     model, loss, task, batch = setup(args.crop, tuple(args.task_size))
     if args.only:
         METHODS[args.only](model, loss, task, batch)

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
+from malloc_option import add_malloc_option, apply_malloc_option
 from timing import median_seconds
 
-from metaloss.allocator import retain_freed_memory
 from metaloss.fusion import ReFusion
 
 HERE = Path(__file__).resolve().parent
@@ -58,16 +58,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plot", default=None, help="write the plot here (PNG)")
-    p.add_argument(
-        "--malloc",
-        choices=("default", "retain"),
-        default="retain",
-        help="retain: glibc keeps freed memory for reuse (metaloss.allocator.retain_freed_memory, as run.py); "
-        "default: glibc's default",
-    )
+    add_malloc_option(p)
     args = p.parse_args()
-    if args.malloc == "retain":
-        retain_freed_memory()
+    apply_malloc_option(args)
     torch.set_num_threads(args.threads)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"{machine}, torch {torch.__version__}, malloc: {args.malloc}\n")

@@ -372,7 +372,8 @@ class MetaStep:
                 prediction = self._virtual_model(theta, *model_args)
             out = self.loss.combine(prediction, sources, weights)
             seen.setdefault("terms", out.terms)
-            seen.setdefault("prediction", prediction.detach())  # at theta (the first call)
+            if self.map_gradient == "shift_removed":  # its shift direction is taken at theta (the first call)
+                seen.setdefault("prediction", prediction.detach())
             return out.total
 
         theta = self._model_view.snapshot()
