@@ -13,7 +13,7 @@ from metaloss.hypergradient import HypergradientResult, NonFiniteHypergradientEr
 from metaloss.inner_step import BufferPolicy, InnerAdam, InnerRule, InnerSGD, StatelessModule
 from metaloss.learnable_loss import ConstantWeights, GlobalWeights, LearnableLoss, LossOutput, LossTerm
 from metaloss.map_gradient import remove_component, shift_direction
-from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss
+from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss, VirtualStep
 from metaloss.outer import MaxNormalizedSGD, make_outer_optimizer
 from metaloss.trainer import MetaTrainer, MetaTrainerConfig, ModelStepStats, Position
 
@@ -46,6 +46,7 @@ __all__ = [
     "TaskLoss",
     "TensorBoardLogger",
     "UnsafeCheckpointError",
+    "VirtualStep",
     "hypergradient",
     "load_checkpoint",
     "load_weights_file",

@@ -101,11 +101,15 @@ class SourcesAdapter:
     def sources(self, batch: Mapping[str, Any]) -> list[Tensor]:
         return self._get(batch, self.keys)
 
+    def task_sources(self, batch: Mapping[str, Any]) -> list[Tensor]:
+        """The sources of the task view (``MetaStep(virtual_step="output")`` takes its loss there)."""
+        return self._get(batch, self.task_keys or self.keys)
+
     def model_args(self, batch: Mapping[str, Any]) -> tuple[Any, ...]:
         return self._args(self.sources(batch))
 
     def task_model_args(self, batch: Mapping[str, Any]) -> tuple[Any, ...]:
-        return self._args(self._get(batch, self.task_keys or self.keys))
+        return self._args(self.task_sources(batch))
 
     def task_args(self, batch: Mapping[str, Any], prediction: Tensor) -> tuple[Any, ...]:
         return (prediction,)

@@ -41,7 +41,10 @@ from metaloss.inner_step import BufferPolicy, InnerRule, InnerSGD, StatelessModu
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
 from metaloss.map_gradient import MAP_GRADIENTS, MapGradient, remove_component, shift_direction
 
-__all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "checked_task_loss"]
+__all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "VirtualStep", "checked_task_loss"]
+
+VirtualStep = Literal["model", "output"]
+"""What ``MetaStep``'s virtual step moves: the model's parameters (the paper) or its output."""
 
 TaskLoss = Callable[[Any, Any], Tensor]
 """``task_loss(task_output, batch) -> scalar tensor``: the task model's output and the whole
@@ -118,6 +121,21 @@ class MetaStepStats:
     weight_map_grad: Tensor | None = None
 
 
+@dataclass
+class _InnerProblem:
+    """What ``hypergradient`` differentiates for one meta step: the inner loss and update of
+    ``params`` and the outer loss, with the sources and weight map the inner loss uses."""
+
+    sources: Sequence[Tensor]
+    weights: Tensor
+    params: tuple[Tensor, ...]
+    inner_loss: Callable[[tuple[Tensor, ...]], Tensor]
+    update: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]]
+    outer_loss: Callable[[tuple[Tensor, ...]], Tensor]
+    task_inner_loss: Tensor | None
+    seen: dict[str, Any]
+
+
 class MetaStep:
     """The embeddable meta step: compute the loss generator's meta-gradient and step it.
 
@@ -185,6 +203,21 @@ class MetaStep:
             *learns* from ``F``'s images (the paper's downstream protocol trains a fresh task
             network on them). Costs one more forward of ``F'`` and a double backward through
             ``T``. ``task_inner`` sets that step's size.
+        virtual_step: what the virtual step moves. ``"model"`` (the paper, eq. 4): ``F``'s
+            parameters, judged on the meta-test batch. ``"output"``: ``F``'s output itself on the
+            meta-train batch's task view, each element its own parameter,
+            ``F' = F(x) - output_lr * n * dL_f/dF(x)`` (``n`` the output's number of elements, so
+            that ``output_lr`` is a step per element of a mean-reduced loss: 1/2 moves a squared
+            error's output to its weighted target), judged by ``T'`` on the same batch (the
+            meta-test batch is not used). It is the paper's meta-gradient for a model whose
+            parameters act on one pixel each: the weight at a pixel learns from what the task
+            model wants *there*, without the coupling through ``F``'s shared parameters that
+            makes the ``"model"`` meta-gradient mostly one brighter-or-darker preference per
+            image (measured on the TDFusion demo, ``benchmarks/meta_gradient_direction.py``).
+            No backward through ``F``: cheaper than ``"model"``. The loss is taken on the task
+            view, so the adapter's ``task_sources(batch)`` (``SourcesAdapter`` has it; others
+            fall back to ``sources``) must give sources the shape of that view.
+        output_lr: the per-element step size of ``virtual_step="output"``.
 
     Examples:
         Source ``a`` holds a square that the task model must find; ``b`` is noise. One meta
@@ -244,6 +277,8 @@ class MetaStep:
         ridge: float = 0.0,
         map_gradient: MapGradient = "full",
         task_adaptation: Literal["current_model", "virtual_model"] = "current_model",
+        virtual_step: VirtualStep = "model",
+        output_lr: float = 0.5,
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -272,6 +307,16 @@ class MetaStep:
         if task_adaptation not in ("current_model", "virtual_model"):
             raise ValueError(f"task_adaptation must be 'current_model' or 'virtual_model', got {task_adaptation!r}")
         self.task_adaptation = task_adaptation
+        if virtual_step not in ("model", "output"):
+            raise ValueError(f"virtual_step must be 'model' or 'output', got {virtual_step!r}")
+        if virtual_step == "output" and task_adaptation != "current_model":
+            raise ValueError(
+                "virtual_step='output' takes T's virtual step as the paper does: use task_adaptation='current_model'"
+            )
+        if not output_lr > 0:
+            raise ValueError(f"output_lr must be > 0, got {output_lr}")
+        self.virtual_step: VirtualStep = virtual_step
+        self.output_lr = output_lr
         self.weight_map_grad = weight_map_grad
         self.inner_steps = inner_steps
         self.cg_iterations = cg_iterations
@@ -324,12 +369,14 @@ class MetaStep:
         new = self.task_inner.start(params, view.parameters, self.task_optimizer)(params, grads)
         return (new if differentiable else tuple(p.detach() for p in new)), value.detach()
 
-    def _task_virtual_step(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Step 1: ``T'`` from one ordinary (non-differentiable) step on ``F(batch)``."""
+    def _task_virtual_step(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        """Step 1: ``T'`` from one ordinary (non-differentiable) step on ``F(batch)``; also returns
+        ``T``'s loss before the step and ``F(batch)`` (the task view, detached)."""
         with torch.no_grad(), self._autocast():
             # Through the stateless view: a plain call in train mode would update F's buffers.
             prediction = self._model_view(self._model_view.snapshot(False), *self.adapter.task_model_args(batch))
-        return self._task_step(prediction.detach(), batch, differentiable=False)
+        params, value = self._task_step(prediction.detach(), batch, differentiable=False)
+        return params, value, prediction.detach()
 
     def _task_adapted_to(self, theta_new: tuple[Tensor, ...], batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         """``task_adaptation="virtual_model"``: ``T'`` from a differentiable step on ``F'(batch)``,
@@ -341,23 +388,15 @@ class MetaStep:
                 prediction = self._virtual_model(theta_new, *self.adapter.task_model_args(batch))
             return self._task_step(prediction, batch, differentiable=True)
 
-    def hypergradient(self, train_batch: Any, test_batch: Any) -> tuple[HypergradientResult, MetaStepStats]:
-        """Compute the loss generator's meta-gradient without stepping anything.
-
-        Returns:
-            The hypergradient (one tensor per ``generator_parameters`` entry) and the step's
-            statistics (``skipped`` is always ``False`` here).
-        """
-        wrt = self.generator_parameters
-        if not wrt:
-            raise ValueError("the learnable loss has no trainable parameters: nothing to meta-learn")
+    def _model_problem(self, train_batch: Any, test_batch: Any) -> _InnerProblem:
+        """The paper's problem: a virtual step of ``F``'s parameters on the meta-train batch,
+        judged by ``T'`` on the meta-test batch."""
         sources = self.adapter.sources(train_batch)
         check_sources(sources)
         check_sources(self.adapter.sources(test_batch))
         adapt_through_model = self.task_adaptation == "virtual_model"
         # With task_adaptation="virtual_model", T steps on F' inside the outer loss instead.
-        task_params, task_inner_loss = ((), None) if adapt_through_model else self._task_virtual_step(train_batch)
-
+        task_params, task_inner_loss = ((), None) if adapt_through_model else self._task_virtual_step(train_batch)[:2]
         model_args = self.adapter.model_args(train_batch)
         with self._autocast():
             weights = self.loss.weights(sources)
@@ -377,7 +416,6 @@ class MetaStep:
             return out.total
 
         theta = self._model_view.snapshot()
-        update = self.inner.start(theta, self._model_view.parameters, self.model_optimizer)
 
         def outer_loss(theta_new: tuple[Tensor, ...]) -> Tensor:
             judge = task_params
@@ -388,13 +426,70 @@ class MetaStep:
                 output = self._task_view(judge, *self.adapter.task_args(test_batch, prediction))
             return checked_task_loss(self.task_loss, output, test_batch)
 
+        update = self.inner.start(theta, self._model_view.parameters, self.model_optimizer)
+        return _InnerProblem(sources, weights, theta, inner_loss, update, outer_loss, task_inner_loss, seen)
+
+    def _output_problem(self, train_batch: Any) -> _InnerProblem:
+        """``virtual_step="output"``: the virtual step moves ``F``'s output on the meta-train
+        batch's task view, pixel by pixel, and ``T'`` judges that output."""
+        task_sources = getattr(self.adapter, "task_sources", self.adapter.sources)
+        sources = task_sources(train_batch)
+        check_sources(sources)
+        task_params, task_inner_loss, fused = self._task_virtual_step(train_batch)
+        if fused.shape[2:] != sources[0].shape[2:]:
+            raise ValueError(
+                f"virtual_step='output' takes the loss on the task view: the model's output there is "
+                f"{tuple(fused.shape)} but the sources are {tuple(sources[0].shape)}; give the adapter a "
+                "task_sources(batch) method (SourcesAdapter has one) that returns the task view's sources"
+            )
+        with self._autocast():
+            weights = self.loss.weights(sources)
+        seen: dict[str, Any] = {"prediction": fused}
+        # Per element of a mean-reduced loss: output_lr = 1/2 moves a squared-error term's output
+        # all the way to its weighted target.
+        size = self.output_lr * fused.numel()
+
+        def inner_loss(theta: tuple[Tensor, ...]) -> Tensor:
+            out = self.loss.combine(theta[0], sources, weights)
+            seen.setdefault("terms", out.terms)
+            return out.total
+
+        def update(theta: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return (theta[0] - size * grads[0],)
+
+        def outer_loss(theta_new: tuple[Tensor, ...]) -> Tensor:
+            with self._autocast():
+                output = self._task_view(task_params, *self.adapter.task_args(train_batch, theta_new[0]))
+            return checked_task_loss(self.task_loss, output, train_batch)
+
+        # An autocast (bf16) output is stepped in float32, as the losses are taken.
+        theta = (fused.to(torch.promote_types(fused.dtype, torch.float32)).requires_grad_(True),)
+        return _InnerProblem(sources, weights, theta, inner_loss, update, outer_loss, task_inner_loss, seen)
+
+    def hypergradient(self, train_batch: Any, test_batch: Any) -> tuple[HypergradientResult, MetaStepStats]:
+        """Compute the loss generator's meta-gradient without stepping anything.
+
+        Returns:
+            The hypergradient (one tensor per ``generator_parameters`` entry) and the step's
+            statistics (``skipped`` is always ``False`` here).
+        """
+        wrt = self.generator_parameters
+        if not wrt:
+            raise ValueError("the learnable loss has no trainable parameters: nothing to meta-learn")
+        problem = (
+            self._output_problem(train_batch)
+            if self.virtual_step == "output"
+            else self._model_problem(train_batch, test_batch)
+        )
+        sources, weights, seen = problem.sources, problem.weights, problem.seen
+        task_inner_loss = problem.task_inner_loss
         need_map = self.weight_map_grad or self.map_gradient != "full"
         targets = [*wrt, weights] if need_map else wrt
         result = hypergradient(
-            inner_loss,
-            update,
-            outer_loss,
-            theta,
+            problem.inner_loss,
+            problem.update,
+            problem.outer_loss,
+            problem.params,
             targets,
             mode=self.mode,
             fd_eps=self.fd_eps,

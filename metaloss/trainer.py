@@ -38,7 +38,7 @@ from metaloss.hypergradient import HypergradientMode
 from metaloss.inner_step import BufferPolicy, InnerRule, StatelessModule
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
 from metaloss.map_gradient import MapGradient
-from metaloss.meta_step import MetaStep, TaskLoss, checked_task_loss
+from metaloss.meta_step import MetaStep, TaskLoss, VirtualStep, checked_task_loss
 from metaloss.outer import OuterRule, make_outer_optimizer
 
 __all__ = ["MetaTrainer", "MetaTrainerConfig", "ModelStepStats", "Position"]
@@ -91,6 +91,10 @@ class MetaTrainerConfig:
             set that the meta-train batches do not; ``"meta_train"``: the task loss is taken on
             the meta-train batch itself, after the virtual step it shaped (the meta-gradient then
             includes each pixel's direct effect on its own fused value).
+        virtual_step: ``"model"`` (paper): the meta step's virtual step moves the model's
+            parameters; ``"output"``: it moves the model's output pixel by pixel, judged on the
+            meta-train batch (see ``MetaStep``).
+        output_lr: the per-element step of ``virtual_step="output"``.
 
     Examples:
         >>> config = MetaTrainerConfig(epochs=10, meta_iterations=50, warmup_epochs=1, outer_rule="max_normalized")
@@ -129,6 +133,8 @@ class MetaTrainerConfig:
     cg_iterations: int = 20
     ridge: float = 0.0
     meta_test: Literal["held_out", "meta_train"] = "held_out"
+    virtual_step: VirtualStep = "model"
+    output_lr: float = 0.5
 
     def __post_init__(self) -> None:
         if self.meta_test not in ("held_out", "meta_train"):
@@ -336,6 +342,8 @@ class MetaTrainer:
             inner_steps=cfg.inner_steps,
             cg_iterations=cfg.cg_iterations,
             ridge=cfg.ridge,
+            virtual_step=cfg.virtual_step,
+            output_lr=cfg.output_lr,
         )
         # Views that run F and T on copies of their buffers (second forwards in model_step).
         self._model_discard = StatelessModule(unwrap(model), BufferPolicy.DISCARD)

@@ -321,3 +321,118 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mod
     for a, b in zip(chained, result.grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     assert float(stats.weight_map_grad.abs().sum()) > 0
+
+
+def _double(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def test_output_virtual_step_meta_gradient_matches_central_differences() -> None:
+    """virtual_step="output": the meta-gradient is d/dphi of L_t(T'(F - lr n dL_f/dF)) on the
+    meta-train batch, with T' one SGD step of T on F's output (float64 central differences of
+    that function, written out here without MetaStep)."""
+    torch.manual_seed(0)
+    fusion, task = SmallFusion().double(), SmallSegmenter().double()
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error}).double()
+    meta = MetaStep(fusion, loss, task, seg_loss, task_inner=InnerSGD(0.1), virtual_step="output", output_lr=0.3)
+    train, test = _double(_batch(1)), _double(_batch(2))
+    result, _ = meta.hypergradient(train, test)
+    sources = [train["a"], train["b"]]
+    with torch.no_grad():
+        fused = fusion(torch.cat(sources, 1))
+    names = [n for n, _ in task.named_parameters()]
+    grads = torch.autograd.grad(seg_loss(task(fused), train), list(task.parameters()))
+    stepped = {n: (p - 0.1 * g).detach() for n, p, g in zip(names, task.parameters(), grads, strict=True)}
+
+    def outer(phi_shift: list[Tensor]) -> float:
+        with torch.no_grad():
+            for p, d in zip(meta.generator_parameters, phi_shift, strict=True):
+                p.add_(d)
+        try:
+            f = fused.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(loss(sources, f).total, f)
+            moved = fused - 0.3 * fused.numel() * g
+            value = float(seg_loss(torch.func.functional_call(task, stepped, (moved,)), train))
+        finally:
+            with torch.no_grad():
+                for p, d in zip(meta.generator_parameters, phi_shift, strict=True):
+                    p.sub_(d)
+        return value
+
+    direction = [torch.randn_like(p) for p in meta.generator_parameters]
+    eps = 1e-5
+    numeric = (outer([eps * d for d in direction]) - outer([-eps * d for d in direction])) / (2 * eps)
+    analytic = float(sum((g * d).sum() for g, d in zip(result.grads, direction, strict=True)))
+    assert abs(analytic) > 1e-6
+    assert math.isclose(analytic, numeric, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("virtual_step", ["model", "output"])
+def test_output_virtual_step_keeps_the_meta_gradient_where_the_task_asks(virtual_step: str) -> None:
+    """A fixed metric that asks for one brighter pixel: with virtual_step="output" the weight map
+    is asked to change at that pixel only; a virtual step of the model's shared parameters
+    spreads the request over every pixel."""
+    torch.manual_seed(0)
+    fusion = SmallFusion()
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    meta = MetaStep(
+        fusion,
+        loss,
+        nn.Identity(),
+        lambda fused, batch: -fused[0, 0, 3, 4],
+        inner=InnerSGD(0.1),
+        virtual_step=virtual_step,  # type: ignore[arg-type]
+        weight_map_grad=True,
+    )
+    batch = _batch(1)
+    _, stats = meta.hypergradient(batch, batch)
+    assert stats.weight_map_grad is not None
+    moved = stats.weight_map_grad.abs().sum(1) > 0  # (B, H, W)
+    if virtual_step == "output":
+        expected = torch.zeros_like(moved)
+        expected[0, 3, 4] = True
+        assert torch.equal(moved, expected)
+        # and it asks for the brighter source there
+        a, b = float(batch["a"][0, 0, 3, 4]), float(batch["b"][0, 0, 3, 4])
+        descent = -stats.weight_map_grad[0, :, 3, 4]
+        assert (float(descent[0] - descent[1]) > 0) == (a > b)
+    else:
+        assert int(moved.sum()) > moved.numel() // 2
+
+
+def test_output_virtual_step_rejects_what_it_cannot_do() -> None:
+    """It takes T's step as the paper does, and its loss on the task view: a task view of another
+    shape than the sources is named."""
+    fusion, loss, task, _ = _parts()
+    with pytest.raises(ValueError, match="current_model"):
+        MetaStep(fusion, loss, task, seg_loss, virtual_step="output", task_adaptation="virtual_model")
+    with pytest.raises(ValueError, match="virtual_step"):
+        MetaStep(fusion, loss, task, seg_loss, virtual_step="pixels")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="output_lr"):
+        MetaStep(fusion, loss, task, seg_loss, virtual_step="output", output_lr=0.0)
+
+    class Resized:  # a task view of twice the size, without task_sources
+        def sources(self, batch: dict[str, Tensor]) -> list[Tensor]:
+            return [batch["a"], batch["b"]]
+
+        def model_args(self, batch: dict[str, Tensor]) -> tuple[Tensor]:
+            return (torch.cat(self.sources(batch), 1),)
+
+        def task_model_args(self, batch: dict[str, Tensor]) -> tuple[Tensor]:
+            return (nn.functional.interpolate(self.model_args(batch)[0], scale_factor=2.0),)
+
+        def task_args(self, batch: dict[str, Tensor], prediction: Tensor) -> tuple[Tensor]:
+            return (prediction,)
+
+    meta = MetaStep(
+        fusion,
+        loss,
+        task,
+        lambda out, batch: out.mean(),
+        adapter=Resized(),
+        task_inner=InnerSGD(0.1),
+        virtual_step="output",
+    )
+    with pytest.raises(ValueError, match="task_sources"):
+        meta.hypergradient(_batch(1), _batch(2))

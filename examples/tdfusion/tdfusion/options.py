@@ -155,6 +155,20 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         "its part along a uniform brightening of F's output removed (docs/tdfusion.md)",
     )
     p.add_argument(
+        "--virtual-step",
+        choices=("model", "output"),
+        default="model",
+        help="what the meta step's virtual step moves: model (paper: F's parameters, judged on the meta-test "
+        "batch); output: F's fused image itself, pixel by pixel, judged on the meta-train batch, so each pixel's "
+        "weight learns from what T wants at that pixel (docs/tdfusion.md)",
+    )
+    p.add_argument(
+        "--output-lr",
+        type=positive_float,
+        default=0.5,
+        help="per-pixel step of --virtual-step output (1/2 moves the intensity term's output to its weighted target)",
+    )
+    p.add_argument(
         "--standardize-task-input",
         action=argparse.BooleanOptionalAction,
         default=False,
