@@ -10,6 +10,7 @@ many seeds meet the weight bar (0.7 each).
 Options after ``--`` go to the demo (``run.py demo --help``), so every setting can be compared:
 
     python benchmarks/learned_vs_fixed.py --seeds 5
+    python benchmarks/learned_vs_fixed.py --seeds 5 -- --virtual-step model   # the paper's meta-gradient
     python benchmarks/learned_vs_fixed.py --seeds 5 -- --alpha 1 --warmup-epochs 0 --meta-accumulation 1
 """
 

@@ -27,7 +27,11 @@ darker source" everywhere), the cosine to the oracle of what is left once that p
 and how many pairs an outer step would have to average for the sign of its cosine to match the
 mean's 19 times in 20 ((1.645 sd / mean)^2, a normal approximation).
 
-    python benchmarks/meta_gradient_direction.py --seeds 3 -- --alpha 0.01
+    python benchmarks/meta_gradient_direction.py --seeds 3 -- --alpha 0.01 --virtual-step model
+    python benchmarks/meta_gradient_direction.py --seeds 3 --adaptations current_model -- --alpha 0.01
+
+With ``--virtual-step output`` (the demo's default) the map gradient covers the meta-train batch's task view (the
+whole scene), and the cosines are taken there.
 
 Options after ``--`` go to the demo (``run.py demo --help``): they set the scenes, ``F``'s loss,
 the generator and the meta step (``--task-adaptation`` and ``--task-inner-lr`` are set per row by
@@ -146,6 +150,7 @@ def main() -> None:
                         trainer.model, trainer.loss, nn.Identity(), brightness_objective(classes, sign),
                         adapter=trainer.adapter, inner=InnerSGD(demo.inner_lr), mode=demo.mode,
                         inner_steps=demo.inner_steps, map_gradient=demo.map_gradient,
+                        virtual_step=demo.virtual_step, output_lr=demo.output_lr,
                     )  # fmt: skip
                     runs.append((f"objective: {name}", "-", objective, None))
             for name, skill, meta_step, judge in runs:

@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         f"warm-up, T adapts on F', T's step {lr:g}": {**ADAPTS, "warmup": 100, "task_inner_lr": lr}
         for lr in (0.03, 0.1, 0.3, 1.0)
     },
+    "virtual step of the output": {"virtual_step": "output"},
+    "warm-up, virtual step of the output": {"warmup": 100, "virtual_step": "output"},
 }
 
 

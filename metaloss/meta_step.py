@@ -7,6 +7,9 @@ The three lines of TDFusion's Algorithm 1 (Bai et al., CVPR 2025, eq. 4-6):
    ``F' = F - eta_F dL_f(w = G(sources))/dF``;
 3. the task loss of ``T'(F'(meta-test batch))``, differentiated with respect to ``G`` only.
 
+With ``virtual_step="output"`` step 2 moves ``F``'s output on the meta-train batch instead of
+its parameters, and step 3 judges that output (see ``MetaStep``).
+
 The user's modules are never modified (parameters or buffers); only the loss generator's
 parameters receive a gradient, and only the outer optimiser given here steps them.
 

@@ -52,6 +52,7 @@ def test_weights_at_reads_a_constant_loss_as_one_half() -> None:
     scenes = make_scenes(4, size=(48, 64))
     w = weights_at(tdfusion_loss(ConstantWeights(2)), scenes)
     assert w["target_infrared"] == pytest.approx(0.5) and w["marking_visible"] == pytest.approx(0.5)
+    assert w["background_infrared"] == pytest.approx(0.5)
     assert set(w) >= {"target_infrared_day", "target_infrared_night", "marking_visible_day", "marking_visible_night"}
     for name, fn in FIXED_MAPS.items():
         assert fn(scenes[0]).shape == (2, 48, 64), name
@@ -89,10 +90,13 @@ def test_the_probe_does_not_change_the_training_run(tmp_path) -> None:  # type: 
     assert all(torch.equal(plain[k], probed[k]) for k in plain)
 
 
-def test_oracle_agreement_reads_the_probe_direction(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """One pair: oracle_agreement's cosine is OracleProbe's, and its shares follow the descent's signs."""
+@pytest.mark.parametrize("virtual_step", ["model", "output"])
+def test_oracle_agreement_reads_the_probe_direction(tmp_path, virtual_step: str) -> None:  # type: ignore[no-untyped-def]
+    """One pair: oracle_agreement's cosine is OracleProbe's, and its shares follow the descent's signs
+    (on the crop, or on the task view where --virtual-step output takes its map gradient)."""
     args = build_parser().parse_args(
         ["demo", "--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path)]
+        + ["--virtual-step", virtual_step]
     )
     scenes = load_scenes(args, "train", "seg")
     trainer = build_trainer(args)
@@ -106,7 +110,8 @@ def test_oracle_agreement_reads_the_probe_direction(tmp_path) -> None:  # type: 
     assert agreement["cos_to_oracle"] == pytest.approx(probe._cosines(trainer)["cos_to_oracle"], rel=1e-5)
     torch.set_rng_state(rng)
     toward, descent = study.map_directions(trainer.meta_step, *pair)
-    masks = pair[0]["crop_mask"]
+    masks = pair[0]["crop_mask" if virtual_step == "model" else "mask"]
+    assert toward.shape == descent.shape == masks.shape
     targets = (masks == 1) | (masks == 2)
     assert bool(targets.any()) and bool((toward[targets] > 0).all()) and bool((toward[masks == 3] < 0).all())
     expected = float(descent[targets].sum() / descent[targets].abs().sum())

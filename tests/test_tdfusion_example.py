@@ -322,7 +322,8 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     )
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())  # the last line is the report folder
     results = json.loads((out / "metrics.json").read_text())
-    assert set(results) == {"tdfusion", "fixed_half", "convention", "task_net"}
+    assert set(results) == {"tdfusion", "fixed_half", "convention", "task_net", "virtual_step"}
+    assert results["virtual_step"] == "output"  # the demo's default: a virtual step of the fused image
     for arm in ("tdfusion", "fixed_half"):
         assert set(results[arm]["fusion_metrics"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
         downstream = results[arm]["downstream"]
@@ -335,6 +336,7 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     assert "weights_at" not in results["fixed_half"]
     summary = (out / "summary.md").read_text()
     assert "Verdict" in summary and "fixed w = 1/2" in summary and f"{weights['target_infrared']:.2f}" in summary
+    assert "--virtual-step output" in summary  # the report says its meta-gradient is not the paper's
     assert (out / "weights.png").stat().st_size > 1000
 
 

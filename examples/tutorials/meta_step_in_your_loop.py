@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaloss import InnerSGD, LearnableLoss, MetaStep
+from metaloss import InnerSGD, LearnableLoss, MetaStep, VirtualStep
 from metaloss.map_gradient import MapGradient
 
 
@@ -92,6 +92,7 @@ def train(
     map_gradient: MapGradient = "full",
     task_adaptation: Literal["current_model", "virtual_model"] = "current_model",
     task_inner_lr: float | None = None,
+    virtual_step: VirtualStep = "model",
     trace: list[tuple[int, float, float]] | None = None,
 ) -> dict[str, float]:
     """Train F, G and T together; return G's weight on source ``a`` and T's IoU, before and after.
@@ -107,6 +108,8 @@ def train(
         task_adaptation: ``"current_model"`` (the paper) or ``"virtual_model"`` (see
             ``metaloss.MetaStep``).
         task_inner_lr: the step size of T's virtual step (``None``: T's learning rate).
+        virtual_step: ``"model"`` (the paper: F's parameters) or ``"output"`` (F's output,
+            pixel by pixel; see ``metaloss.MetaStep``).
         trace: if given, every 20th meta step appends ``(iteration, mean weight on a in the
             meta-train batch, norm of G's meta-gradient)`` to it.
     """
@@ -130,6 +133,7 @@ def train(
         task_adaptation=task_adaptation,
         inner_steps=inner_steps,
         map_gradient=map_gradient,
+        virtual_step=virtual_step,
     )
     held_out = make_batch(16, 16, g)
 

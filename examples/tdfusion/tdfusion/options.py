@@ -47,7 +47,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     p.add_argument(
         "--meta-iterations",
         type=at_least(0),
-        default=20 if demo_defaults else 200,
+        default=40 if demo_defaults else 200,
         help="meta iterations M per epoch (paper: 200)",
     )
     p.add_argument(
@@ -123,9 +123,10 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     p.add_argument(
         "--alpha",
         type=non_negative_float,
-        default=0.1 if demo_defaults else 1.0,
+        default=0.01 if demo_defaults else 1.0,
         help="gradient-term weight alpha (paper: 1; at 1 the paper-form gradient term drowns the weighted "
-        "intensity term on the demo's scenes, see docs/tdfusion.md)",
+        "intensity term on the demo's scenes, and at 0.01 the per-pixel oracle map is the best map we know "
+        "there, see docs/tdfusion.md)",
     )
     p.add_argument(
         "--generator",
@@ -157,10 +158,10 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     p.add_argument(
         "--virtual-step",
         choices=("model", "output"),
-        default="model",
+        default="output" if demo_defaults else "model",
         help="what the meta step's virtual step moves: model (paper: F's parameters, judged on the meta-test "
         "batch); output: F's fused image itself, pixel by pixel, judged on the meta-train batch, so each pixel's "
-        "weight learns from what T wants at that pixel (docs/tdfusion.md)",
+        "weight learns from what T wants at that pixel (docs/tdfusion.md, section 9)",
     )
     p.add_argument(
         "--output-lr",

@@ -121,6 +121,18 @@ def demo_verdict(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _meta_gradient_line(virtual_step: str) -> list[str]:
+    """Which meta-gradient trained ``G``: the demo's default departs from the paper's."""
+    if virtual_step == "output":
+        return [
+            "G learned from a virtual step of the fused image itself (`--virtual-step output`), not the paper's "
+            "virtual step of the fusion network's parameters (`--virtual-step model`): docs/tdfusion.md, "
+            "section 9, says why and what each gives.",
+            "",
+        ]
+    return ["G learned from the paper's meta-gradient (a virtual step of the fusion network's parameters).", ""]
+
+
 def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> None:
     """summary.md: the downstream scores of both arms, the learned weights, the fusion metrics, the verdict."""
     ours, base = results["tdfusion"], results["fixed_half"]
@@ -132,6 +144,7 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         f"train a fresh {results.get('task_net', 'segformer')} that is scored on its fused test scenes "
         "(the paper's protocol, section 4.3).",
         "",
+        *_meta_gradient_line(results.get("virtual_step", "model")),
         *demo_verdict(results),
         "",
         "| downstream (IoU, %) | TDFusion | fixed w = 1/2 |",
@@ -152,6 +165,8 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         f"{w['target_infrared_night']:.2f} |",
         f"| w_visible on markings | {w['marking_visible']:.2f} | {w['marking_visible_day']:.2f} | "
         f"{w['marking_visible_night']:.2f} |",
+        f"| w_infrared on the background | {w['background_infrared']:.2f} | {w['background_infrared_day']:.2f} | "
+        f"{w['background_infrared_night']:.2f} |",
         "",
         "| fusion metric ('mean' convention) | TDFusion | fixed w = 1/2 |",
         "|---|---|---|",

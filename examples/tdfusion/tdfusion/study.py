@@ -178,7 +178,9 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
 
     Returns:
         ``target_infrared``: mean ``w_infrared`` over hot-target pixels (classes 1 and 2);
-        ``marking_visible``: mean ``w_visible`` over marking pixels (class 3); the same with
+        ``marking_visible``: mean ``w_visible`` over marking pixels (class 3);
+        ``background_infrared``: mean ``w_infrared`` over background pixels (class 0, the
+        look-alikes included: a per-pixel map differs there from its targets); the same with
         ``_day`` / ``_night`` suffixes over light and dark scenes apart (``nan`` where a group
         has no such pixel).
     """
@@ -190,12 +192,14 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         for key, pixels, values in (
             ("target_infrared", (mask == 1) | (mask == 2), w[0]),
             ("marking_visible", mask == 3, w[1]),
+            ("background_infrared", mask == 0, w[0]),
         ):
             for name in (key, f"{key}_{when}"):
                 total = sums.setdefault(name, [0.0, 0.0])
                 total[0] += float(values[pixels].sum())
                 total[1] += float(pixels.sum())
-    keys = [f"{k}{suffix}" for k in ("target_infrared", "marking_visible") for suffix in ("", "_day", "_night")]
+    regions = ("target_infrared", "marking_visible", "background_infrared")
+    keys = [f"{k}{suffix}" for k in regions for suffix in ("", "_day", "_night")]
     return {k: (sums[k][0] / sums[k][1] if k in sums and sums[k][1] else float("nan")) for k in keys}
 
 
@@ -215,12 +219,19 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
     return mean, mean - half, mean + half
 
 
+def _view_keys(meta_step: MetaStep) -> tuple[str, str, str]:
+    """The batch keys of the view the meta step's weight map covers: ``(mask, a, b)``: the crop
+    (the paper's virtual step of ``F``'s parameters) or the task view (``virtual_step="output"``)."""
+    return ("mask", "task_a", "task_b") if meta_step.virtual_step == "output" else ("crop_mask", "a", "b")
+
+
 def map_directions(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> tuple[Tensor, Tensor]:
     """What one meta-gradient asks of the weight map, beside what the oracle asks.
 
     Runs ``meta_step``'s hypergradient (every option kept; no step is taken) on one
-    (meta-train, meta-test) pair whose samples carry ``crop_mask``. As ``w_a + w_b = 1``, only
-    ``w_a - w_b`` matters, so both directions are given on it, per pixel of the meta-train batch.
+    (meta-train, meta-test) pair whose samples carry ``crop_mask`` (and ``mask``, the task view's,
+    with ``virtual_step="output"``). As ``w_a + w_b = 1``, only ``w_a - w_b`` matters, so both
+    directions are given on it, per pixel of the meta-train batch's view the map covers.
 
     Returns:
         ``(toward, descent)``, each ``(N, H, W)`` float32 on the CPU: ``toward`` is the oracle's
@@ -232,7 +243,7 @@ def map_directions(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> tu
     probe.weight_map_grad = True
     _, stats = probe.hypergradient(train_batch, test_batch)
     assert stats.weights is not None and stats.weight_map_grad is not None
-    masks = train_batch["crop_mask"].cpu()
+    masks = train_batch[_view_keys(meta_step)[0]].cpu()
     oracle = torch.stack([torch.from_numpy(oracle_weights(m.numpy())) for m in masks])
     toward = oracle - stats.weights.float().cpu()
     descent = -stats.weight_map_grad.float().cpu()
@@ -255,7 +266,8 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         ``a - b`` is removed (what the meta-gradient says beyond that one preference).
     """
     toward, descent = map_directions(meta_step, train_batch, test_batch)
-    masks = train_batch["crop_mask"].cpu()
+    mask_key, a_key, b_key = _view_keys(meta_step)
+    masks = train_batch[mask_key].cpu()
     labelled = masks > 0
     t, d = toward[labelled], descent[labelled]
     result = {"cos_to_oracle": _cosine(t, d)}
@@ -263,7 +275,7 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         v = descent[pixels] * sign
         mass = float(v.abs().sum())
         result[key] = float(v.sum()) / mass if mass > 0 else float("nan")
-    difference = (train_batch["a"] - train_batch["b"])[:, 0].float().cpu()
+    difference = (train_batch[a_key] - train_batch[b_key])[:, 0].float().cpu()
     result["cos_to_brighter"] = _cosine(difference, descent)
     result["residual_cos_to_oracle"] = _cosine(t, remove_component(descent, difference)[labelled])
     return result
@@ -301,7 +313,7 @@ class OracleProbe:
         dots: dict[str, list[float]] = {}
         for train_batch, test_batch in self.pairs:
             toward, descent = map_directions(trainer.meta_step, train_batch, test_batch)
-            masks = train_batch["crop_mask"].cpu()
+            masks = train_batch[_view_keys(trainer.meta_step)[0]].cpu()
             for i, name in enumerate(train_batch["name"]):
                 labelled = masks[i] > 0
                 t, d = toward[i][labelled], descent[i][labelled]
