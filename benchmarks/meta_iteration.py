@@ -41,6 +41,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the meta step")
+    p.add_argument(
+        "--virtual-step",
+        default="model",
+        choices=("model", "output"),
+        help="the meta step's virtual step: model (the paper's) or output (the TDFusion demo's default)",
+    )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")
     add_malloc_option(p)
     args = p.parse_args()
@@ -77,6 +83,7 @@ def main() -> None:
         mode=args.mode,
         autocast_dtype=dtype,
         activation_checkpointing=args.checkpointing,
+        virtual_step=args.virtual_step,
     )
     trainer = MetaTrainer(
         model,
@@ -101,7 +108,7 @@ def main() -> None:
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "  # noqa: E501
         f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}, "
-        f"activation checkpointing {args.checkpointing}"
+        f"activation checkpointing {args.checkpointing}, virtual step {args.virtual_step}"
     )
     print(f"plain iteration  {t_plain:.3f} s")
     print(f"meta iteration   {t_meta:.3f} s  ({t_meta / t_plain:.2f}x plain)")
