@@ -87,3 +87,10 @@ def test_tutorial_4_learns_a_loss_from_a_fixed_metric_without_a_task_network() -
     assert all(math.isfinite(v) for v in [*learned.values(), *fixed.values()])
     assert fixed["weight_on_a_left"] == fixed["weight_on_a_right"] == 0.5
     assert learned["weight_on_a_left"] != 0.5, "the meta step did not move G"
+
+
+def test_tutorial_4_output_step_trusts_each_half_its_better_sensor() -> None:
+    """With a virtual step of F's output the weight at a pixel learns from the objective there:
+    after 150 steps G trusts b on the left (where a is noisy) and a on the right."""
+    learned = _tutorial("learned_loss_beyond_fusion").train(steps=150, seed=0, learn=True, virtual_step="output")
+    assert learned["weight_on_a_left"] < 0.5 < learned["weight_on_a_right"]

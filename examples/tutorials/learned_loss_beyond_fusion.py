@@ -24,8 +24,11 @@ What we measured (``--steps 400 --seeds 3``, 12 s on 2 CPU cores): validation MS
 both halves together. Trusting the right sensor per pixel would cut the error about a
 hundredfold, yet the one-step meta-gradient mostly moves ``G``'s global preference, as it does
 in TDFusion (docs/tdfusion.md). That happens here although no task network learns alongside.
-The tutorial shows how to wire a learned loss to any objective; it does not show this objective
-being learned.
+With a virtual step of ``F``'s output instead of its parameters (``--virtual-step output``;
+``metaloss.MetaStep``), the weight at each pixel learns from the objective at that pixel:
+validation MSE 0.0272, 0.0271, 0.0262 against the same 0.0416, 0.0406, 0.0404 for ``w = 1/2``,
+and the weight on ``a`` 0.38 / 0.64, 0.37 / 0.61, 0.37 / 0.62 on the left / right halves: both
+halves now move, each toward its trustworthy sensor (same command with ``--virtual-step output``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaloss import ConstantWeights, InnerSGD, LearnableLoss, MetaStep
+from metaloss import ConstantWeights, InnerSGD, LearnableLoss, MetaStep, VirtualStep
 
 SIZE = 24
 
@@ -79,8 +82,13 @@ def estimator() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 16, 3, padding=1), nn.Softplus(), nn.Conv2d(16, 1, 3, padding=1))
 
 
-def train(steps: int = 400, seed: int = 0, learn: bool = True) -> dict[str, float]:
-    """Train F under the learned loss (``learn``) or the fixed ``w = 1/2`` one; report on held-out pairs."""
+def train(steps: int = 400, seed: int = 0, learn: bool = True, virtual_step: VirtualStep = "model") -> dict[str, float]:
+    """Train F under the learned loss (``learn``) or the fixed ``w = 1/2`` one; report on held-out pairs.
+
+    ``virtual_step``: ``"model"`` (the paper's virtual step of F's parameters, judged on the
+    validation batch) or ``"output"`` (a virtual step of F's output, judged on the training
+    batch's clean image; see ``metaloss.MetaStep``).
+    """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = estimator()
@@ -96,6 +104,7 @@ def train(steps: int = 400, seed: int = 0, learn: bool = True) -> dict[str, floa
             outer_optimizer=torch.optim.Adam(loss.parameters(), lr=1e-3),
             model_optimizer=opt_f,
             inner=InnerSGD(lr=0.05),
+            virtual_step=virtual_step,
         )
     held_out = make_batch(32, torch.Generator().manual_seed(10_000 + seed))
     for _ in range(steps):
@@ -123,9 +132,16 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--virtual-step",
+        choices=("model", "output"),
+        default="model",
+        help="the meta step's virtual step: model (the paper's: F's parameters) or output (F's output, per pixel)",
+    )
     args = p.parse_args()
     for seed in range(args.seeds):
-        learned, fixed = train(args.steps, seed, learn=True), train(args.steps, seed, learn=False)
+        learned = train(args.steps, seed, learn=True, virtual_step=args.virtual_step)
+        fixed = train(args.steps, seed, learn=False)
         print(
             f"seed {seed}: validation MSE {learned['error']:.4f} (learned loss) against {fixed['error']:.4f} "
             f"(w = 1/2); weight on a: left {learned['weight_on_a_left']:.2f}, right "

@@ -20,6 +20,8 @@ What to expect (``benchmarks/toy_source_choice.py`` measures it over seeds): the
 with ``G`` on the *noise* source. The one-step meta-gradient asks what helps the *current* ``T``,
 and an untrained ``T`` is helped by hiding the squares; ``G``'s softmax then saturates on one
 source, where its gradient vanishes. Warming ``F`` and ``T`` up first (``--warmup 100``) helps.
+A virtual step of ``F``'s *output* instead of its parameters (``--virtual-step output``, the
+TDFusion demo's default) asks ``T`` pixel by pixel, and chose ``a`` in 23 of 24 seeds.
 """
 
 from __future__ import annotations
@@ -169,8 +171,14 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=0, help="first iterations without the meta step")
+    p.add_argument(
+        "--virtual-step",
+        choices=("model", "output"),
+        default="model",
+        help="the meta step's virtual step: model (the paper's: F's parameters) or output (F's output, per pixel)",
+    )
     args = p.parse_args()
-    result = train(args.steps, args.seed, warmup=args.warmup)
+    result = train(args.steps, args.seed, warmup=args.warmup, virtual_step=args.virtual_step)
     print(
         f"weight on source a: {result['weight_on_a_start']:.2f} -> {result['weight_on_a_end']:.2f}; "
         f"T's IoU on held-out pairs: {result['iou_start']:.2f} -> {result['iou_end']:.2f}"
