@@ -4,7 +4,9 @@ The engine never assumes a tuple layout. It asks a ``BatchAdapter`` four questio
 batch: the sources the learnable loss sees, the model's arguments for that loss, the model's
 arguments for the view the task judges, and the task model's arguments given the model's
 prediction. ``SourcesAdapter`` answers them for dict batches; write your own class with
-these four methods for any other structure (no subclassing needed).
+these four methods for any other structure (no subclassing needed). One more is optional:
+``task_sources(batch)``, the sources of the view the task judges, which
+``MetaStep(virtual_step="output")`` takes its loss on (without it, ``sources`` is used).
 """
 
 from __future__ import annotations
