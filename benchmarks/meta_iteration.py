@@ -28,6 +28,7 @@ from timing import median_seconds  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
+from metaloss.meta_step import VIRTUAL_STEPS  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     p.add_argument(
         "--virtual-step",
         default="model",
-        choices=("model", "output"),
+        choices=VIRTUAL_STEPS,
         help="the meta step's virtual step: model (the paper's) or output (the TDFusion demo's default)",
     )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")

@@ -44,10 +44,12 @@ from metaloss.inner_step import BufferPolicy, InnerRule, InnerSGD, StatelessModu
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
 from metaloss.map_gradient import MAP_GRADIENTS, MapGradient, remove_component, shift_direction
 
-__all__ = ["MetaStep", "MetaStepStats", "TaskLoss", "VirtualStep", "checked_task_loss"]
+__all__ = ["VIRTUAL_STEPS", "MetaStep", "MetaStepStats", "TaskLoss", "VirtualStep", "checked_task_loss"]
 
 VirtualStep = Literal["model", "output"]
 """What ``MetaStep``'s virtual step moves: the model's parameters (the paper) or its output."""
+VIRTUAL_STEPS: tuple[VirtualStep, ...] = ("model", "output")
+"""The ``virtual_step`` options of ``MetaStep`` and ``MetaTrainerConfig``."""
 
 TaskLoss = Callable[[Any, Any], Tensor]
 """``task_loss(task_output, batch) -> scalar tensor``: the task model's output and the whole
@@ -310,8 +312,8 @@ class MetaStep:
         if task_adaptation not in ("current_model", "virtual_model"):
             raise ValueError(f"task_adaptation must be 'current_model' or 'virtual_model', got {task_adaptation!r}")
         self.task_adaptation = task_adaptation
-        if virtual_step not in ("model", "output"):
-            raise ValueError(f"virtual_step must be 'model' or 'output', got {virtual_step!r}")
+        if virtual_step not in VIRTUAL_STEPS:
+            raise ValueError(f"virtual_step must be one of {VIRTUAL_STEPS}, got {virtual_step!r}")
         if virtual_step == "output" and task_adaptation != "current_model":
             raise ValueError(
                 "virtual_step='output' takes T's virtual step as the paper does: use task_adaptation='current_model'"

@@ -30,6 +30,10 @@ def _batch(seed: int, size: int = 8) -> dict[str, Tensor]:
     }
 
 
+def _double(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
 def _parts(policy: str = "discard"):
     torch.manual_seed(0)
     fusion, task = SmallFusion(), SmallSegmenter()
@@ -244,7 +248,7 @@ def test_activation_checkpointing_gives_the_same_meta_gradient(policy: str, mode
     fusion, loss, task, meta = _parts(policy)
     fusion.double(), loss.double(), task.double()
     meta.mode = mode
-    train, test = ({k: v.double() if v.is_floating_point() else v for k, v in _batch(s).items()} for s in (1, 2))
+    train, test = _double(_batch(1)), _double(_batch(2))
     calls = []
     forward = fusion.forward
 
@@ -300,7 +304,7 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mod
         weight_map_grad=True,
         map_gradient=map_gradient,  # type: ignore[arg-type]
     )
-    train, test = ({k: v.double() if v.is_floating_point() else v for k, v in _batch(s).items()} for s in (1, 2))
+    train, test = _double(_batch(1)), _double(_batch(2))
     result, stats = meta.hypergradient(train, test)
     assert stats.weight_map_grad is not None and stats.weights is not None
     assert stats.weight_map_grad.shape == stats.weights.shape == (2, 2, 8, 8)
@@ -321,10 +325,6 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mod
     for a, b in zip(chained, result.grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     assert float(stats.weight_map_grad.abs().sum()) > 0
-
-
-def _double(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
 def test_output_virtual_step_meta_gradient_matches_central_differences() -> None:

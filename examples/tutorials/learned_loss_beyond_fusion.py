@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaloss import ConstantWeights, InnerSGD, LearnableLoss, MetaStep, VirtualStep
+from metaloss.meta_step import VIRTUAL_STEPS
 
 SIZE = 24
 
@@ -134,7 +135,7 @@ if __name__ == "__main__":
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
         "--virtual-step",
-        choices=("model", "output"),
+        choices=VIRTUAL_STEPS,
         default="model",
         help="the meta step's virtual step: model (the paper's: F's parameters) or output (F's output, per pixel)",
     )

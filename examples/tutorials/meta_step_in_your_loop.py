@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from metaloss import InnerSGD, LearnableLoss, MetaStep, VirtualStep
 from metaloss.map_gradient import MapGradient
+from metaloss.meta_step import VIRTUAL_STEPS
 
 
 def make_batch(batch_size: int, size: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -173,7 +174,7 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=0, help="first iterations without the meta step")
     p.add_argument(
         "--virtual-step",
-        choices=("model", "output"),
+        choices=VIRTUAL_STEPS,
         default="model",
         help="the meta step's virtual step: model (the paper's: F's parameters) or output (F's output, per pixel)",
     )

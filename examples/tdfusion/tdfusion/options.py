@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from metaloss.map_gradient import MAP_GRADIENTS
+from metaloss.meta_step import VIRTUAL_STEPS
 
 from .catalog import DATASETS
 from .cli_values import at_least, device, non_negative_float, positive_float
@@ -157,7 +158,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     )
     p.add_argument(
         "--virtual-step",
-        choices=("model", "output"),
+        choices=VIRTUAL_STEPS,
         default="output" if demo_defaults else "model",
         help="what the meta step's virtual step moves: model (paper: F's parameters, judged on the meta-test "
         "batch); output: F's fused image itself, pixel by pixel, judged on the meta-train batch, so each pixel's "
