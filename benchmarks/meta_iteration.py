@@ -28,7 +28,7 @@ from timing import median_seconds  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
-from metaloss.meta_step import VIRTUAL_STEPS  # noqa: E402
+from metaloss.meta_step import SECOND_ORDERS, VIRTUAL_STEPS  # noqa: E402
 
 
 def main() -> None:
@@ -47,6 +47,12 @@ def main() -> None:
         default="model",
         choices=VIRTUAL_STEPS,
         help="the meta step's virtual step: model (the paper's) or output (the TDFusion demo's default)",
+    )
+    p.add_argument(
+        "--second-order",
+        default="jvp",
+        choices=SECOND_ORDERS,
+        help="how the exact mode differentiates F's virtual step: jvp (the default) or double_backward",
     )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")
     add_malloc_option(p)
@@ -85,6 +91,7 @@ def main() -> None:
         autocast_dtype=dtype,
         activation_checkpointing=args.checkpointing,
         virtual_step=args.virtual_step,
+        second_order=args.second_order,
     )
     trainer = MetaTrainer(
         model,
@@ -109,7 +116,8 @@ def main() -> None:
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "  # noqa: E501
         f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}, "
-        f"activation checkpointing {args.checkpointing}, virtual step {args.virtual_step}"
+        f"activation checkpointing {args.checkpointing}, virtual step {args.virtual_step}, "
+        f"second order {args.second_order}"
     )
     print(f"plain iteration  {t_plain:.3f} s")
     print(f"meta iteration   {t_meta:.3f} s  ({t_meta / t_plain:.2f}x plain)")

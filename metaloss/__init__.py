@@ -1,19 +1,19 @@
 """metaloss: learn a loss function by meta-learning, inside your own training loop.
 
 The core is task-agnostic: a ``LearnableLoss`` (a generator of per-pixel source weights and
-weighted terms), a stateless differentiable inner step, exact and finite-difference
-hypergradients, an embeddable ``MetaStep``, and ``MetaTrainer``, which runs the
-schedule of TDFusion's Algorithm 1 (Bai et al., CVPR 2025).
+weighted terms), a stateless differentiable inner step, exact (by double backward or a
+forward-mode product) and finite-difference hypergradients, an embeddable ``MetaStep``, and
+``MetaTrainer``, which runs the schedule of TDFusion's Algorithm 1 (Bai et al., CVPR 2025).
 """
 
 from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
 from metaloss.callbacks import Callback, CSVLogger, TensorBoardLogger
 from metaloss.checkpoint import UnsafeCheckpointError, load_checkpoint, load_weights_file, save_checkpoint
-from metaloss.hypergradient import HypergradientResult, NonFiniteHypergradientError, hypergradient
+from metaloss.hypergradient import HypergradientResult, NonFiniteHypergradientError, hypergradient, hypergradient_jvp
 from metaloss.inner_step import BufferPolicy, InnerAdam, InnerRule, InnerSGD, StatelessModule
 from metaloss.learnable_loss import ConstantWeights, GlobalWeights, LearnableLoss, LossOutput, LossTerm
 from metaloss.map_gradient import remove_component, shift_direction
-from metaloss.meta_step import MetaStep, MetaStepStats, TaskLoss, VirtualStep
+from metaloss.meta_step import MetaStep, MetaStepStats, SecondOrder, TaskLoss, VirtualStep
 from metaloss.outer import MaxNormalizedSGD, make_outer_optimizer
 from metaloss.trainer import MetaTrainer, MetaTrainerConfig, ModelStepStats, Position
 
@@ -42,12 +42,14 @@ __all__ = [
     "NonFiniteHypergradientError",
     "Position",
     "SourcesAdapter",
+    "SecondOrder",
     "StatelessModule",
     "TaskLoss",
     "TensorBoardLogger",
     "UnsafeCheckpointError",
     "VirtualStep",
     "hypergradient",
+    "hypergradient_jvp",
     "load_checkpoint",
     "load_weights_file",
     "make_outer_optimizer",

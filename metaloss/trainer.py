@@ -38,7 +38,7 @@ from metaloss.hypergradient import HypergradientMode
 from metaloss.inner_step import BufferPolicy, InnerRule, StatelessModule
 from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statistics
 from metaloss.map_gradient import MapGradient
-from metaloss.meta_step import MetaStep, TaskLoss, VirtualStep, checked_task_loss
+from metaloss.meta_step import MetaStep, SecondOrder, TaskLoss, VirtualStep, checked_task_loss
 from metaloss.outer import OuterRule, make_outer_optimizer
 
 __all__ = ["MetaTrainer", "MetaTrainerConfig", "ModelStepStats", "Position"]
@@ -95,6 +95,8 @@ class MetaTrainerConfig:
             parameters; ``"output"``: it moves the model's output pixel by pixel, judged on the
             meta-train batch (see ``MetaStep``).
         output_lr: the per-element step of ``virtual_step="output"``.
+        second_order: how ``mode="exact"`` differentiates the model's virtual step, ``"jvp"``
+            (half the memory) or ``"double_backward"`` (see ``MetaStep``).
 
     Examples:
         >>> config = MetaTrainerConfig(epochs=10, meta_iterations=50, warmup_epochs=1, outer_rule="max_normalized")
@@ -135,6 +137,7 @@ class MetaTrainerConfig:
     meta_test: Literal["held_out", "meta_train"] = "held_out"
     virtual_step: VirtualStep = "model"
     output_lr: float = 0.5
+    second_order: SecondOrder = "jvp"
 
     def __post_init__(self) -> None:
         if self.meta_test not in ("held_out", "meta_train"):
@@ -344,6 +347,7 @@ class MetaTrainer:
             ridge=cfg.ridge,
             virtual_step=cfg.virtual_step,
             output_lr=cfg.output_lr,
+            second_order=cfg.second_order,
         )
         # Views that run F and T on copies of their buffers (second forwards in model_step).
         self._model_discard = StatelessModule(unwrap(model), BufferPolicy.DISCARD)

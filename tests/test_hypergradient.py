@@ -3,11 +3,14 @@ independently written outer loss, for each inner rule, buffer policy and hypergr
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.func import functional_call
 
-from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep
+from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep, hypergradient, hypergradient_jvp
+from metaloss.meta_step import SECOND_ORDERS
 from tests.toy import (
     SmallFusion,
     SmallGenerator,
@@ -90,7 +93,8 @@ def _reference_outer_loss(fusion, loss, task, train, test, rule: str, adam_opt, 
 
 @pytest.mark.parametrize("rule", ["sgd", "adam"])
 @pytest.mark.parametrize("policy", ["discard", "frozen"])
-def test_exact_hypergradient_matches_float64_central_differences(rule: str, policy: str) -> None:
+@pytest.mark.parametrize("second_order", SECOND_ORDERS)
+def test_exact_hypergradient_matches_float64_central_differences(rule: str, policy: str, second_order: str) -> None:
     fusion, loss, task, train, test = _setup()
     adam_opt = _adam_optimizer(fusion) if rule == "adam" else None
     meta = MetaStep(
@@ -102,6 +106,7 @@ def test_exact_hypergradient_matches_float64_central_differences(rule: str, poli
         inner=InnerSGD(lr=LR_F) if rule == "sgd" else InnerAdam(lr=LR_F, eps_root=1e-16),
         task_inner=InnerSGD(lr=LR_T),
         buffer_policy=policy,
+        second_order=second_order,
     )
     result, _ = meta.hypergradient(train, test)
     gen_params = list(loss.parameters())
@@ -242,3 +247,95 @@ def test_task_adaptation_on_the_virtual_model_matches_float64_central_difference
     assert (fd - exact).norm() <= 1e-4 * exact.norm()
     current = torch.cat([t.flatten() for t in paper.hypergradient(train, test)[0].grads])
     assert (current - exact).norm() > 1e-3 * exact.norm(), "the option changed nothing"
+
+
+class _DropoutFusion(torch.nn.Module):
+    """F with dropout between two convolutions: its two evaluations must see the same draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Conv2d(6, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_jvp_hypergradient_equals_the_double_backward_and_replays_dropout_draws() -> None:
+    """hypergradient_jvp is the exact hypergradient: equal to the double backward's in float64,
+    with a model that draws dropout masks (replayed in its second evaluation), and the random
+    state it leaves is the one the double backward leaves."""
+    _, loss, task, train, test = _setup(seed=2)
+    fusion = _DropoutFusion().double()
+    x_train, x_test = (torch.cat([b["a"], b["b"]], 1) for b in (train, test))
+    sources = [train["a"], train["b"]]
+    weights: dict[str, torch.Tensor] = {}  # the map with its graph to G, built again for each run
+    names = [n for n, _ in fusion.named_parameters()]
+    params = tuple(p.detach().requires_grad_() for p in fusion.parameters())
+    task_params = {n: p.detach() for n, p in task.named_parameters()}
+
+    def model(theta: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return functional_call(fusion, dict(zip(names, theta)), (x_train,))
+
+    def output_loss(y: torch.Tensor) -> torch.Tensor:
+        return loss.combine(y, sources, weights["map"]).total
+
+    def update(theta: tuple[torch.Tensor, ...], g: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(t - LR_F * d for t, d in zip(theta, g))
+
+    def outer_loss(theta: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        fused = functional_call(fusion, dict(zip(names, theta)), (x_test,))
+        return seg_loss(functional_call(task, task_params, (fused,)), test)
+
+    wrt = list(loss.parameters())
+    results, states = [], []
+    for route in ("double_backward", "jvp"):
+        torch.manual_seed(123)
+        weights["map"] = loss.weights(sources)
+        if route == "jvp":
+            result = hypergradient_jvp(model, output_loss, update, outer_loss, params, wrt)
+        else:
+            result = hypergradient(lambda t: output_loss(model(t)), update, outer_loss, params, wrt)
+        results.append(torch.cat([g.flatten() for g in result.grads]))
+        states.append(torch.get_rng_state())
+    reference, got = results
+    assert reference.norm() > 0
+    torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-14)
+    assert torch.equal(states[0], states[1])
+    torch.manual_seed(124)  # other draws, another meta-gradient: the test can tell
+    weights["map"] = loss.weights(sources)
+    other = hypergradient_jvp(model, output_loss, update, outer_loss, params, wrt).grads
+    assert (torch.cat([g.flatten() for g in other]) - reference).norm() > 1e-6 * reference.norm()
+
+
+class _NoForwardDerivative(torch.autograd.Function):
+    """tanh written as a custom function with a backward but no jvp."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _CustomTanh(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NoForwardDerivative.apply(x)
+
+
+def test_second_order_is_checked_and_a_model_without_forward_derivatives_is_named() -> None:
+    fusion, loss, task, train, test = _setup()
+    with pytest.raises(ValueError, match="second_order"):
+        MetaStep(fusion, loss, task, seg_loss, inner=InnerSGD(lr=LR_F), second_order="forward")  # type: ignore[arg-type]
+    fusion.body[2] = _CustomTanh()
+    meta = MetaStep(fusion, loss, task, seg_loss, inner=InnerSGD(lr=LR_F), task_inner=InnerSGD(lr=LR_T))
+    with pytest.raises(NotImplementedError, match="second_order='double_backward'"):
+        meta.hypergradient(train, test)
+    meta.second_order = "double_backward"
+    assert meta.hypergradient(train, test)[0].norm() > 0

@@ -4,6 +4,7 @@ meta-gradients never reach the generator, custom task networks plug in."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -241,27 +242,33 @@ def test_bf16_autocast_keeps_losses_in_float32_and_the_meta_gradient_close() -> 
 
 
 @pytest.mark.parametrize("policy", ["discard", "frozen"])
-@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
-def test_activation_checkpointing_gives_the_same_meta_gradient(policy: str, mode: str) -> None:
-    """Recomputing F's activations (BatchNorm in train mode included) in the second-order
-    backward must not change the meta-gradient, and must leave F's buffers alone."""
+@pytest.mark.parametrize(
+    ("mode", "second_order"), [("exact", "jvp"), ("exact", "double_backward"), ("finite_difference", "jvp")]
+)
+def test_activation_checkpointing_gives_the_same_meta_gradient(policy: str, mode: str, second_order: str) -> None:
+    """Recomputing F's and G's activations (BatchNorm in train mode included) in the backward
+    passes must not change the meta-gradient, and must leave F's buffers alone."""
     fusion, loss, task, meta = _parts(policy)
     fusion.double(), loss.double(), task.double()
-    meta.mode = mode
+    meta.mode, meta.second_order = mode, second_order
     train, test = _double(_batch(1)), _double(_batch(2))
-    calls = []
-    forward = fusion.forward
+    calls: dict[str, int] = {"F": 0, "G": 0}
 
-    def counted(x: Tensor) -> Tensor:  # forward hooks do not see checkpoint's recomputation
-        calls.append(1)
-        return forward(x)
+    def counted(name: str, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def run(*args: Tensor) -> Tensor:  # forward hooks do not see checkpoint's recomputation
+            calls[name] += 1
+            return forward(*args)
 
-    fusion.forward = counted  # type: ignore[method-assign]
+        return run
+
+    fusion.forward = counted("F", fusion.forward)  # type: ignore[method-assign]
+    loss.generator.forward = counted("G", loss.generator.forward)  # type: ignore[method-assign]
     plain = meta.hypergradient(train, test)[0].grads
-    plain_calls, before = len(calls), _state(fusion)
+    plain_calls, before = dict(calls), _state(fusion)
     meta.activation_checkpointing = True
     recomputed = meta.hypergradient(train, test)[0].grads
-    assert len(calls) - plain_calls > plain_calls  # F's forwards really were recomputed
+    assert calls["F"] - plain_calls["F"] > plain_calls["F"]  # F's forwards really were recomputed
+    assert calls["G"] - plain_calls["G"] > plain_calls["G"]  # and G's
     for a, b in zip(plain, recomputed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert all(torch.equal(v, fusion.state_dict()[k]) for k, v in before.items())
