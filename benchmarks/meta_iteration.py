@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--task-size", type=int, nargs=2, default=(128, 128))
     p.add_argument("--mode", default="exact", choices=("exact", "finite_difference"))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per round (their median counts)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of plain and meta (the fastest counts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the meta step")
@@ -109,7 +110,7 @@ def main() -> None:
         return median_seconds(fn, args.repeats, sync)[0]
 
     plain, metas = [], []
-    for _ in range(2):  # interleaved, so that machine noise hits both alike
+    for _ in range(args.rounds):  # interleaved, so that machine noise hits both alike
         plain.append(timed(lambda: trainer.model_step(batch)))
         metas.append(timed(lambda: meta.step(batch, batch)))
     t_plain, t_meta = min(plain), min(metas)

@@ -63,7 +63,7 @@ def retain_freed_memory(top_pad: int = 64 * 1024 * 1024) -> bool:
     done = (
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
         mallopt(_M_MMAP_MAX, 0),  # larger blocks too: never mmap
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1),
+        mallopt(_M_TRIM_THRESHOLD, -1),  # -1: never trim (any positive int caps the heap's free top at 2 GiB)
         mallopt(_M_TOP_PAD, min(top_pad, 2**31 - 1)),
     )
     return all(result == 1 for result in done)
