@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 
 import torch  # noqa: E402
 from malloc_option import add_malloc_option, apply_malloc_option  # noqa: E402
+from peak_memory import peak_rss_gib  # noqa: E402
 from tdfusion.tasks import build_task, detection_targets  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
@@ -125,7 +125,7 @@ def main() -> None:
     if device.type == "cuda":
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
-        print(f"peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        print(f"peak RSS         {peak_rss_gib():.2f} GiB")
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 
 import torch  # noqa: E402
 from malloc_option import add_malloc_option, apply_malloc_option  # noqa: E402
+from peak_memory import peak_rss_gib  # noqa: E402
 from tdfusion.tasks import build_task  # noqa: E402
 from timing import median_seconds  # noqa: E402
 from torch.func import functional_call  # noqa: E402
@@ -112,7 +112,7 @@ def main() -> None:
     model, loss, task, batch = setup(args.crop, tuple(args.task_size))
     if args.only:
         METHODS[args.only](model, loss, task, batch)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        print(peak_rss_gib())
         return
     ours, theirs = (METHODS[m](model, loss, task, batch) for m in ("metaloss", "higher"))
     flat = [torch.cat([g.flatten() for g in grads]) for grads in (ours, theirs)]

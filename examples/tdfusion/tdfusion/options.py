@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from metaloss.map_gradient import MAP_GRADIENTS
-from metaloss.meta_step import VIRTUAL_STEPS
+from metaloss.meta_step import SECOND_ORDERS, VIRTUAL_STEPS
 
 from .catalog import DATASETS
 from .cli_values import at_least, device, non_negative_float, positive_float
@@ -119,6 +119,14 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         default="exact",
         help="hypergradient: exact second order (unrolled), finite differences (one step, first-order memory) or "
         "implicit (at the parameters after --inner-steps steps, by conjugate gradients)",
+    )
+    p.add_argument(
+        "--second-order",
+        choices=SECOND_ORDERS,
+        default="jvp",
+        help="how --mode exact differentiates one virtual step of F: jvp (a forward-mode product of F, about half "
+        "the memory) or double_backward (through F's backward; for a fusion network with an operation that has no "
+        "forward-mode derivative). Equal up to rounding",
     )
     p.add_argument("--form", choices=("paper", "released"), default="paper", help="fusion-loss form")
     p.add_argument(

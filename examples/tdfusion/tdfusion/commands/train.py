@@ -85,6 +85,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         outer_rule=args.outer,
         outer_lr=args.outer_lr,
         mode=args.mode,
+        second_order=args.second_order,
         autocast_dtype="bfloat16" if args.bf16 else None,
         activation_checkpointing=args.activation_checkpointing,
         joint_task_weight=1.0 if args.ablation in ("III", "V") else 0.0,
