@@ -248,10 +248,12 @@ class MetaStep:
         second_order: how ``mode="exact"`` differentiates one virtual step of ``F``'s parameters.
             ``"jvp"``: through one forward-mode product of ``F`` and a double backward of the
             learnable loss alone (``hypergradient_jvp``; ``F``'s activations are never kept for
-            a second-order backward: measured on ReFusion + SegFormer-b0, batch 2 x 256^2, a peak
-            RSS of 7.2 against 13.3 GiB). ``"double_backward"``: back-propagates through ``F``'s
-            backward; for a model with an operation that has no forward-mode derivative. Equal up
-            to rounding. Several inner steps are always unrolled by double backward.
+            a second-order backward: measured on ReFusion + SegFormer-b0, batch 2 x 256^2 on a
+            2-core CPU, a peak RSS of 7.36 against 13.61 GiB and 2.33x against 2.77x a plain
+            iteration's time, ``docs/benchmarks.md``). ``"double_backward"``: back-propagates
+            through ``F``'s backward; for a model with an operation that has no forward-mode
+            derivative. Equal up to rounding. Several inner steps are always unrolled by double
+            backward.
 
     Examples:
         Source ``a`` holds a square that the task model must find; ``b`` is noise. One meta
@@ -498,7 +500,7 @@ class MetaStep:
                 "task_sources(batch) method (SourcesAdapter has one) that returns the task view's sources"
             )
         with self._autocast():
-            weights = self.loss.weights(sources)
+            weights = self._weights(sources)
         seen: dict[str, Any] = {"prediction": fused}
         # Per element of a mean-reduced loss: output_lr = 1/2 moves a squared-error term's output
         # all the way to its weighted target.
