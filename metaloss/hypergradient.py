@@ -56,6 +56,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torchopt
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "HypergradientMode",
@@ -321,8 +322,8 @@ def hypergradient_jvp(
     l_in, y = l_in_graph.detach(), y.detach()
     l_out, w = _update_direction(l_in_graph, params, update, outer_loss, retain_graph=False)
     del l_in_graph
-    try:
-        with draws.replayed(), torch.no_grad(), forward_ad.dual_level():
+    try:  # fused attention kernels have no forward-mode derivative; the composite one has
+        with draws.replayed(), torch.no_grad(), forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH):
             with warnings.catch_warnings():  # PyTorch scripts its jvp decompositions on first use
                 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
                 duals = tuple(forward_ad.make_dual(p.detach(), d) for p, d in zip(params, w, strict=True))
@@ -345,7 +346,9 @@ class _RandomDraws:
     """Replays the random draws (dropout) of a model evaluated twice at the same parameters."""
 
     def __init__(self, tensors: Params) -> None:
-        self.cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+        self.cuda = sorted(
+            {torch.cuda.current_device() if t.device.index is None else t.device.index for t in tensors if t.is_cuda}
+        )
         self.cpu_state = torch.get_rng_state()
         self.cuda_states = [torch.cuda.get_rng_state(i) for i in self.cuda]
 

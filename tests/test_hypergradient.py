@@ -3,11 +3,13 @@ independently written outer loss, for each inner rule, buffer policy and hypergr
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 import torch
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep, hypergradient, hypergradient_jvp
 from metaloss.meta_step import SECOND_ORDERS
@@ -339,3 +341,35 @@ def test_second_order_is_checked_and_a_model_without_forward_derivatives_is_name
         meta.hypergradient(train, test)
     meta.second_order = "double_backward"
     assert meta.hypergradient(train, test)[0].norm() > 0
+
+
+class _AttentionFusion(torch.nn.Module):
+    """F with scaled-dot-product attention over pixels: PyTorch's fused CPU kernel has no
+    forward-mode derivative, so the jvp must take the composite one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Conv2d(2, 12, 1)
+        self.out = torch.nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b, 1, 4, h * w).transpose(2, 3).contiguous() for t in self.qkv(x).chunk(3, 1))
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(2, 3).reshape(b, 4, h, w))
+
+
+def test_a_model_with_fused_attention_takes_the_jvp() -> None:
+    _, loss, task, train, test = _setup(seed=4)
+    fusion, loss, task = _AttentionFusion(), loss.float(), task.float()  # float32: the fused kernel's dtype
+    train, test = ({k: v.float() if v.is_floating_point() else v for k, v in b.items()} for b in (train, test))
+    grads = {}
+    for second_order in ("jvp", "double_backward"):
+        inner, task_inner = InnerSGD(lr=LR_F), InnerSGD(lr=LR_T)
+        meta = MetaStep(fusion, loss, task, seg_loss, inner=inner, task_inner=task_inner, second_order=second_order)
+        # The double backward needs the composite kernel in any case; the jvp chooses it itself.
+        context = contextlib.nullcontext() if second_order == "jvp" else sdpa_kernel(SDPBackend.MATH)
+        with context:
+            grads[second_order] = torch.cat([g.flatten() for g in meta.hypergradient(train, test)[0].grads])
+    assert grads["double_backward"].norm() > 0
+    assert (grads["jvp"] - grads["double_backward"]).norm() <= 1e-3 * grads["double_backward"].norm()  # float32
