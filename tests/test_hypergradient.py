@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaloss import InnerAdam, InnerSGD, LearnableLoss, MetaStep, hypergradient, hypergradient_jvp
-from metaloss.meta_step import SECOND_ORDERS
+from metaloss.meta_step import SECOND_ORDERS, SecondOrder
 from tests.toy import (
     SmallFusion,
     SmallGenerator,
@@ -96,7 +96,9 @@ def _reference_outer_loss(fusion, loss, task, train, test, rule: str, adam_opt, 
 @pytest.mark.parametrize("rule", ["sgd", "adam"])
 @pytest.mark.parametrize("policy", ["discard", "frozen"])
 @pytest.mark.parametrize("second_order", SECOND_ORDERS)
-def test_exact_hypergradient_matches_float64_central_differences(rule: str, policy: str, second_order: str) -> None:
+def test_exact_hypergradient_matches_float64_central_differences(
+    rule: str, policy: str, second_order: SecondOrder
+) -> None:
     fusion, loss, task, train, test = _setup()
     adam_opt = _adam_optimizer(fusion) if rule == "adam" else None
     meta = MetaStep(
