@@ -334,7 +334,7 @@ def hypergradient_jvp(
             raise
         raise NotImplementedError(
             f"the model has an operation without a forward-mode derivative ({error}); use the double "
-            "backward instead (MetaStep(second_order='double_backward'))"
+            "backward instead: MetaStep(second_order='double_backward'), or hypergradient(mode='exact')"
         ) from error
     y.requires_grad_(True)
     (e,) = torch.autograd.grad(output_loss(y), y, create_graph=True)
