@@ -370,8 +370,10 @@ class MetaStep:
 
     @property
     def _through_jvp(self) -> bool:
-        """Whether the exact meta-gradient takes ``hypergradient_jvp`` (one virtual step of ``F``)."""
-        return self.mode == "exact" and self.second_order == "jvp" and self.inner_steps == 1
+        """Whether the exact meta-gradient takes ``hypergradient_jvp`` (one virtual step of ``F``'s
+        parameters; the output step has no ``F`` to differentiate)."""
+        jvp = self.mode == "exact" and self.second_order == "jvp"
+        return jvp and self.inner_steps == 1 and self.virtual_step == "model"
 
     def _across_ranks(self) -> bool:
         if self.average_over_ranks is not None:
@@ -544,7 +546,7 @@ class MetaStep:
         task_inner_loss = problem.task_inner_loss
         need_map = self.weight_map_grad or self.map_gradient != "full"
         targets = [*wrt, weights] if need_map else wrt
-        if self._through_jvp and self.virtual_step == "model":
+        if self._through_jvp:
             result = hypergradient_jvp(
                 problem.model, problem.output_loss, problem.update, problem.outer_loss, problem.params, targets
             )

@@ -173,6 +173,15 @@ def scene_weights(loss: LearnableLoss, scene: Scene) -> np.ndarray:
     return loss.weights([to_unit(scene.a).to(device), to_unit(scene.b).to(device)])[0].float().cpu().numpy()
 
 
+_WEIGHT_REGIONS: dict[str, tuple[tuple[int, ...], int]] = {
+    "target_infrared": ((1, 2), 0),
+    "marking_visible": ((3,), 1),
+    "background_infrared": ((0,), 0),
+}
+"""``weights_at``'s regions: name -> (segmentation classes, source whose weight is averaged: 0
+infrared, 1 visible)."""
+
+
 def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]:
     """Where a learnable loss puts its weight on whole scenes.
 
@@ -189,17 +198,13 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         w = scene_weights(loss, s)
         mask = s.label_mask()
         when = _day_or_night(s.name)
-        for key, pixels, values in (
-            ("target_infrared", (mask == 1) | (mask == 2), w[0]),
-            ("marking_visible", mask == 3, w[1]),
-            ("background_infrared", mask == 0, w[0]),
-        ):
+        for key, (classes, source) in _WEIGHT_REGIONS.items():
+            pixels, values = np.isin(mask, classes), w[source]
             for name in (key, f"{key}_{when}"):
                 total = sums.setdefault(name, [0.0, 0.0])
                 total[0] += float(values[pixels].sum())
                 total[1] += float(pixels.sum())
-    regions = ("target_infrared", "marking_visible", "background_infrared")
-    keys = [f"{k}{suffix}" for k in regions for suffix in ("", "_day", "_night")]
+    keys = [f"{k}{suffix}" for k in _WEIGHT_REGIONS for suffix in ("", "_day", "_night")]
     return {k: (sums[k][0] / sums[k][1] if k in sums and sums[k][1] else float("nan")) for k in keys}
 
 
