@@ -19,6 +19,7 @@ from metaloss.fusion import (
     tdfusion_loss,
 )
 from metaloss.fusion.image_io import blend_chroma, read_grey, read_ycrcb
+from metaloss.fusion.networks import _saved_narrow, _transposed_attention
 
 
 def test_parameter_counts_match_the_paper() -> None:
@@ -47,6 +48,49 @@ def test_released_weights_reproduce_released_outputs(
         with torch.no_grad():
             out = model(x)[0, 0].double().numpy()
         assert np.abs(out - reference[name]).max() <= tolerance, name
+
+
+def _normalised_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, t: torch.Tensor) -> torch.Tensor:
+    """The textbook form: float64 copies of q and k, normalised, then their Gram matrix."""
+    b, c, h, w = q.shape
+    q, k, v = (x.reshape(b, heads, c // heads, h * w) for x in (q, k, v))
+    q64 = torch.nn.functional.normalize(q.double(), dim=-1)
+    k64 = torch.nn.functional.normalize(k.double(), dim=-1)
+    attn = ((q64 @ k64.transpose(-2, -1)).float() * t).softmax(dim=-1)
+    return (attn @ v).reshape(b, c, h, w)
+
+
+def test_precise_attention_equals_the_textbook_form_to_second_order() -> None:
+    """Dividing the Gram matrix by the norms, and keeping q and k in float32 for the backward,
+    changes no bit of the output, its gradient, its second derivative or its forward-mode product."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 12, 10, requires_grad=True) for _ in range(3))
+    t = torch.rand(8, 1, 1) + 0.5
+    inputs = (q, k, v)
+    results = []
+    for attention in (_normalised_attention, lambda q, k, v, heads, t: _transposed_attention(q, k, v, heads, t)):
+        out = attention(q, k, v, 8, t)
+        grads = torch.autograd.grad((out * out.detach().sin()).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum((g**2).sum() for g in grads), inputs)
+        tangents = tuple(torch.ones_like(x) for x in inputs)
+        product = torch.func.jvp(lambda *xs, a=attention: a(*xs, 8, t), tuple(x.detach() for x in inputs), tangents)[1]
+        results.append((out.detach(), *(g.detach() for g in grads), *second, product))
+    for ours, textbook in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, textbook, rtol=0, atol=0)
+
+
+def test_saved_narrow_keeps_the_original_for_the_backward() -> None:
+    """The graph holds the float32 original, not its float64 copy: a change to the original made
+    after the forward shows in the gradient (autograd's own copy would not see it)."""
+    a = torch.rand(3, 4, requires_grad=True)
+    b = a * 1
+    with _saved_narrow((b,), torch.float64) as (wide,):
+        assert wide.dtype == torch.float64
+        y = (wide.transpose(0, 1) ** 2).sum()  # pow saves a view of the copy
+    with torch.no_grad():
+        b.mul_(2)
+    (grad,) = torch.autograd.grad(y, a)
+    torch.testing.assert_close(grad, 4 * a.detach(), rtol=0, atol=0)
 
 
 def test_released_medical_weights_load(shared_data: Path) -> None:

@@ -15,8 +15,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +51,53 @@ def _transposed_attention(
     accumulated in float64 for float32 inputs (float32 for half precision): at 640x480 that is
     307,200 terms, and float32 accumulation alone moves the network's output by 1.9e-5, against
     1.1e-6 this way, for ~16% more time at that size. ``precise=False`` keeps the input's dtype.
+    The Gram matrix of the raw ``q`` and ``k`` is divided by their norms (equal to normalising
+    first, up to rounding), so no normalised full-size copy is made, and the backward pass keeps
+    ``q`` and ``k`` at their own precision (``_saved_narrow``): the widened copies are not held.
     """
     h, w = q.shape[-2:]
     dtype = q.dtype
     wide = torch.float64 if dtype == torch.float32 else torch.promote_types(dtype, torch.float32)
     wide = wide if precise else dtype
     q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=heads) for t in (q, k, v))
-    q = F.normalize(q.to(wide), dim=-1)
-    k = F.normalize(k.to(wide), dim=-1)
-    attn = ((q @ k.transpose(-2, -1)).to(dtype) * temperature).softmax(dim=-1)
+    with _saved_narrow((q, k), wide) as (q_wide, k_wide):
+        gram = q_wide @ k_wide.transpose(-2, -1)
+        norm_q = torch.linalg.vector_norm(q_wide, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+        norm_k = torch.linalg.vector_norm(k_wide, dim=-1, keepdim=True).clamp_min(1e-12)
+    cosine = gram / (norm_q * norm_k.transpose(-2, -1))
+    attn = (cosine.to(dtype) * temperature).softmax(dim=-1)
     return rearrange(attn @ v, "b head c (h w) -> b (head c) h w", head=heads, h=h, w=w)
+
+
+@contextlib.contextmanager
+def _saved_narrow(tensors: tuple[Tensor, ...], wide: torch.dtype) -> Iterator[tuple[Tensor, ...]]:
+    """Widen ``tensors`` to ``wide``; what autograd saves of the widened copies inside the block
+    (or of views of them) is kept as the narrow originals and widened again when the backward
+    needs it. Widening is exact, so the gradients are unchanged, first and second order; the
+    memory that the graph holds for them halves (float64 -> float32), or vanishes where the
+    originals are kept anyway. Hooks are installed only where a graph is being recorded eagerly."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    recording = recording and not torch.compiler.is_compiling()  # tracers (export, compile) see the plain form
+    if not recording or all(t.dtype == wide for t in tensors):
+        yield tuple(t.to(wide) for t in tensors)
+        return
+    widened = tuple(t.to(wide, memory_format=torch.contiguous_format) for t in tensors)
+    narrow = {x.untyped_storage().data_ptr(): t for x, t in zip(widened, tensors, strict=True)}
+
+    def pack(x: Tensor) -> Any:
+        original = narrow.get(x.untyped_storage().data_ptr()) if x.dtype == wide else None
+        if original is None:
+            return x
+        return original, x.shape, x.stride(), x.storage_offset()
+
+    def unpack(packed: Any) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        original, size, stride, offset = packed
+        return original.to(wide, memory_format=torch.contiguous_format).as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield widened
 
 
 def _dwconv(channels: int) -> nn.Conv2d:
