@@ -67,70 +67,76 @@ def _cosine_gram(q: Tensor, k: Tensor, wide: torch.dtype) -> Tensor:
     (equal up to rounding; ``F.normalize``'s ``eps = 1e-12``), so no normalised full-size copy
     is made. Where a graph is recorded and ``wide`` is wider than the inputs, ``_WideCosineGram``
     keeps ``q`` and ``k`` at their own precision for the backward pass instead of the widened
-    copies autograd would keep (measured on ReFusion + its loss generator at 2 x 256^2: 1.1 GiB
-    less held through a meta step).
+    copies autograd would keep.
     """
     recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if recording and wide != q.dtype and not torch.compiler.is_compiling():
-        out: Tensor = _WideCosineGram.apply(q, k, wide)
-        return out
+        cosine: Tensor = _WideCosineGram.apply(q, k, wide)[0]
+        return cosine
     return _cosine_gram_forward(q.to(wide), k.to(wide))[0]
+
+
+def _clamped_norm(rows: Tensor) -> Tensor:
+    """The L2 norm of each row, at least ``F.normalize``'s ``eps``, as a column."""
+    return torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _cosine_gram_forward(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The cosine Gram matrix of rows of ``q`` and ``k`` and the two clamped row norms."""
-    norm_q = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
-    norm_k = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
+    norm_q, norm_k = _clamped_norm(q), _clamped_norm(k)
     return (q @ k.transpose(-2, -1)) / (norm_q * norm_k.transpose(-2, -1)), norm_q, norm_k
 
 
 class _WideCosineGram(torch.autograd.Function):
-    """``_cosine_gram`` in a wider dtype, saving the narrow inputs only.
+    """``_cosine_gram_forward`` in a wider dtype, saving the narrow inputs only.
 
-    Backward and forward-mode derivative are written with differentiable operations, so second
-    derivatives (``create_graph=True``) and forward-mode products work as for the plain form.
-    With ``c = g / (n_q n_k^T)``, ``g = q k^T`` and a cotangent ``G``:
-    ``dq = (G / (n_q n_k^T)) k - (sum_j G c)_i q_i / n_q^2`` and symmetrically for ``k`` (the second
-    term vanishes where a norm is clamped at ``eps``).
+    Returns the cosine matrix ``c`` and the clamped norms ``n_q``, ``n_k`` (outputs, so that a
+    second derivative reaches ``q`` and ``k`` through them too). Only the sums over all pixels
+    (the Gram matrix, the norms, the forward-mode product's) are taken in the wide dtype; the
+    backward's products sum over a few channels and run at the inputs' own precision. With a
+    cotangent ``G`` of ``c`` and ``g_q`` of ``n_q``:
+    ``dq = (G / (n_q n_k^T)) k + (g_q / n_q - (sum_j G c) / n_q^2) q``, symmetrically for ``k``
+    (the second term vanishes where a norm is clamped at ``eps``). Written with differentiable
+    operations, so ``create_graph=True`` gives second derivatives.
     """
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, wide: torch.dtype) -> Tensor:
-        return _cosine_gram_forward(q.to(wide), k.to(wide))[0]
+    def forward(q: Tensor, k: Tensor, wide: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        return _cosine_gram_forward(q.to(wide), k.to(wide))
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, torch.dtype], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, torch.dtype], output: tuple[Tensor, ...]) -> None:
         q, k, wide = inputs
         ctx.wide = wide
-        ctx.save_for_backward(q, k)
-        ctx.save_for_forward(q, k)
+        ctx.save_for_backward(q, k, *output)
+        ctx.save_for_forward(q, k, *output)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        q, k = ctx.saved_tensors
-        qw, kw = q.to(ctx.wide), k.to(ctx.wide)
-        cosine, norm_q, norm_k = _cosine_gram_forward(qw, kw)
+    def backward(ctx: Any, grad: Tensor, grad_norm_q: Tensor, grad_norm_k: Tensor) -> tuple[Tensor, Tensor, None]:
+        q, k, cosine, norm_q, norm_k = ctx.saved_tensors
         grad = grad.to(ctx.wide)
         scaled = grad / (norm_q * norm_k.transpose(-2, -1))
         weighted = grad * cosine
-        grad_q = scaled @ kw - _radial(weighted.sum(-1, keepdim=True), qw, norm_q)
-        grad_k = scaled.transpose(-2, -1) @ qw - _radial(weighted.sum(-2).unsqueeze(-1), kw, norm_k)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), None
+        radial_q = _radial(grad_norm_q.to(ctx.wide) - weighted.sum(-1, keepdim=True) / norm_q, norm_q)
+        radial_k = _radial(grad_norm_k.to(ctx.wide) - weighted.sum(-2).unsqueeze(-1) / norm_k, norm_k)
+        grad_q = scaled.to(q.dtype) @ k + radial_q.to(q.dtype) * q
+        grad_k = scaled.transpose(-2, -1).to(k.dtype) @ q + radial_k.to(k.dtype) * k
+        return grad_q, grad_k, None
 
     @staticmethod
-    def jvp(ctx: Any, dq: Tensor, dk: Tensor, _: None) -> Tensor:
-        q, k = ctx.saved_tensors
+    def jvp(ctx: Any, dq: Tensor, dk: Tensor, _: None) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, cosine, norm_q, norm_k = ctx.saved_tensors
         qw, kw, dqw, dkw = (t.to(ctx.wide) for t in (q, k, dq, dk))
-        cosine, norm_q, norm_k = _cosine_gram_forward(qw, kw)
         d_gram = dqw @ kw.transpose(-2, -1) + qw @ dkw.transpose(-2, -1)
-        rate_q = _radial((qw * dqw).sum(-1, keepdim=True), torch.ones_like(norm_q), norm_q)  # d n_q / n_q
-        rate_k = _radial((kw * dkw).sum(-1, keepdim=True), torch.ones_like(norm_k), norm_k)
-        return d_gram / (norm_q * norm_k.transpose(-2, -1)) - cosine * (rate_q + rate_k.transpose(-2, -1))
+        d_norm_q = _radial((qw * dqw).sum(-1, keepdim=True), norm_q)
+        d_norm_k = _radial((kw * dkw).sum(-1, keepdim=True), norm_k)
+        rates = d_norm_q / norm_q + (d_norm_k / norm_k).transpose(-2, -1)
+        return d_gram / (norm_q * norm_k.transpose(-2, -1)) - cosine * rates, d_norm_q, d_norm_k
 
 
-def _radial(coefficient: Tensor, rows: Tensor, norm: Tensor) -> Tensor:
-    """``coefficient * rows / norm^2`` where the norm is above the clamp, 0 where it is clamped."""
-    return torch.where(norm > 1e-12, coefficient / norm**2, 0.0) * rows
+def _radial(coefficient: Tensor, norm: Tensor) -> Tensor:
+    """``coefficient / norm`` where the norm is above the clamp, 0 where it is clamped."""
+    return torch.where(norm > 1e-12, coefficient / norm, 0.0)
 
 
 def _dwconv(channels: int) -> nn.Conv2d:
