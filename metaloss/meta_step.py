@@ -191,8 +191,8 @@ class MetaStep:
         activation_checkpointing: recompute the activations of the model and of the loss
             generator in the backward passes instead of keeping them (non-reentrant
             ``torch.utils.checkpoint``, which supports the second-order backward). Measured on
-            ReFusion + SegFormer-b0, batch 2 x 256^2, exact mode through the jvp: peak RSS 7.36
-            -> 4.60 GiB, meta iteration 2.33x -> 2.67x a plain one (``docs/benchmarks.md``). With
+            ReFusion + SegFormer-b0, batch 2 x 256^2, exact mode through the jvp: peak RSS 5.90
+            -> 4.11 GiB, meta iteration 2.49x -> 2.94x a plain one (``docs/benchmarks.md``). With
             ``second_order="double_backward"`` the second-order graph keeps ``F``'s recomputed
             activations (at 2 x 128^2, before ``G`` was checkpointed too: 4.04 GiB both ways).
         average_over_ranks: all-reduce the meta-gradient to its mean over the ranks of the
@@ -249,7 +249,7 @@ class MetaStep:
             ``"jvp"``: through one forward-mode product of ``F`` and a double backward of the
             learnable loss alone (``hypergradient_jvp``; ``F``'s activations are never kept for
             a second-order backward: measured on ReFusion + SegFormer-b0, batch 2 x 256^2 on a
-            2-core CPU, a peak RSS of 7.36 against 13.61 GiB and 2.33x against 2.77x a plain
+            2-core CPU, a peak RSS of 5.90 against 10.72 GiB and 2.49x against 2.88x a plain
             iteration's time, ``docs/benchmarks.md``). ``"double_backward"``: back-propagates
             through ``F``'s backward; for a model with an operation that has no forward-mode
             derivative. Equal up to rounding. Several inner steps are always unrolled by double

@@ -1,7 +1,9 @@
-"""Fusion building blocks: the released weights reproduce the authors' outputs; the attention's derivatives; loss forms."""
+"""Fusion building blocks: the released weights reproduce the authors' outputs; the attention's
+derivatives; loss forms."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,8 @@ def test_precise_attention_matches_the_textbook_form(grad_enabled: bool) -> None
     inputs = (q, k, v)
     tangents = tuple(torch.randn_like(x) for x in inputs)
     results = []
-    for attention in (_normalised_attention, _transposed_attention):
+    forms: list[Callable[..., torch.Tensor]] = [_normalised_attention, _transposed_attention]
+    for attention in forms:
         with torch.autograd.set_grad_enabled(grad_enabled), torch.autograd.forward_ad.dual_level():
             duals = tuple(torch.autograd.forward_ad.make_dual(x, d) for x, d in zip(inputs, tangents, strict=True))
             out, product = torch.autograd.forward_ad.unpack_dual(attention(*duals, 8, t))
@@ -85,7 +88,8 @@ def test_precise_attention_matches_the_textbook_form(grad_enabled: bool) -> None
             out = attention(q, k, v, 8, t)
             grads = torch.autograd.grad((out * out.detach().sin()).sum(), inputs, create_graph=True)
             row += [g.detach() for g in grads]
-            row += torch.autograd.grad(sum((g**2 * g.detach().cos()).sum() for g in grads), inputs)
+            curvature = torch.stack([(g**2 * g.detach().cos()).sum() for g in grads]).sum()
+            row += torch.autograd.grad(curvature, inputs)
         results.append(row)
     for ours, textbook in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours, textbook, rtol=1e-5, atol=1e-6 * float(textbook.abs().max()))
