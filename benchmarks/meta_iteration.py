@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 
 import torch  # noqa: E402
 from malloc_option import add_malloc_option, apply_malloc_option  # noqa: E402
+from memory_trace import StageTrace, mmap_threshold_note, saved_gib_by_dtype  # noqa: E402
 from peak_memory import peak_rss_gib  # noqa: E402
 from tdfusion.tasks import build_task, detection_targets  # noqa: E402
 from timing import median_seconds  # noqa: E402
@@ -56,6 +57,12 @@ def main() -> None:
         help="how the exact mode differentiates F's virtual step: jvp (the default) or double_backward",
     )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")
+    p.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="instead of timing: saved tensors of F and G by dtype, and memory by stage of one meta step "
+        "(run with MALLOC_MMAP_THRESHOLD_=65536 and --malloc default; benchmarks/memory_trace.py)",
+    )
     add_malloc_option(p)
     args = p.parse_args()
     apply_malloc_option(args)
@@ -104,6 +111,9 @@ def main() -> None:
         config=MetaTrainerConfig(progress=False, autocast_dtype="bfloat16" if args.bf16 else None),
     )
 
+    if args.trace_memory:
+        trace_memory(meta, model, loss, task.model, batch)
+        return
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
     def timed(fn) -> float:
@@ -136,6 +146,20 @@ def main() -> None:
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60))
+
+
+def trace_memory(meta: MetaStep, model: torch.nn.Module, loss: Any, task_model: torch.nn.Module, batch: Any) -> None:
+    """Print what F's and G's graphs save, by dtype, and one meta step's memory by stage."""
+    x, sources = torch.cat([batch["a"], batch["b"]], dim=1), [batch["a"], batch["b"]]
+    for name, forward in (("F", lambda: model(x)), ("G", lambda: loss.weights(sources))):
+        sizes = saved_gib_by_dtype(forward)
+        print(f"{name} saves {sum(sizes.values()):.2f} GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
+    meta.step(batch, batch)  # warm-up
+    trace = StageTrace()
+    with trace.around(model, task_model, loss):
+        meta.step(batch, batch)
+    print(trace.table())
+    print(f"peak RSS of the process {peak_rss_gib():.2f} GiB {mmap_threshold_note()}")
 
 
 if __name__ == "__main__":
