@@ -73,8 +73,9 @@ class StageTrace:
             self.rows.append((label, _rss_gib(), self._peak, time.perf_counter() - started))
             return out
 
+        own = name in vars(owner)  # a module's function, or a method looked up on the class
         setattr(owner, name, traced)
-        return lambda: setattr(owner, name, original)
+        return (lambda: setattr(owner, name, original)) if own else (lambda: delattr(owner, name))
 
     @contextlib.contextmanager
     def around(self, model: nn.Module, task_model: nn.Module, generator: Any) -> Iterator[None]:
