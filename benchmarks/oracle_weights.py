@@ -6,9 +6,16 @@ scene design (with and without the single-camera look-alikes), train ReFusion un
 loss with that map, fuse the training and test scenes, train a *fresh* SegFormer-b0 on the fused
 training scenes and score it on the fused test scenes (the paper's downstream protocol, section
 4.3). Prints mIoU and per-class IoU per seed, then the mean over seeds and the paired difference
-oracle - half with its 95% interval.
+each map - the ``--baseline`` map (``half`` unless set) with its 95% interval, in mIoU and
+per-class IoU.
 
     python benchmarks/oracle_weights.py --seeds 3
+
+What the markings' half of the oracle is worth: ``oracle_hiding`` against the same map with
+infrared, ``1/2`` or the brighter source on the marking pixels (``--alpha 0.01``, the demo's):
+
+    python benchmarks/oracle_weights.py --seeds 5 --designs decoys --alpha 0.01 --baseline oracle_hiding \\
+        --maps oracle_hiding oracle_hiding_markings_infrared oracle_hiding_markings_half oracle_hiding_markings_brighter
 """
 
 from __future__ import annotations
@@ -32,7 +39,14 @@ from tdfusion.synthetic import SEG_CLASSES, make_scenes  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (scenes, F and the task network)")
-    p.add_argument("--maps", nargs="+", default=list(FIXED_MAPS), choices=list(FIXED_MAPS))
+    default_maps = [m for m in FIXED_MAPS if not m.startswith("oracle_hiding_markings_")]
+    p.add_argument("--maps", nargs="+", default=default_maps, choices=list(FIXED_MAPS))
+    p.add_argument(
+        "--baseline",
+        default="half",
+        choices=list(FIXED_MAPS),
+        help="the map the others are compared with, seed by seed",
+    )
     p.add_argument("--designs", nargs="+", default=["decoys", "plain"], choices=("decoys", "plain"))
     p.add_argument("--train-scenes", type=int, default=32)
     p.add_argument("--test-scenes", type=int, default=32)
@@ -46,7 +60,7 @@ def main() -> None:
     print(f"F: {args.steps} steps, alpha {args.alpha}; fresh SegFormer-b0: {args.task_epochs} epochs")
     for design in args.designs:
         decoys = design == "decoys"
-        scores: dict[str, list[float]] = {m: [] for m in args.maps}
+        scores: dict[str, list[dict[str, float]]] = {m: [] for m in args.maps}
         print(f"\n## scenes {'with' if decoys else 'without'} single-camera look-alikes ({design})\n")
         print("| seed | map | mIoU | " + " | ".join(f"{c} IoU" for c in SEG_CLASSES) + " |")
         print("|---" * (3 + len(SEG_CLASSES)) + "|")
@@ -58,19 +72,40 @@ def main() -> None:
                 result = downstream_miou(
                     fuse_scenes(model, train), train, fuse_scenes(model, test), test, epochs=args.task_epochs, seed=seed
                 )
-                scores[name].append(result["mIoU"])
-                cells = [f"{result['per_class'].get(c, {}).get('IoU', float('nan')):.1f}" for c in SEG_CLASSES]
-                print(f"| {seed} | {name} | {result['mIoU']:.1f} | " + " | ".join(cells) + " |", flush=True)
-        print("\n| map | mean mIoU | std |\n|---|---|---|")
-        for name, values in scores.items():
-            spread = np.std(values, ddof=1) if len(values) > 1 else float("nan")
-            print(f"| {name} | {np.mean(values):.1f} | {spread:.1f} |")
-        if "oracle" in scores and "half" in scores:
-            mean, low, high = paired_interval([o - h for o, h in zip(scores["oracle"], scores["half"])])
-            print(
-                f"\noracle - half: {mean:+.1f} mIoU points (95% interval {low:+.1f} to {high:+.1f}, {args.seeds} seeds)"
-            )
+                row = {"mIoU": result["mIoU"]}
+                row |= {c: result["per_class"].get(c, {}).get("IoU", float("nan")) for c in SEG_CLASSES}
+                scores[name].append(row)
+                cells = " | ".join(f"{row[c]:.1f}" for c in SEG_CLASSES)
+                print(f"| {seed} | {name} | {row['mIoU']:.1f} | {cells} |", flush=True)
+        print_summary(scores, args.baseline)
     print(f"\n{time.time() - started:.0f} s in all")
+
+
+def print_summary(scores: dict[str, list[dict[str, float]]], baseline: str) -> None:
+    """Mean and spread per map, then each map minus ``baseline`` seed by seed (mean, 95% interval)."""
+    columns = ["mIoU", *SEG_CLASSES]
+    print("\n| map | " + " | ".join(f"{c} (mean +- sd)" for c in columns) + " |")
+    print("|---" * (1 + len(columns)) + "|")
+    for name, rows in scores.items():
+        cells = []
+        for c in columns:
+            values = [r[c] for r in rows]
+            spread = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+            cells.append(f"{np.mean(values):.1f} +- {spread:.1f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if baseline not in scores:
+        return
+    print(f"\n| map - {baseline} | " + " | ".join(columns) + " |")
+    print("|---" * (1 + len(columns)) + "|")
+    for name, rows in scores.items():
+        if name == baseline:
+            continue
+        cells = []
+        for c in columns:
+            mean, low, high = paired_interval([r[c] - b[c] for r, b in zip(rows, scores[baseline])])
+            cells.append(f"{mean:+.1f} ({low:+.1f} to {high:+.1f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"({len(scores[baseline])} seeds; 95% Student-t intervals of the paired differences)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from tdfusion.study import FIXED_MAPS, paired_interval, weights_at
 from tdfusion.synthetic import make_scene, make_scenes, oracle_weights
 from tdfusion.tasks import median_frequency_weights
 
-from metaloss import ConstantWeights
+from metaloss import ConstantWeights, GlobalWeights
 from metaloss.fusion import tdfusion_loss
 
 
@@ -23,6 +23,27 @@ def test_oracle_weights_follow_the_labels() -> None:
     w = oracle_weights(mask)
     np.testing.assert_array_equal(w[0], [[0.5, 1.0, 1.0, 0.0]])
     np.testing.assert_array_equal(w.sum(0), np.ones((1, 4)))
+
+
+@pytest.mark.parametrize(
+    ("marking", "expected"), [("visible", 0.0), ("infrared", 1.0), ("half", 0.5), ("brighter", [1.0, 0.0])]
+)
+def test_oracle_weights_marking_choices_change_the_markings_only(marking: str, expected: object) -> None:
+    """``oracle_hiding`` keeps its targets and background whatever the markings get."""
+    mask = np.array([[0, 0, 1, 3, 3]])
+    a = np.array([[10.0, 90.0, 220.0, 90.0, 90.0]], np.float32)  # infrared: road, target, road under paint
+    b = np.array([[50.0, 30.0, 40.0, 56.0, 225.0]], np.float32)  # visible: dim paint (night), bright paint (day)
+    w = oracle_weights(mask, a, b, marking=marking)
+    np.testing.assert_array_equal(w[0, 0, :3], [1.0, 0.0, 1.0])  # the darker source, infrared on the target
+    np.testing.assert_array_equal(w[0, 0, 3:], np.broadcast_to(np.asarray(expected, np.float32), (2,)))
+    np.testing.assert_array_equal(w.sum(0), np.ones((1, 5)))
+
+
+def test_oracle_weights_reject_an_unknown_marking_choice() -> None:
+    with pytest.raises(ValueError, match="marking='paint'"):
+        oracle_weights(np.zeros((1, 2), np.int64), marking="paint")
+    with pytest.raises(ValueError, match="needs the sources"):
+        oracle_weights(np.zeros((1, 2), np.int64), marking="brighter")
 
 
 def test_look_alikes_are_what_averaging_cannot_tell_apart() -> None:
@@ -56,6 +77,19 @@ def test_weights_at_reads_a_constant_loss_as_one_half() -> None:
     assert set(w) >= {"target_infrared_day", "target_infrared_night", "marking_visible_day", "marking_visible_night"}
     for name, fn in FIXED_MAPS.items():
         assert fn(scenes[0]).shape == (2, 48, 64), name
+
+
+def test_weights_at_reads_the_brighter_source_at_markings() -> None:
+    """With w_infrared = 0.8 everywhere, the brighter source at a marking gets 0.2 by day (the
+    visible paint is brighter) and 0.8 at night (the infrared road is brighter than the dimmed paint)."""
+    loss = tdfusion_loss(GlobalWeights(2), weights="softmax")
+    with torch.no_grad():
+        loss.generator.logits.copy_(torch.tensor([np.log(0.8), np.log(0.2)]))
+    w = weights_at(loss, make_scenes(4, size=(48, 64)))
+    assert w["target_infrared"] == pytest.approx(0.8, abs=1e-5)
+    assert w["marking_visible"] == pytest.approx(0.2, abs=1e-5)
+    assert w["marking_brighter_day"] == pytest.approx(0.2, abs=0.02)
+    assert w["marking_brighter_night"] == pytest.approx(0.8, abs=0.02)
 
 
 def test_paired_interval_is_the_student_t_interval() -> None:

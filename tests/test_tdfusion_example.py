@@ -332,10 +332,11 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
         assert (out / arm / "last.pt").is_file() and (out / arm / "logs" / "model.csv").is_file()
     assert (out / "tdfusion" / "logs" / "meta.csv").is_file()  # the meta phase ran
     weights = results["tdfusion"]["weights_at"]
-    assert 0 <= weights["target_infrared"] <= 1 and 0 <= weights["marking_visible"] <= 1
+    assert all(0 <= weights[k] <= 1 for k in ("target_infrared", "marking_visible", "marking_brighter"))
     assert "weights_at" not in results["fixed_half"]
     summary = (out / "summary.md").read_text()
     assert "Verdict" in summary and "fixed w = 1/2" in summary and f"{weights['target_infrared']:.2f}" in summary
+    assert f"| the brighter source on markings | {weights['marking_brighter']:.2f} |" in summary
     assert "--virtual-step output" in summary  # the report says its meta-gradient is not the paper's
     assert (out / "weights.png").stat().st_size > 1000
 

@@ -113,7 +113,9 @@ def demo_verdict(results: dict[str, Any]) -> list[str]:
         f"w = 1/2 loss downstream: {ours['downstream']['mIoU']:.1f} against {base['downstream']['mIoU']:.1f} "
         f"mIoU ({gain:+.1f} points), and its maps {'do' if maps_ok else 'do not'} put the expected "
         f"weight on each source: w_infrared = {w['target_infrared']:.2f} on hot targets, w_visible = "
-        f"{w['marking_visible']:.2f} on markings (the bar is 0.7 each).",
+        f"{w['marking_visible']:.2f} on markings (the bar is 0.7 each). The brighter source gets "
+        f"{w['marking_brighter']:.2f} of the markings' weight (visible paint by day, the infrared road at night: "
+        "what a fresh task network rewards most there; docs/tdfusion.md, section 10).",
         "",
         "One seed is one draw: `python benchmarks/learned_vs_fixed.py --seeds 5` gives the mean over seeds "
         "with its 95% interval (docs/tdfusion.md has our measurement).",
@@ -165,6 +167,8 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         f"{w['target_infrared_night']:.2f} |",
         f"| w_visible on markings | {w['marking_visible']:.2f} | {w['marking_visible_day']:.2f} | "
         f"{w['marking_visible_night']:.2f} |",
+        f"| the brighter source on markings | {w['marking_brighter']:.2f} | {w['marking_brighter_day']:.2f} | "
+        f"{w['marking_brighter_night']:.2f} |",
         f"| w_infrared on the background | {w['background_infrared']:.2f} | {w['background_infrared_day']:.2f} | "
         f"{w['background_infrared_night']:.2f} |",
         "",

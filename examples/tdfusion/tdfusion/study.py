@@ -37,7 +37,7 @@ from metaloss.fusion import ReFusion, tdfusion_loss
 
 from .data import Scene, to_unit
 from .downstream import train_and_evaluate
-from .synthetic import SEG_CLASSES, oracle_weights
+from .synthetic import MARKING_CHOICES, SEG_CLASSES, oracle_weights
 from .tasks import Task, TaskName, build_task
 
 __all__ = [
@@ -56,14 +56,23 @@ __all__ = [
 
 WeightMap = Callable[[Scene], np.ndarray]
 
+
+def _hiding_with_markings(marking: str) -> WeightMap:
+    """``oracle_hiding`` with ``marking`` (``synthetic.MARKING_CHOICES``) on the marking pixels."""
+    return lambda s: oracle_weights(s.label_mask(), s.a, s.b, marking=marking)
+
+
 FIXED_MAPS: dict[str, WeightMap] = {
     "oracle": lambda s: oracle_weights(s.label_mask()),
     "oracle_hiding": lambda s: oracle_weights(s.label_mask(), s.a, s.b),
+    **{f"oracle_hiding_markings_{c}": _hiding_with_markings(c) for c in MARKING_CHOICES if c != "visible"},
     "half": lambda s: np.full((2, *s.a.shape), 0.5, np.float32),
     "infrared": lambda s: np.stack([np.ones_like(s.a), np.zeros_like(s.a)]).astype(np.float32),
     "visible": lambda s: np.stack([np.zeros_like(s.a), np.ones_like(s.a)]).astype(np.float32),
 }
-"""Fixed ``(2, H, W)`` weight maps ``(w_infrared, w_visible)`` by name."""
+"""Fixed ``(2, H, W)`` weight maps ``(w_infrared, w_visible)`` by name. The
+``oracle_hiding_markings_*`` maps are ``oracle_hiding`` with something else than visible light on
+the marking pixels (``synthetic.MARKING_CHOICES``)."""
 
 
 def train_fusion_fixed(
@@ -173,13 +182,14 @@ def scene_weights(loss: LearnableLoss, scene: Scene) -> np.ndarray:
     return loss.weights([to_unit(scene.a).to(device), to_unit(scene.b).to(device)])[0].float().cpu().numpy()
 
 
-_WEIGHT_REGIONS: dict[str, tuple[tuple[int, ...], int]] = {
+_WEIGHT_REGIONS: dict[str, tuple[tuple[int, ...], int | str]] = {
     "target_infrared": ((1, 2), 0),
     "marking_visible": ((3,), 1),
+    "marking_brighter": ((3,), "brighter"),
     "background_infrared": ((0,), 0),
 }
 """``weights_at``'s regions: name -> (segmentation classes, source whose weight is averaged: 0
-infrared, 1 visible)."""
+infrared, 1 visible, ``"brighter"`` whichever source is brighter at that pixel)."""
 
 
 def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]:
@@ -188,6 +198,9 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
     Returns:
         ``target_infrared``: mean ``w_infrared`` over hot-target pixels (classes 1 and 2);
         ``marking_visible``: mean ``w_visible`` over marking pixels (class 3);
+        ``marking_brighter``: mean weight of the brighter source over marking pixels (the visible
+        paint by day, the infrared road at night: what a fresh task network rewards there,
+        ``benchmarks/oracle_weights.py``'s ``oracle_hiding_markings_brighter``);
         ``background_infrared``: mean ``w_infrared`` over background pixels (class 0, the
         look-alikes included: a per-pixel map differs there from its targets); the same with
         ``_day`` / ``_night`` suffixes over light and dark scenes apart (``nan`` where a group
@@ -198,8 +211,9 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         w = scene_weights(loss, s)
         mask = s.label_mask()
         when = _day_or_night(s.name)
+        brighter = np.where(s.a > s.b, w[0], w[1])
         for key, (classes, source) in _WEIGHT_REGIONS.items():
-            pixels, values = np.isin(mask, classes), w[source]
+            pixels, values = np.isin(mask, classes), (brighter if source == "brighter" else w[source])
             for name in (key, f"{key}_{when}"):
                 total = sums.setdefault(name, [0.0, 0.0])
                 total[0] += float(values[pixels].sum())

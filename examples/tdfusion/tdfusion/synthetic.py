@@ -156,18 +156,37 @@ def _add_decoys(
             ir[y, x0:x1][row] += marking_contrast
 
 
-def oracle_weights(mask: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
+MARKING_CHOICES = ("visible", "infrared", "half", "brighter")
+"""What ``oracle_weights`` can put on marking pixels (``brighter``: whichever source is brighter
+there, visible paint by day, the infrared road at night)."""
+
+
+def oracle_weights(
+    mask: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None, marking: str = "visible"
+) -> np.ndarray:
     """The weights that keep each class's information: ``(2, H, W)`` float32 ``(w_a, w_b)``.
 
     ``w_infrared = 1`` on hot targets (classes 1, 2), ``w_visible = 1`` on markings (class 3),
     ``1/2`` elsewhere; or, given the sources ``a`` (infrared) and ``b`` (visible), the darker
     source on background pixels, which also hides the single-camera look-alikes.
+
+    ``marking`` changes what the markings get, for measuring what that half of the oracle is
+    worth: one of ``MARKING_CHOICES`` (``brighter`` needs the sources).
     """
+    if marking not in MARKING_CHOICES:
+        raise ValueError(f"marking={marking!r}: choose from {MARKING_CHOICES}")
+    if marking == "brighter" and (a is None or b is None):
+        raise ValueError("marking='brighter' needs the sources a and b")
     w_a = np.full(mask.shape, 0.5, np.float32)
     if a is not None and b is not None:
         w_a = (a < b).astype(np.float32)
     w_a[(mask == 1) | (mask == 2)] = 1.0
-    w_a[mask == 3] = 0.0
+    markings = mask == 3
+    if marking == "brighter":
+        assert a is not None and b is not None
+        w_a[markings] = (a > b)[markings]
+    else:
+        w_a[markings] = {"visible": 0.0, "infrared": 1.0, "half": 0.5}[marking]
     return np.stack([w_a, 1.0 - w_a])
 
 
