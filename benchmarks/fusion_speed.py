@@ -131,6 +131,12 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     p.add_argument("--onnx-profile", action="store_true", help="print onnxruntime's time per operator type")
     p.add_argument("--folder", type=int, default=0, metavar="N", help="also time `fuse` on a folder of N pairs")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="TEXT",
+        help="time only the variants whose name holds one of these texts (the reference always runs)",
+    )
     add_malloc_option(p, note="this process only: the reference's child always keeps the default")
     p.add_argument("--reference-only", metavar="FILE", help=argparse.SUPPRESS)  # the child's job
     args = p.parse_args()
@@ -155,6 +161,10 @@ def main() -> None:
         "torch.compile": torch.compile(network()),
         "eager, channels-last": channels_last(network()),
         "torch.compile, channels-last": torch.compile(channels_last(network())),
+        "torch.compile, channels-last, float32 attention reductions": torch.compile(
+            channels_last(network(precise_attention=False))
+        ),
+        "torch.compile max-autotune, channels-last": torch.compile(channels_last(network()), mode="max-autotune"),
         "eager, bf16 autocast (opt-in)": bf16_autocast(network()),
         "eager, channels-last, bf16 autocast (opt-in)": bf16_autocast(channels_last(network())),
         "torch.compile, bf16 autocast (opt-in)": bf16_autocast(torch.compile(network())),
@@ -170,6 +180,8 @@ def main() -> None:
             onnx_profile(fast_file, x, args.threads)
     except ImportError:
         print("(onnxruntime not installed: pip install -e '.[deploy]')")
+    if args.only:
+        variants = {k: v for k, v in variants.items() if any(t in k for t in args.only)}
     network_seconds: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in variants.items():
@@ -187,8 +199,8 @@ def main() -> None:
         backends["eager, channels-last, bf16 autocast (opt-in)"] = [*backends["eager, channels-last"], "--bf16"]
         for name, options in backends.items():
             per_pair = fuse_folder_seconds(args.folder, options)
-            ratio = per_pair / network_seconds[name]
-            print(f"| {name} | {per_pair:.3f} | {network_seconds[name]:.3f} | {ratio:.2f} |", flush=True)
+            alone = network_seconds.get(name, float("nan"))  # nan: left out by --only
+            print(f"| {name} | {per_pair:.3f} | {alone:.3f} | {per_pair / alone:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ look-alikes, Algorithm 1, then a fresh task network trained on each arm's fused 
 and scored on its fused test scenes) and prints a table row per seed: downstream mIoU of both
 arms, their difference, and where the learned loss puts its weight (w_infrared on hot targets,
 w_visible on markings, the brighter source on markings: what a fresh task network rewards there,
-see ``benchmarks/oracle_weights.py``). Then the mean over seeds, the paired difference's 95% interval, and how
-many seeds meet the weight bar (0.7 each).
+see ``benchmarks/oracle_weights.py``; w_visible on the road beside the markings). Then the mean
+over seeds, the paired difference's 95% interval, and how many seeds meet the weight bar (0.7
+each).
 
 Options after ``--`` go to the demo (``run.py demo --help``), so every setting can be compared:
 
@@ -57,9 +58,9 @@ def main() -> None:
     print(f"demo options: {' '.join(extra) or '(defaults)'}; runs in {out}")
     print(
         "\n| seed | TDFusion mIoU | fixed mIoU | difference | w_ir on targets | w_vis on markings "
-        "| brighter on markings | seconds |"
+        "| brighter on markings | w_vis beside markings | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, Any]] = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])
@@ -70,10 +71,12 @@ def main() -> None:
             arm = results[args.arm]
             weights = arm.get("weights_at", {})
             nan = float("nan")
+            miou = f"{arm['downstream']['mIoU']:.1f}"
+            cells = (miou, "-") if args.arm == "tdfusion" else ("-", miou)
             print(
-                f"| {seed} | {args.arm} {arm['downstream']['mIoU']:.1f} | {weights.get('target_infrared', nan):.2f} | "
+                f"| {seed} | {cells[0]} | {cells[1]} | - | {weights.get('target_infrared', nan):.2f} | "
                 f"{weights.get('marking_visible', nan):.2f} | {weights.get('marking_brighter', nan):.2f} | "
-                f"{time.time() - started:.0f} |",
+                f"{weights.get('marking_surround_visible', nan):.2f} | {time.time() - started:.0f} |",
                 flush=True,
             )
             rows.append({"seed": seed, "results": results})
@@ -86,6 +89,7 @@ def main() -> None:
             "target_infrared": ours["weights_at"]["target_infrared"],
             "marking_visible": ours["weights_at"]["marking_visible"],
             "marking_brighter": ours["weights_at"]["marking_brighter"],
+            "marking_surround_visible": ours["weights_at"]["marking_surround_visible"],
             "seconds": time.time() - started,
             "results": results,
         }
@@ -93,7 +97,7 @@ def main() -> None:
         print(
             f"| {seed} | {row['tdfusion']:.1f} | {row['fixed_half']:.1f} | {row['tdfusion'] - row['fixed_half']:+.1f} "
             f"| {row['target_infrared']:.2f} | {row['marking_visible']:.2f} | {row['marking_brighter']:.2f} "
-            f"| {row['seconds']:.0f} |",
+            f"| {row['marking_surround_visible']:.2f} | {row['seconds']:.0f} |",
             flush=True,
         )
         for probe_row in ours.get("probe", []):

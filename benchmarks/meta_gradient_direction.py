@@ -21,7 +21,8 @@ tell apart at all.
 
 Per seed, judge and task adaptation it prints the mean and standard deviation over pairs of the
 cosine to the oracle direction, the share of pairs whose cosine is positive, the mean target and
-marking shares (1: every such pixel pushed toward the oracle's source), the cosine between the
+marking shares (1: every such pixel pushed toward the oracle's source; the markings' also by day
+and by night apart, as visible light is the brighter source there by day only), the cosine between the
 meta-gradient and the sources' difference (near +-1: it asks only "the brighter source" or "the
 darker source" everywhere), the cosine to the oracle of what is left once that part is removed,
 and how many pairs an outer step would have to average for the sign of its cosine to match the
@@ -95,6 +96,12 @@ def brightness_objective(classes: tuple[int, ...], sign: float) -> Callable[[Ten
     return loss
 
 
+def _mean_of_present(values: list[float]) -> float:
+    """The mean over the values that are not ``nan`` (``nan`` when none is: a region no pair holds)."""
+    present = [v for v in values if not np.isnan(v)]
+    return float(np.mean(present)) if present else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds (scenes, networks, pairs)")
@@ -116,7 +123,8 @@ def main() -> None:
     print(f"demo options: {' '.join(extra) or '(defaults)'}; {args.pairs} pairs per row")
     print(
         "\n| seed | T's virtual step | judge trained on | judge mIoU | cos to oracle, mean (sd) | pairs with cos > 0 "
-        "| target share | marking share | cos to brighter source | residual cos to oracle | pairs to average |"
+        "| target share | marking share (day, night) | cos to brighter source | residual cos to oracle "
+        "| pairs to average |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     started = time.time()
@@ -165,8 +173,10 @@ def main() -> None:
                 print(
                     f"| {seed} | {adaptation if judge else '-'} | {name} | {skill} | {mean:+.2f} ({sd:.2f}) "
                     f"| {(cos > 0).mean():.2f} "
-                    f"| {np.nanmean([r['target_share'] for r in rows]):+.2f} "
-                    f"| {np.nanmean([r['marking_share'] for r in rows]):+.2f} "
+                    f"| {_mean_of_present([r['target_share'] for r in rows]):+.2f} "
+                    f"| {_mean_of_present([r['marking_share'] for r in rows]):+.2f} "
+                    f"({_mean_of_present([r['marking_share_day'] for r in rows]):+.2f}, "
+                    f"{_mean_of_present([r['marking_share_night'] for r in rows]):+.2f}) "
                     f"| {np.mean([r['cos_to_brighter'] for r in rows]):+.2f} "
                     f"| {np.mean([r['residual_cos_to_oracle'] for r in rows]):+.2f} | {needed:.0f} |",
                     flush=True,

@@ -90,6 +90,18 @@ def test_weights_at_reads_the_brighter_source_at_markings() -> None:
     assert w["marking_visible"] == pytest.approx(0.2, abs=1e-5)
     assert w["marking_brighter_day"] == pytest.approx(0.2, abs=0.02)
     assert w["marking_brighter_night"] == pytest.approx(0.8, abs=0.02)
+    assert w["marking_surround_visible"] == pytest.approx(0.2, abs=1e-5)
+
+
+def test_the_marking_surround_is_the_background_beside_a_marking() -> None:
+    mask = np.zeros((9, 12), np.int64)
+    mask[4, 5] = 3
+    mask[4, 7] = 1  # a target pixel beside the marking is not road
+    surround = study._marking_surround(mask)
+    expected = np.zeros_like(surround)
+    expected[1:8, 2:9] = True
+    expected[4, 5] = expected[4, 7] = False
+    np.testing.assert_array_equal(surround, expected)
 
 
 def test_paired_interval_is_the_student_t_interval() -> None:
@@ -150,3 +162,11 @@ def test_oracle_agreement_reads_the_probe_direction(tmp_path, virtual_step: str)
     assert bool(targets.any()) and bool((toward[targets] > 0).all()) and bool((toward[masks == 3] < 0).all())
     expected = float(descent[targets].sum() / descent[targets].abs().sum())
     assert agreement["target_share"] == pytest.approx(expected, rel=1e-5)
+    night = torch.tensor([name.endswith("N") for name in pair[0]["name"]]).view(-1, 1, 1)
+    for key, scenes_of in (("marking_share_day", ~night), ("marking_share_night", night)):
+        pixels = (masks == 3) & scenes_of
+        if bool(pixels.any()):  # toward visible light: the descent's negative part on w_a - w_b
+            share = float(-descent[pixels].sum() / descent[pixels].abs().sum())
+            assert agreement[key] == pytest.approx(share, rel=1e-5)
+        else:
+            assert np.isnan(agreement[key])

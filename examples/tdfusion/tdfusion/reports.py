@@ -169,6 +169,8 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         f"{w['marking_visible_night']:.2f} |",
         f"| the brighter source on markings | {w['marking_brighter']:.2f} | {w['marking_brighter_day']:.2f} | "
         f"{w['marking_brighter_night']:.2f} |",
+        f"| w_visible beside the markings (3 pixels) | {w['marking_surround_visible']:.2f} | "
+        f"{w['marking_surround_visible_day']:.2f} | {w['marking_surround_visible_night']:.2f} |",
         f"| w_infrared on the background | {w['background_infrared']:.2f} | {w['background_infrared_day']:.2f} | "
         f"{w['background_infrared_night']:.2f} |",
         "",

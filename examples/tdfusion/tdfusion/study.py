@@ -182,14 +182,26 @@ def scene_weights(loss: LearnableLoss, scene: Scene) -> np.ndarray:
     return loss.weights([to_unit(scene.a).to(device), to_unit(scene.b).to(device)])[0].float().cpu().numpy()
 
 
-_WEIGHT_REGIONS: dict[str, tuple[tuple[int, ...], int | str]] = {
-    "target_infrared": ((1, 2), 0),
-    "marking_visible": ((3,), 1),
-    "marking_brighter": ((3,), "brighter"),
-    "background_infrared": ((0,), 0),
+def _classes(*classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda mask: np.isin(mask, classes)
+
+
+def _marking_surround(mask: np.ndarray, reach: int = 3) -> np.ndarray:
+    """Background pixels within ``reach`` pixels (a square) of a marking: the road beside it."""
+    from scipy.ndimage import binary_dilation
+
+    return np.asarray(binary_dilation(mask == 3, np.ones((2 * reach + 1,) * 2, bool))) & (mask == 0)
+
+
+_WEIGHT_REGIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], int | str]] = {
+    "target_infrared": (_classes(1, 2), 0),
+    "marking_visible": (_classes(3), 1),
+    "marking_brighter": (_classes(3), "brighter"),
+    "marking_surround_visible": (_marking_surround, 1),
+    "background_infrared": (_classes(0), 0),
 }
-"""``weights_at``'s regions: name -> (segmentation classes, source whose weight is averaged: 0
-infrared, 1 visible, ``"brighter"`` whichever source is brighter at that pixel)."""
+"""``weights_at``'s regions: name -> (the pixels, from the label mask; the source whose weight is
+averaged: 0 infrared, 1 visible, ``"brighter"`` whichever source is brighter at that pixel)."""
 
 
 def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]:
@@ -201,6 +213,8 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         ``marking_brighter``: mean weight of the brighter source over marking pixels (the visible
         paint by day, the infrared road at night: what a fresh task network rewards there,
         ``benchmarks/oracle_weights.py``'s ``oracle_hiding_markings_brighter``);
+        ``marking_surround_visible``: mean ``w_visible`` over the background within 3 pixels of
+        a marking (does the map tell a marking from the road beside it?);
         ``background_infrared``: mean ``w_infrared`` over background pixels (class 0, the
         look-alikes included: a per-pixel map differs there from its targets); the same with
         ``_day`` / ``_night`` suffixes over light and dark scenes apart (``nan`` where a group
@@ -212,8 +226,8 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         mask = s.label_mask()
         when = _day_or_night(s.name)
         brighter = np.where(s.a > s.b, w[0], w[1])
-        for key, (classes, source) in _WEIGHT_REGIONS.items():
-            pixels, values = np.isin(mask, classes), (brighter if source == "brighter" else w[source])
+        for key, (select, source) in _WEIGHT_REGIONS.items():
+            pixels, values = select(mask), (brighter if source == "brighter" else w[source])
             for name in (key, f"{key}_{when}"):
                 total = sums.setdefault(name, [0.0, 0.0])
                 total[0] += float(values[pixels].sum())
@@ -277,7 +291,9 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         ``target_share`` and ``marking_share``: over hot-target (resp. marking) pixels, the
         descent's signed mass toward the oracle's source (infrared, resp. visible) divided by its
         absolute mass, in ``[-1, 1]`` (1: every such pixel is pushed toward the oracle; ``nan``
-        where the batch has no such pixel); ``cos_to_brighter``: the cosine, over all pixels,
+        where the batch has no such pixel); ``marking_share_day`` and ``marking_share_night``: the
+        same over the markings of light and of dark scenes apart (visible light is the brighter
+        source there by day, the infrared road at night); ``cos_to_brighter``: the cosine, over all pixels,
         between the descent and the sources' difference ``a - b`` (1: the map moves toward
         whichever source is brighter, in proportion to how much brighter; -1: toward the darker;
         near either, one brightness preference is all the meta-gradient says);
@@ -290,7 +306,14 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
     labelled = masks > 0
     t, d = toward[labelled], descent[labelled]
     result = {"cos_to_oracle": _cosine(t, d)}
-    for key, pixels, sign in (("target_share", (masks == 1) | (masks == 2), 1.0), ("marking_share", masks == 3, -1.0)):
+    night = torch.tensor([_day_or_night(n) == "night" for n in train_batch["name"]]).view(-1, 1, 1)
+    markings = masks == 3
+    for key, pixels, sign in (
+        ("target_share", (masks == 1) | (masks == 2), 1.0),
+        ("marking_share", markings, -1.0),
+        ("marking_share_day", markings & ~night, -1.0),
+        ("marking_share_night", markings & night, -1.0),
+    ):
         v = descent[pixels] * sign
         mass = float(v.abs().sum())
         result[key] = float(v.sum()) / mass if mass > 0 else float("nan")
