@@ -82,10 +82,10 @@ def test_weights_at_reads_a_constant_loss_as_one_half() -> None:
 def test_weights_at_reads_the_brighter_source_at_markings() -> None:
     """With w_infrared = 0.8 everywhere, the brighter source at a marking gets 0.2 by day (the
     visible paint is brighter) and 0.8 at night (the infrared road is brighter than the dimmed paint)."""
-    loss = tdfusion_loss(GlobalWeights(2), weights="softmax")
+    generator = GlobalWeights(2)
     with torch.no_grad():
-        loss.generator.logits.copy_(torch.tensor([np.log(0.8), np.log(0.2)]))
-    w = weights_at(loss, make_scenes(4, size=(48, 64)))
+        generator.logits.copy_(torch.tensor([np.log(0.8), np.log(0.2)]))
+    w = weights_at(tdfusion_loss(generator, weights="softmax"), make_scenes(4, size=(48, 64)))
     assert w["target_infrared"] == pytest.approx(0.8, abs=1e-5)
     assert w["marking_visible"] == pytest.approx(0.2, abs=1e-5)
     assert w["marking_brighter_day"] == pytest.approx(0.2, abs=0.02)
