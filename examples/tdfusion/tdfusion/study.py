@@ -10,7 +10,8 @@ benchmark (``benchmarks/learned_vs_fixed.py``) and the demo share:
 - ``downstream_miou`` is the paper's protocol (section 4.3) on those images: a fresh
   SegFormer-b0 trained on the fused training scenes, scored on the fused test scenes;
 - ``weights_at`` says where a learned loss puts its weight: the mean infrared weight on
-  hot-target pixels and the mean visible weight on marking pixels, by day and by night;
+  hot-target pixels, the mean visible weight (and that of the brighter source) on marking
+  pixels and beside them, by day and by night;
 - ``map_directions`` and ``oracle_agreement`` say, for one (meta-train, meta-test) pair, what
   the meta-gradient asks of the weight map beside what the oracle asks
   (``benchmarks/meta_gradient_direction.py`` measures it pair by pair);
