@@ -169,19 +169,25 @@ def main() -> None:
         "eager, channels-last, bf16 autocast (opt-in)": bf16_autocast(channels_last(network())),
         "torch.compile, bf16 autocast (opt-in)": bf16_autocast(torch.compile(network())),
     }
-    try:  # the deploy extra
-        from metaloss.fusion.export import OnnxFusion, export_onnx
 
-        onnx_file = export_onnx(network(), Path(tempfile.mkdtemp()) / "refusion.onnx")
-        variants["onnxruntime (exported)"] = OnnxFusion(onnx_file, threads=args.threads)
-        fast_file = export_onnx(network(precise_attention=False), Path(tempfile.mkdtemp()) / "refusion32.onnx")
-        variants["onnxruntime, float32 attention reductions"] = OnnxFusion(fast_file, threads=args.threads)
-        if args.onnx_profile:
-            onnx_profile(fast_file, x, args.threads)
-    except ImportError:
-        print("(onnxruntime not installed: pip install -e '.[deploy]')")
-    if args.only:
-        variants = {k: v for k, v in variants.items() if any(t in k for t in args.only)}
+    def wanted(name: str) -> bool:
+        return not args.only or any(text in name for text in args.only)
+
+    variants = {name: fn for name, fn in variants.items() if wanted(name)}
+    onnx_names = ("onnxruntime (exported)", "onnxruntime, float32 attention reductions")
+    if any(wanted(name) for name in onnx_names):  # else left out by --only: no export
+        try:  # the deploy extra
+            from metaloss.fusion.export import OnnxFusion, export_onnx
+
+            onnx_file = export_onnx(network(), Path(tempfile.mkdtemp()) / "refusion.onnx")
+            fast_file = export_onnx(network(precise_attention=False), Path(tempfile.mkdtemp()) / "refusion32.onnx")
+            for name, path in zip(onnx_names, (onnx_file, fast_file)):
+                if wanted(name):
+                    variants[name] = OnnxFusion(path, threads=args.threads)
+            if args.onnx_profile:
+                onnx_profile(fast_file, x, args.threads)
+        except ImportError:
+            print("(onnxruntime not installed: pip install -e '.[deploy]')")
     network_seconds: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in variants.items():

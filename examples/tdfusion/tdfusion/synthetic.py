@@ -175,18 +175,17 @@ def oracle_weights(
     """
     if marking not in MARKING_CHOICES:
         raise ValueError(f"marking={marking!r}: choose from {MARKING_CHOICES}")
-    if marking == "brighter" and (a is None or b is None):
-        raise ValueError("marking='brighter' needs the sources a and b")
     w_a = np.full(mask.shape, 0.5, np.float32)
     if a is not None and b is not None:
         w_a = (a < b).astype(np.float32)
     w_a[(mask == 1) | (mask == 2)] = 1.0
     markings = mask == 3
-    if marking == "brighter":
-        assert a is not None and b is not None
-        w_a[markings] = (a > b)[markings]
-    else:
+    if marking != "brighter":
         w_a[markings] = {"visible": 0.0, "infrared": 1.0, "half": 0.5}[marking]
+    elif a is None or b is None:
+        raise ValueError("marking='brighter' needs the sources a and b")
+    else:
+        w_a[markings] = (a > b)[markings]
     return np.stack([w_a, 1.0 - w_a])
 
 
