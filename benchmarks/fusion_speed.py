@@ -6,7 +6,8 @@ the eager reference measured in the same run, and its largest difference from th
 output (the target is 1e-5 at the default precision).
 
 The reference is the straightforward eager network in a process with glibc's default ``malloc``
-(as the released implementation runs): it is timed first, in a child process. Every other
+(as the released implementation runs), its channel attention in the textbook order that
+``ReFusion`` keeps for training (``textbook_attention``): it is timed first, in a child process. Every other
 variant runs in this process with ``metaloss.allocator.retain_freed_memory()`` applied, as
 ``run.py`` applies it (``--malloc default`` leaves this process's allocator alone too).
 
@@ -20,21 +21,24 @@ a released MSRS test pair, per pair, beside the network alone on the same backen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from malloc_option import add_malloc_option, apply_malloc_option
 from timing import median_seconds
 from torch import Tensor
 
-from metaloss.fusion import ReFusion, load_released_weights
+from metaloss.fusion import ReFusion, load_released_weights, networks
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = DATA / "ReFusion" / "ReFusion_IVIF.pth"
@@ -44,6 +48,31 @@ MSRS_PAIR = (DATA / "MSRS" / "test" / "ir" / "00055D.png", DATA / "MSRS" / "test
 def network(precise_attention: bool = True) -> torch.nn.Module:
     model = ReFusion(precise_attention=precise_attention)
     return (load_released_weights(model, WEIGHTS) if WEIGHTS.is_file() else model).eval()
+
+
+@contextlib.contextmanager
+def textbook_attention() -> Iterator[None]:
+    """Inside: ``ReFusion``'s attention in the order it keeps where a graph is recorded (one
+    float64 Gram product per head, the output projection after), instead of its inference order
+    (``networks._banded_attention``): the straightforward network, as the reference runs it."""
+
+    def textbook(
+        q: Tensor, k: Tensor, v: Tensor, heads: int, t: Tensor, w: Tensor, res: Tensor, precise: bool
+    ) -> Tensor:
+        return res + F.conv2d(networks._transposed_attention(q, k, v, heads, t, precise), w)
+
+    with mock.patch.object(networks, "_projected_attention", textbook):
+        yield
+
+
+def with_textbook_attention(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``model`` called inside ``textbook_attention`` (a compiled ``model`` is traced inside it too)."""
+
+    def run(x: Tensor) -> Tensor:
+        with textbook_attention():
+            return model(x)
+
+    return run
 
 
 def bf16_autocast(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -144,7 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x = torch.rand(1, 2, *args.size, generator=torch.Generator().manual_seed(0))
     if args.reference_only:
-        with torch.inference_mode():
+        with torch.inference_mode(), textbook_attention():
             seconds, out = median_seconds(functools.partial(network(), x), args.repeats)
         torch.save({"seconds": seconds, "output": out}, args.reference_only)
         return
@@ -160,7 +189,11 @@ def main() -> None:
         "eager, float32 attention reductions": network(precise_attention=False),
         "torch.compile": torch.compile(network()),
         "eager, channels-last": channels_last(network()),
+        "eager, channels-last, textbook attention": with_textbook_attention(channels_last(network())),
         "torch.compile, channels-last": torch.compile(channels_last(network())),
+        "torch.compile, channels-last, textbook attention": with_textbook_attention(
+            torch.compile(channels_last(network()))
+        ),
         "torch.compile, channels-last, float32 attention reductions": torch.compile(
             channels_last(network(precise_attention=False))
         ),

@@ -23,7 +23,13 @@ from metaloss.fusion import (
     tdfusion_loss,
 )
 from metaloss.fusion.image_io import blend_chroma, read_grey, read_ycrcb
-from metaloss.fusion.networks import _cosine_gram, _transposed_attention
+from metaloss.fusion.networks import (
+    _BAND_PIXELS,
+    _banded_attention,
+    _cosine_gram,
+    _projected_attention,
+    _transposed_attention,
+)
 from metaloss.meta_step import SecondOrder
 
 
@@ -141,6 +147,81 @@ def test_meta_gradient_through_the_float32_networks_matches_the_textbook_attenti
     assert textbook.norm() > 0
     for gradient in ours:
         assert float((gradient - textbook).norm() / textbook.norm()) < 1e-5
+
+
+def _textbook_projected(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """The projected attention plus its residual, all in float64 by the textbook form."""
+    attended = _normalised_attention(*(x.double() for x in (q, k, v)), 8, t.double())
+    return residual.double() + torch.nn.functional.conv2d(attended, weight.double())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize(
+    "size",
+    [(7, 5), (64, _BAND_PIXELS // 64), (67, 71)],
+    ids=["under-one-band", "one-band-exactly", "bands-and-a-remainder"],
+)
+@pytest.mark.parametrize(("batch", "channels"), [(1, 32), (2, 16)])
+@pytest.mark.parametrize(("precise", "tolerance"), [(True, 1e-6), (False, 1e-5)], ids=["precise", "float32"])
+def test_inference_attention_matches_the_textbook_form(
+    channels_last: bool, size: tuple[int, int], batch: int, channels: int, precise: bool, tolerance: float
+) -> None:
+    """The inference order (the attention summed in float32 bands, the projection and the residual
+    folded in): the float64 textbook value within float32 rounding, for either memory layout
+    (kept in the output), whole bands or not, any batch."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, residual = (torch.randn(batch, channels, *size, generator=g) + 0.3 for _ in range(4))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    q, k, v, residual = (x.contiguous(memory_format=layout) for x in (q, k, v, residual))
+    t, weight = torch.rand(8, 1, 1, generator=g) + 0.5, torch.randn(channels, channels, 1, 1, generator=g)
+    ours = _banded_attention(q, k, v, 8, t, weight, residual, precise)
+    textbook = _textbook_projected(q, k, v, t, weight, residual)
+    assert ours.dtype == torch.float32 and ours.is_contiguous(memory_format=layout)
+    assert float((ours.double() - textbook).abs().max() / textbook.abs().max()) < tolerance
+
+
+def test_attention_takes_the_inference_order_only_where_no_graph_is_recorded() -> None:
+    g = torch.Generator().manual_seed(2)
+    q, k, v, residual = (torch.randn(1, 16, 30, 20, generator=g) for _ in range(4))
+    t, weight = torch.rand(8, 1, 1, generator=g) + 0.5, torch.randn(16, 16, 1, 1, generator=g, requires_grad=True)
+    banded = _banded_attention(q, k, v, 8, t, weight, residual).detach()
+    textbook = (residual + torch.nn.functional.conv2d(_transposed_attention(q, k, v, 8, t), weight)).detach()
+    assert not torch.equal(banded, textbook)  # the two orders round differently
+    with torch.no_grad():
+        assert torch.equal(_projected_attention(q, k, v, 8, t, weight, residual), banded)
+    recorded = _projected_attention(q, k, v, 8, t, weight, residual)
+    assert recorded.requires_grad and torch.equal(recorded.detach(), textbook)
+
+
+def test_inference_attention_under_bf16_autocast_sums_in_float32() -> None:
+    """Under CPU bf16 autocast the whole-image sums still run in float32 and float64: the result
+    stays within bf16 rounding of the float64 textbook value."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v, residual = (torch.randn(1, 16, 40, 120, generator=g) for _ in range(4))
+    t, weight = torch.rand(8, 1, 1, generator=g) + 0.5, torch.randn(16, 16, 1, 1, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _projected_attention(*(x.bfloat16() for x in (q, k, v)), 8, t, weight, residual.bfloat16())
+    textbook = _textbook_projected(q, k, v, t, weight, residual)
+    assert float((ours.double() - textbook).abs().max() / textbook.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_refusion_infers_what_it_trains_on(shared_data: Path, channels_last: bool) -> None:
+    """The released ReFusion on an MSRS pair (120 x 160): the inference order (no graph) and the
+    training order (a graph recorded) give the same image within 1e-6."""
+    model = load_released_weights(ReFusion(), shared_data / "ReFusion" / "ReFusion_IVIF.pth").eval()
+    a = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/infrared/00906N.png")[..., 0] / 255
+    b = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/visible/00906N.png")[..., 0] / 255
+    x = torch.from_numpy(np.stack([a, b])[None]).float()
+    x = torch.nn.functional.interpolate(x, size=(120, 160), mode="area")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        inferred = model(x)
+    trained = model(x).detach()  # the parameters require grad: the graph-recording order
+    assert float((inferred - trained).abs().max()) < 1e-6
 
 
 def test_released_medical_weights_load(shared_data: Path) -> None:
