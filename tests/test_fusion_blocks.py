@@ -153,7 +153,8 @@ def _textbook_projected(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
 ) -> torch.Tensor:
     """The projected attention plus its residual, all in float64 by the textbook form."""
-    attended = _normalised_attention(*(x.double() for x in (q, k, v)), 8, t.double())
+    q, k, v = (x.double() for x in (q, k, v))
+    attended = _normalised_attention(q, k, v, 8, t.double())
     return residual.double() + torch.nn.functional.conv2d(attended, weight.double())
 
 
@@ -202,7 +203,8 @@ def test_inference_attention_under_bf16_autocast_sums_in_float32() -> None:
     q, k, v, residual = (torch.randn(1, 16, 40, 120, generator=g) for _ in range(4))
     t, weight = torch.rand(8, 1, 1, generator=g) + 0.5, torch.randn(16, 16, 1, 1, generator=g)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = _projected_attention(*(x.bfloat16() for x in (q, k, v)), 8, t, weight, residual.bfloat16())
+        qb, kb, vb, rb = (x.bfloat16() for x in (q, k, v, residual))
+        ours = _projected_attention(qb, kb, vb, 8, t, weight, rb)
     textbook = _textbook_projected(q, k, v, t, weight, residual)
     assert float((ours.double() - textbook).abs().max() / textbook.abs().max()) < 2e-2
 
