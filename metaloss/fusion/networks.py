@@ -111,8 +111,10 @@ def _banded_attention(
        ``C_out x C`` matrix applied to ``v`` by a product that adds the residual as it writes
        (``baddbmm``), so neither the attended values nor the projection are written out apart.
 
-    Products run on views of the pixel-major (channels-last) or channel-major layout as given,
-    with no copies, and the result keeps that layout.
+    Products run on views of the pixel-major (channels-last) or channel-major layout as given
+    (no copies of float32 inputs), and the result keeps that layout. Measured on a 480 x 640 pair
+    on 2 CPU cores: 1.7x less time for the whole network than the textbook order, eager or
+    compiled (``docs/benchmarks.md``).
     """
     b, c, h, w = q.shape
     wide = torch.float64 if q.dtype == torch.float32 else torch.promote_types(q.dtype, torch.float32)
@@ -344,7 +346,12 @@ class ReFusion(nn.Module):
         heads: attention heads (8).
         expansion: FFN expansion (2).
         precise_attention: accumulate the attention's whole-image reductions in float64 for
-            float32 inputs (reproduces the released outputs within 1e-5; ~16% slower at 640x480).
+            float32 inputs (reproduces the released outputs within 1e-5; ~16% slower at 640x480
+            where a graph is recorded; at inference the float32 bands are summed in float64,
+            at no measurable cost).
+
+    At inference (no graph recorded) the attention runs in a faster order of the same
+    arithmetic, within float32 rounding of the training order (``_banded_attention``).
 
     Examples:
         >>> import torch
