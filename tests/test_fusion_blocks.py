@@ -97,8 +97,11 @@ def test_precise_attention_matches_the_textbook_form(grad_enabled: bool) -> None
             curvature = torch.stack([(g**2 * g.detach().cos()).sum() for g in grads]).sum()
             row += torch.autograd.grad(curvature, inputs)
         results.append(row)
-    for ours, textbook in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(ours, textbook, rtol=1e-5, atol=1e-6 * float(textbook.abs().max()))
+    # The second derivatives pass through more operations in a different order: some ulps more of
+    # their largest entry (1.6e-6 of it on a CPU with AMX, against 8e-8 for the first derivatives).
+    for i, (ours, textbook) in enumerate(zip(results[1], results[0], strict=True)):
+        scale = 1e-5 if i >= 5 else 1e-6
+        torch.testing.assert_close(ours, textbook, rtol=1e-5, atol=scale * float(textbook.abs().max()))
 
 
 def test_precise_attention_keeps_its_float32_inputs_for_the_backward() -> None:

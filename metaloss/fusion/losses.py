@@ -91,7 +91,7 @@ def gradient_loss(fused: Tensor, sources: Sequence[Tensor], form: LossForm = "pa
     Examples:
         >>> import torch
         >>> a, b = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
-        >>> float(gradient_loss(a, [a, a]))  # zero when F has the sources' strongest gradient
+        >>> round(float(gradient_loss(a, [a, a])), 6)  # zero when F has the sources' strongest gradient
         0.0
         >>> float(gradient_loss(a, [a, b])) > 0
         True
@@ -139,7 +139,7 @@ class GradientTerm(nn.Module):
         >>> import torch
         >>> term = GradientTerm(form="released")  # the released code's form; "paper" is the default
         >>> a = torch.rand(1, 1, 8, 8)
-        >>> float(term(a, [a, torch.zeros_like(a)], torch.full((1, 2, 8, 8), 0.5)))  # the weights are ignored
+        >>> round(float(term(a, [a, torch.zeros_like(a)], torch.full((1, 2, 8, 8), 0.5))), 6)  # the weights are ignored
         0.0
     """
 
