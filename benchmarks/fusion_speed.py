@@ -51,25 +51,36 @@ def network(precise_attention: bool = True) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
+def whole_image() -> Iterator[None]:
+    """Inside: ``ReFusion``'s blocks run on the whole image at once, as where a graph is
+    recorded, instead of in bands of rows (``metaloss.fusion.bands``)."""
+    with mock.patch.object(networks, "_in_bands", lambda *_: False):
+        yield
+
+
+@contextlib.contextmanager
 def textbook_attention() -> Iterator[None]:
-    """Inside: ``ReFusion``'s attention in the order it keeps where a graph is recorded (one
-    float64 Gram product per head, the output projection after), instead of its inference order
-    (``networks._banded_attention``): the straightforward network, as the reference runs it."""
+    """Inside: ``ReFusion`` in the order it keeps where a graph is recorded: whole images
+    (``whole_image``) and the attention as one float64 Gram product per head, the output
+    projection after, instead of its inference order (``networks._banded_attention``): the
+    straightforward network, as the reference runs it."""
 
     def textbook(
         q: Tensor, k: Tensor, v: Tensor, heads: int, t: Tensor, w: Tensor, res: Tensor, precise: bool
     ) -> Tensor:
         return res + F.conv2d(networks._transposed_attention(q, k, v, heads, t, precise), w)
 
-    with mock.patch.object(networks, "_projected_attention", textbook):
+    with whole_image(), mock.patch.object(networks, "_projected_attention", textbook):
         yield
 
 
-def with_textbook_attention(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """``model`` called inside ``textbook_attention`` (a compiled ``model`` is traced inside it too)."""
+def inside(
+    context: Callable[[], contextlib.AbstractContextManager[None]], model: Callable[[Tensor], Tensor]
+) -> Callable[[Tensor], Tensor]:
+    """``model`` called inside ``context()`` (a compiled ``model`` is traced inside it too)."""
 
     def run(x: Tensor) -> Tensor:
-        with textbook_attention():
+        with context():
             return model(x)
 
     return run
@@ -189,10 +200,11 @@ def main() -> None:
         "eager, float32 attention reductions": network(precise_attention=False),
         "torch.compile": torch.compile(network()),
         "eager, channels-last": channels_last(network()),
-        "eager, channels-last, textbook attention": with_textbook_attention(channels_last(network())),
+        "eager, channels-last, whole image": inside(whole_image, channels_last(network())),
+        "eager, channels-last, whole image, textbook attention": inside(textbook_attention, channels_last(network())),
         "torch.compile, channels-last": torch.compile(channels_last(network())),
-        "torch.compile, channels-last, textbook attention": with_textbook_attention(
-            torch.compile(channels_last(network()))
+        "torch.compile, channels-last, textbook attention": inside(
+            textbook_attention, torch.compile(channels_last(network()))
         ),
         "torch.compile, channels-last, float32 attention reductions": torch.compile(
             channels_last(network(precise_attention=False))
@@ -200,6 +212,9 @@ def main() -> None:
         "torch.compile max-autotune, channels-last": torch.compile(channels_last(network()), mode="max-autotune"),
         "eager, bf16 autocast (opt-in)": bf16_autocast(network()),
         "eager, channels-last, bf16 autocast (opt-in)": bf16_autocast(channels_last(network())),
+        "eager, channels-last, whole image, bf16 autocast (opt-in)": inside(
+            whole_image, bf16_autocast(channels_last(network()))
+        ),
         "torch.compile, bf16 autocast (opt-in)": bf16_autocast(torch.compile(network())),
     }
 

@@ -24,6 +24,7 @@ MODULES = [
     "metaloss.allocator",
     "metaloss.fusion.losses",
     "metaloss.fusion.networks",
+    "metaloss.fusion.bands",
     "metaloss.fusion.image_io",
     "metaloss.fusion.metrics",
     "metaloss.fusion.export",

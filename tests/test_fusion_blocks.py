@@ -22,9 +22,9 @@ from metaloss.fusion import (
     sobel,
     tdfusion_loss,
 )
+from metaloss.fusion.bands import BAND_PIXELS
 from metaloss.fusion.image_io import blend_chroma, read_grey, read_ycrcb
 from metaloss.fusion.networks import (
-    _BAND_PIXELS,
     _banded_attention,
     _cosine_gram,
     _projected_attention,
@@ -164,7 +164,7 @@ def _textbook_projected(
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize(
     "size",
-    [(7, 5), (64, _BAND_PIXELS // 64), (67, 71)],
+    [(7, 5), (64, BAND_PIXELS // 64), (67, 71)],
     ids=["under-one-band", "one-band-exactly", "bands-and-a-remainder"],
 )
 @pytest.mark.parametrize(("batch", "channels"), [(1, 32), (2, 16)])

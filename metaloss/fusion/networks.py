@@ -16,7 +16,6 @@ References:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from metaloss.checkpoint import load_weights_file
+from metaloss.fusion.bands import (
+    BandedTensor,
+    ChannelAttentionSums,
+    band_rows,
+    memory_format_of,
+    mix_into,
+    row_bands,
+)
 
 __all__ = ["LossGenerator", "ReFusion", "RestormerBlock", "load_released_weights"]
 
@@ -83,10 +90,6 @@ def _projected_attention(
     return _banded_attention(q, k, v, heads, temperature, weight, residual, precise)
 
 
-_BAND_PIXELS = 4096
-"""Pixels per band in ``_banded_attention``'s whole-image sums (each band summed in float32)."""
-
-
 def _banded_attention(
     q: Tensor,
     k: Tensor,
@@ -101,59 +104,26 @@ def _banded_attention(
 
     Three changes to the textbook order, each measured with ``benchmarks/fusion_speed.py``:
 
-    1. The Gram matrix and the norms over all ``H*W`` pixels are summed in bands of
-       ``_BAND_PIXELS`` pixels by one batched product at the inputs' precision (float32), and the
-       band sums added in the wide dtype (float64): blocked summation, as accurate here as a
-       float64 sum (the released outputs within 1e-6) without float64 copies of ``q`` and ``k``.
+    1. The Gram matrix and the norms over all ``H*W`` pixels are summed in blocks of
+       ``bands.BAND_PIXELS`` pixels by one batched product at the inputs' precision (float32),
+       and the block sums added in the wide dtype (float64): blocked summation, as accurate here
+       as a float64 sum (the released outputs within 1e-6) without float64 copies of ``q`` and
+       ``k`` (``bands.ChannelAttentionSums``).
     2. The product covers all ``C x C`` channel pairs, of which the heads' diagonal blocks are
        kept: one well-shaped product in place of ``heads`` products of ``C/heads`` rows.
     3. The output projection is folded into the attention: ``W blockdiag(A) v`` as one
        ``C_out x C`` matrix applied to ``v`` by a product that adds the residual as it writes
-       (``baddbmm``), so neither the attended values nor the projection are written out apart.
+       (``bands.mix_into``), so neither the attended values nor the projection are written out
+       apart.
 
     Products run on views of the pixel-major (channels-last) or channel-major layout as given
     (no copies of float32 inputs), and the result keeps that layout. Measured on a 480 x 640 pair
     on 2 CPU cores: 1.7x less time for the whole network than the textbook order, eager or
     compiled (``docs/benchmarks.md``).
     """
-    b, c, h, w = q.shape
-    wide = torch.float64 if q.dtype == torch.float32 else torch.promote_types(q.dtype, torch.float32)
-    band_dtype, wide = (torch.promote_types(q.dtype, torch.float32), wide) if precise else (q.dtype, q.dtype)
-    with torch.autocast(q.device.type, enabled=False):  # the sums at the precision chosen here
-        q_rows, k_rows = (_pixel_rows(t).to(band_dtype) for t in (q, k))
-        gram = _banded_sum(lambda x, y: x.transpose(-2, -1) @ y, q_rows, k_rows, wide)
-        norm_q, norm_k = (
-            _banded_sum(lambda x, _: torch.linalg.vector_norm(x, dim=-2).square(), t, t, wide).sqrt().clamp_min(1e-12)
-            for t in (q_rows, k_rows)
-        )
-    cosine = gram / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))  # (B, C, C); the heads' blocks:
-    per_head = c // heads
-    blocks = cosine.view(b, heads, per_head, heads, per_head).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-    attn = (blocks.to(q.dtype) * temperature).softmax(dim=-1)  # (B, heads, C/heads, C/heads)
-    mixing = torch.einsum("ohc,bhcd->bohd", weight.view(-1, heads, per_head), attn).flatten(2)  # (B, C_out, C)
-    if v.stride(1) == 1:  # channels-last: pixels are rows
-        out = torch.baddbmm(_pixel_rows(residual), _pixel_rows(v), mixing.transpose(-2, -1))
-        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
-    return torch.baddbmm(residual.reshape(b, -1, h * w), mixing, v.reshape(b, c, h * w)).view(b, -1, h, w)
-
-
-def _pixel_rows(t: Tensor) -> Tensor:
-    """``(B, C, H, W)`` as ``(B, H*W, C)``: a view for either memory layout."""
-    return t.permute(0, 2, 3, 1).flatten(1, 2)
-
-
-def _banded_sum(product: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, wide: torch.dtype) -> Tensor:
-    """``product(x, y)`` of ``(B, P, C)`` pixel rows, taken over bands of ``_BAND_PIXELS`` rows
-    (and the remainder) at the inputs' precision, the band results summed in ``wide``.
-
-    ``product`` sums over the pixel dimension (``-2``) and keeps leading batch dimensions.
-    """
-    pixels = x.shape[1]
-    full = pixels // _BAND_PIXELS * _BAND_PIXELS
-    bands = product(
-        *(t[:, :full].unflatten(1, (full // _BAND_PIXELS, _BAND_PIXELS)) for t in (x, y))
-    )  # (B, bands, ...)
-    return bands.to(wide).sum(1) + product(x[:, full:], y[:, full:]).to(wide)
+    sums = ChannelAttentionSums(precise)
+    sums.add(q, k)
+    return mix_into(residual, v, sums.mixing(heads, temperature, weight, q.dtype))
 
 
 def _cosine_gram(q: Tensor, k: Tensor, wide: torch.dtype) -> Tensor:
@@ -239,6 +209,19 @@ def _dwconv(channels: int) -> nn.Conv2d:
     return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
 
 
+_ALL = slice(None)
+
+
+def _in_bands(module: nn.Module, *inputs: Tensor) -> bool:
+    """Whether ``module`` runs band by band (``metaloss.fusion.bands``): at inference, where no
+    graph is recorded, and not while ``torch.compile`` traces it (whole tensors fuse better)."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t.requires_grad for t in inputs) and not any(p.requires_grad for p in module.parameters())
+
+
 class TransposedAttention(nn.Module):
     """Multi-head transposed self-attention (Restormer's MDTA)."""
 
@@ -251,9 +234,15 @@ class TransposedAttention(nn.Module):
         self.qkv_dwconv = _dwconv(dim * 3)
         self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
 
+    def qkv_of(self, x: Tensor, rows: slice = _ALL) -> Tensor:
+        """Queries, keys and values of ``x`` stacked on channels, at its ``rows`` (a band's own
+        rows within its halo)."""
+        qkv: Tensor = self.qkv_dwconv(self.qkv(x))[:, :, rows]
+        return qkv
+
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + attention(x)``: the residual is added in the same pass at inference."""
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = self.qkv_of(x).chunk(3, dim=1)
         weight = self.project_out.weight
         return _projected_attention(q, k, v, self.heads, self.temperature, weight, residual, self.precise)
 
@@ -268,13 +257,19 @@ class GatedFeedForward(nn.Module):
         self.dwconv = _dwconv(hidden * 2)
         self.project_out = nn.Conv2d(hidden, dim, 1, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+    def forward(self, x: Tensor, rows: slice = _ALL) -> Tensor:
+        """The network on ``x``, kept at its ``rows`` after the 3 x 3 convolution (a band's own
+        rows within its halo)."""
+        x1, x2 = self.dwconv(self.project_in(x))[:, :, rows].chunk(2, dim=1)
         return self.project_out(F.gelu(x1) * x2)
 
 
 class RestormerBlock(nn.Module):
     """``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
+
+    At inference (no graph recorded) a large image runs in bands of rows
+    (``metaloss.fusion.bands``): one pass for the attention's sums, one for the rest; the same
+    values within float32 rounding.
 
     Examples:
         >>> import torch
@@ -291,8 +286,26 @@ class RestormerBlock(nn.Module):
         self.ffn = GatedFeedForward(dim, expansion)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _in_bands(self, x):
+            return self._forward_in_bands(x)
         x = self.attn(self.norm1(x), residual=x)
         return x + self.ffn(self.norm2(x))
+
+    def _forward_in_bands(self, x: Tensor) -> Tensor:
+        c, bands = x.shape[1], row_bands(x.shape[-2], band_rows(x.shape[-1]))
+        attn = self.attn
+        sums = ChannelAttentionSums(attn.precise)
+        layout = memory_format_of(x)
+        values, out = BandedTensor(x.shape[-2], layout), BandedTensor(x.shape[-2], layout)
+        for band in bands:
+            qk, v = attn.qkv_of(self.norm1(x[:, :, band.lo : band.hi]), band.core).split([2 * c, c], dim=1)
+            sums.add_stacked(qk)
+            values.write(v, band)
+        mixing = sums.mixing(attn.heads, attn.temperature, attn.project_out.weight, x.dtype)
+        for band in bands:
+            y = mix_into(x[:, :, band.lo : band.hi], values.read(band), mixing)
+            out.write_sum(y[:, :, band.core], self.ffn(self.norm2(y), band.core), band)
+        return out.tensor
 
 
 def _stage(num_blocks: int, dim: int, heads: int, expansion: float, precise: bool) -> nn.Sequential:
@@ -301,7 +314,10 @@ def _stage(num_blocks: int, dim: int, heads: int, expansion: float, precise: boo
 
 
 class AdaptiveFusion(nn.Module):
-    """ReFusion's adaptive fusion module: cross transposed attention, then a gated merge."""
+    """ReFusion's adaptive fusion module: cross transposed attention, then a gated merge.
+
+    At inference (no graph recorded) a large image runs in bands of rows, as ``RestormerBlock``.
+    """
 
     def __init__(self, dim: int = 16, heads: int = 8, precise: bool = True) -> None:
         super().__init__()
@@ -325,16 +341,45 @@ class AdaptiveFusion(nn.Module):
         self.project_out2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=False)
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        if _in_bands(self, x1, x2):
+            return self._forward_in_bands(x1, x2)
         q1, k1, v1 = self.qkv1_dwconv(self.qkv1(x1)).chunk(3, dim=1)
         q2, k2, v2 = self.qkv2_dwconv(self.qkv2(x2)).chunk(3, dim=1)
         # Each stream's values are re-weighted by the other stream's queries.
         x1 = _projected_attention(q2, k1, v1, self.heads, self.temperature1, self.project_mid1.weight, x1, self.precise)
         x2 = _projected_attention(q1, k2, v2, self.heads, self.temperature2, self.project_mid2.weight, x2, self.precise)
+        first, second = self._merge_terms(x1, x2)
+        return first + second
+
+    def _merge_terms(self, x1: Tensor, x2: Tensor, rows: slice = _ALL) -> tuple[Tensor, Tensor]:
+        """The gated merge of the two attended streams as two terms whose sum it is, kept at
+        ``rows`` after the 3 x 3 convolutions (a band's own rows within its halo)."""
         out = torch.cat([x1, x2], dim=1)
-        g1, g2 = self.project_E_d(self.project_E(out)).chunk(2, dim=1)
-        x1 = F.gelu(g1) * self.project_E1_d(self.project_E1(x1))
-        x2 = F.gelu(g2) * self.project_E2_d(self.project_E2(x2))
-        return out + self.project_out1(x1) + self.project_out2(x2)
+        g1, g2 = self.project_E_d(self.project_E(out))[:, :, rows].chunk(2, dim=1)
+        x1 = F.gelu(g1) * self.project_E1_d(self.project_E1(x1))[:, :, rows]
+        x2 = F.gelu(g2) * self.project_E2_d(self.project_E2(x2))[:, :, rows]
+        return out[:, :, rows] + self.project_out1(x1), self.project_out2(x2)
+
+    def _forward_in_bands(self, x1: Tensor, x2: Tensor) -> Tensor:
+        bands = row_bands(x1.shape[-2], band_rows(x1.shape[-1]))
+        sums1, sums2 = ChannelAttentionSums(self.precise), ChannelAttentionSums(self.precise)
+        height, layout = x1.shape[-2], memory_format_of(x1)
+        values1, values2, out = (BandedTensor(height, layout) for _ in range(3))
+        for band in bands:
+            rows = slice(band.lo, band.hi)
+            q1, k1, v1 = self.qkv1_dwconv(self.qkv1(x1[:, :, rows]))[:, :, band.core].chunk(3, dim=1)
+            q2, k2, v2 = self.qkv2_dwconv(self.qkv2(x2[:, :, rows]))[:, :, band.core].chunk(3, dim=1)
+            sums1.add(q2, k1)  # each stream's values re-weighted by the other stream's queries
+            sums2.add(q1, k2)
+            values1.write(v1, band)
+            values2.write(v2, band)
+        mixing1 = sums1.mixing(self.heads, self.temperature1, self.project_mid1.weight, x1.dtype)
+        mixing2 = sums2.mixing(self.heads, self.temperature2, self.project_mid2.weight, x2.dtype)
+        for band in bands:
+            y1 = mix_into(x1[:, :, band.lo : band.hi], values1.read(band), mixing1)
+            y2 = mix_into(x2[:, :, band.lo : band.hi], values2.read(band), mixing2)
+            out.write_sum(*self._merge_terms(y1, y2, band.core), band)
+        return out.tensor
 
 
 class ReFusion(nn.Module):
@@ -350,8 +395,9 @@ class ReFusion(nn.Module):
             where a graph is recorded; at inference the float32 bands are summed in float64,
             at no measurable cost).
 
-    At inference (no graph recorded) the attention runs in a faster order of the same
-    arithmetic, within float32 rounding of the training order (``_banded_attention``).
+    At inference (no graph recorded, and not under ``torch.compile``) the blocks run a large
+    image in bands of rows (``metaloss.fusion.bands``) and the attention in a faster order of
+    the same arithmetic (``_banded_attention``), within float32 rounding of the training order.
 
     Examples:
         >>> import torch

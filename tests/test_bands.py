@@ -1,0 +1,145 @@
+"""Inference in row bands (``metaloss.fusion.bands``): the blocks give the whole image's values
+band by band, for any band height, layout, batch and precision; training never bands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, networks
+from metaloss.fusion.bands import BandedTensor, row_bands
+from metaloss.fusion.image_io import read_ycrcb
+from metaloss.fusion.networks import AdaptiveFusion, RestormerBlock
+
+
+@pytest.mark.parametrize("height", [1, 2, 5, 31, 32, 33, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 32, 100])
+def test_row_bands_cover_each_row_once_with_their_halos(height: int, rows: int) -> None:
+    bands = row_bands(height, rows)
+    assert [r for b in bands for r in range(b.start, b.stop)] == list(range(height))
+    for band in bands:
+        assert 0 < band.stop - band.start <= rows
+        assert (band.lo, band.hi) == (max(0, band.start - 1), min(height, band.stop + 1))
+        assert band.core.stop - band.core.start == band.stop - band.start
+
+
+def test_row_bands_refuse_a_band_of_no_rows() -> None:
+    with pytest.raises(ValueError, match="rows must be at least 1"):
+        row_bands(10, 0)
+
+
+def test_a_single_band_is_kept_without_a_copy() -> None:
+    values = torch.rand(1, 3, 4, 5)
+    banded = BandedTensor(4, torch.contiguous_format)
+    (band,) = row_bands(4, 4)
+    banded.write(values, band)
+    assert banded.tensor is values
+
+
+def _in_bands_of(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(networks, "band_rows", lambda width: rows)
+
+
+def _random_weights(module: nn.Module, seed: int) -> nn.Module:
+    """Weights far from the initial ones (ones, zeros), so that every layer matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.ndim == 3 else 0.0))
+    return module.eval()
+
+
+def _both_ways(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], rows: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module(*inputs)`` in bands of ``rows`` rows and on the whole image, without a graph."""
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setattr(networks, "_in_bands", lambda *_: False)
+            whole = module(*inputs)
+        _in_bands_of(rows, monkeypatch)
+        banded = module(*inputs)
+    return banded, whole
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize(("batch", "size"), [(1, (33, 40)), (2, (20, 13))])
+def test_a_block_in_bands_gives_the_whole_image_values(
+    rows: int, channels_last: bool, batch: int, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Restormer block band by band: the whole image's output within float32 rounding (the
+    attention's sums blocked per band), in the input's layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    block = _random_weights(RestormerBlock(16), 0).to(memory_format=layout)
+    x = torch.randn(batch, 16, *size, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=layout)
+    banded, whole = _both_ways(block, (x,), rows, monkeypatch)
+    assert banded.is_contiguous(memory_format=layout)
+    assert float((banded - whole).abs().max()) <= 1e-6 * float(whole.abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_the_fusion_module_in_bands_gives_the_whole_image_values(
+    rows: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    module = _random_weights(AdaptiveFusion(16), 2).to(memory_format=layout)
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.randn(2, 16, 23, 17, generator=g).contiguous(memory_format=layout) for _ in range(2))
+    banded, whole = _both_ways(module, (x1, x2), rows, monkeypatch)
+    assert float((banded - whole).abs().max()) <= 1e-6 * float(whole.abs().max())
+
+
+def test_the_loss_generator_in_bands_gives_the_whole_image_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(4)
+    generator = LossGenerator().eval()  # its own initial weights: random ones saturate its softmax
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.rand(1, 1, 30, 24, generator=g) for _ in range(2))
+    banded, whole = _both_ways(generator, (a, b), 4, monkeypatch)
+    assert float((banded - whole).abs().max()) <= 1e-6
+
+
+def test_bands_under_bf16_autocast_stay_within_bf16_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = _random_weights(RestormerBlock(16), 6)
+    x = torch.randn(1, 16, 40, 24, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        float32 = block(x)
+    _in_bands_of(6, monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = block(x)
+    assert float((bf16.float() - float32).abs().max() / float32.abs().max()) < 3e-2
+
+
+def test_training_never_bands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a graph is recorded the blocks run on the whole image: the same values, bit for bit,
+    as with bands turned off."""
+    model = _random_weights(ReFusion(), 8).train()
+    x = torch.rand(1, 2, 24, 20, generator=torch.Generator().manual_seed(9))
+    with monkeypatch.context() as patch:
+        patch.setattr(networks, "_in_bands", lambda *_: False)
+        whole = model(x)
+    _in_bands_of(3, monkeypatch)
+    recorded = model(x)
+    assert recorded.requires_grad and torch.equal(recorded, whole)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_released_refusion_in_bands_on_an_msrs_pair(
+    shared_data: Path, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The released weights on a real pair (120 x 160), in bands of 7 rows (not a whole number of
+    the sums' blocks): the whole image's output within 1e-6."""
+    model = load_released_weights(ReFusion(), shared_data / "ReFusion" / "ReFusion_IVIF.pth").eval()
+    a = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/infrared/00906N.png")[..., 0] / 255
+    b = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/visible/00906N.png")[..., 0] / 255
+    x = torch.from_numpy(np.stack([a, b])[None]).float()
+    x = torch.nn.functional.interpolate(x, size=(120, 160), mode="area")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    banded, whole = _both_ways(model, (x,), 7, monkeypatch)
+    assert float((banded - whole).abs().max()) < 1e-6
