@@ -74,8 +74,13 @@ def textbook_attention() -> Iterator[None]:
         yield
 
 
+def in_bands_of(rows: int) -> Callable[[], contextlib.AbstractContextManager[object]]:
+    """A context inside which the blocks run in bands of ``rows`` rows, whatever the width."""
+    return lambda: mock.patch.object(networks, "band_rows", lambda width: rows)
+
+
 def inside(
-    context: Callable[[], contextlib.AbstractContextManager[None]], model: Callable[[Tensor], Tensor]
+    context: Callable[[], contextlib.AbstractContextManager[object]], model: Callable[[Tensor], Tensor]
 ) -> Callable[[Tensor], Tensor]:
     """``model`` called inside ``context()`` (a compiled ``model`` is traced inside it too)."""
 
@@ -178,6 +183,14 @@ def main() -> None:
         help="time only the variants whose name holds one of these texts (the reference always runs)",
     )
     add_malloc_option(p, note="this process only: the reference's child always keeps the default")
+    p.add_argument(
+        "--band-rows",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also time eager channels-last in bands of N rows (the default: about 20,480 pixels a band)",
+    )
     p.add_argument("--reference-only", metavar="FILE", help=argparse.SUPPRESS)  # the child's job
     args = p.parse_args()
     apply_malloc_option(args)
@@ -217,6 +230,9 @@ def main() -> None:
         ),
         "torch.compile, bf16 autocast (opt-in)": bf16_autocast(torch.compile(network())),
     }
+
+    for rows in args.band_rows:
+        variants[f"eager, channels-last, bands of {rows} rows"] = inside(in_bands_of(rows), channels_last(network()))
 
     def wanted(name: str) -> bool:
         return not args.only or any(text in name for text in args.only)

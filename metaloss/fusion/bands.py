@@ -48,7 +48,8 @@ BAND_PIXELS = 4096
 """Pixels per block of the attention's whole-image sums (each block summed at float32)."""
 
 ROW_BAND_PIXELS = 5 * BAND_PIXELS
-"""About how many pixels a band of rows holds (``band_rows``): 32 rows of a 640-pixel-wide image."""
+"""About how many pixels a band of rows holds (``band_rows``): 32 rows of a 640-pixel-wide image,
+the fastest of 8 to 480 rows for ReFusion at 480 x 640 on 2 CPU cores (``docs/benchmarks.md``)."""
 
 
 @dataclass(frozen=True)
@@ -275,8 +276,8 @@ class ChannelAttentionSums:
     def add_stacked(self, qk: Tensor) -> None:
         """``add(q, k)`` for ``qk``, ``q`` and ``k`` stacked on channels (``(B, 2C, h, w)``): one
         product per block over all ``2C x 2C`` channel pairs, whose off-diagonal block is
-        ``q^T k`` and whose diagonal holds the squared norms (2.2x less time than three
-        products for 16 channels; one product per block, and no reduction across rows).
+        ``q^T k`` and whose diagonal holds the squared norms: one product per block in place
+        of three.
         """
         block, wide = self._dtypes(qk.dtype)
         c = qk.shape[1] // 2

@@ -42,7 +42,9 @@ def fuse(args: argparse.Namespace) -> Path:
         else:
             # Channels-last: the LayerNorms over channels read contiguous rows without their two
             # permutes, and oneDNN picks NHWC kernels (ReFusion, 480 x 640 on 2 CPU cores: 0.86 s
-            # against 1.10 s a pair, within 5e-7 of the default layout; docs/benchmarks.md).
+            # against 1.10 s a pair, within 5e-7 of the default layout). Without a graph the
+            # blocks also run in bands of rows (metaloss.fusion.bands): 0.58 s against 0.76 s on
+            # the whole image, in a later run on another machine (docs/benchmarks.md).
             model = load_fusion_network(args.weights).to(device).eval().to(memory_format=torch.channels_last)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--weights: {err}") from None
@@ -123,8 +125,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--bf16",
         action="store_true",
-        help="torch backend: bf16 autocast (opt-in; on a 2-core CPU with AVX512-BF16 0.91 s per 480x640 pair "
-        "end to end against 1.25 s in float32; on the "
+        help="torch backend: bf16 autocast (opt-in; on a 2-core CPU with AMX 0.59 s per 480x640 pair "
+        "end to end against 0.68 s in float32; on the "
         "released MSRS pairs the raw output moved by 1.6e-2 at most, 1e-3 on average, on the 0-1 scale; "
         "see docs/benchmarks.md)",
     )
