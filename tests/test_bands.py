@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, networks
@@ -126,6 +127,28 @@ def test_training_never_bands(monkeypatch: pytest.MonkeyPatch) -> None:
     _in_bands_of(3, monkeypatch)
     recorded = model(x)
     assert recorded.requires_grad and torch.equal(recorded, whole)
+
+
+def test_a_forward_mode_derivative_never_bands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward-mode derivative without a graph (``torch.no_grad`` with dual inputs) runs on the
+    whole image (the bands write in place, which forward mode does not support): the product is
+    the same as with bands turned off."""
+    model = _random_weights(ReFusion(), 10)
+    g = torch.Generator().manual_seed(11)
+    x, tangent = (torch.rand(1, 2, 24, 20, generator=g) for _ in range(2))
+
+    def product() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), forward_ad.dual_level():
+            out = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent)))
+            assert out.tangent is not None
+            return out.primal, out.tangent
+
+    with monkeypatch.context() as patch:
+        patch.setattr(networks, "_in_bands", lambda *_: False)
+        whole = product()
+    _in_bands_of(3, monkeypatch)
+    banded = product()
+    assert all(torch.equal(a, b) for a, b in zip(banded, whole, strict=True))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])

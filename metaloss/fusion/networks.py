@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -214,12 +215,14 @@ _ALL = slice(None)
 
 def _in_bands(module: nn.Module, *inputs: Tensor) -> bool:
     """Whether ``module`` runs band by band (``metaloss.fusion.bands``): at inference, where no
-    graph is recorded, and not while ``torch.compile`` traces it (whole tensors fuse better)."""
+    graph is recorded and no forward-mode derivative is carried (the bands write in place), and
+    not while ``torch.compile`` traces it (it fails to trace the bands)."""
     if torch.compiler.is_compiling():
         return False
-    if not torch.is_grad_enabled():
-        return True
-    return not any(t.requires_grad for t in inputs) and not any(p.requires_grad for p in module.parameters())
+    tensors = (*inputs, *module.parameters())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(forward_ad.unpack_dual(t).tangent is None for t in tensors)
 
 
 class TransposedAttention(nn.Module):
