@@ -3,17 +3,13 @@ band by band, for any band height, layout, batch and precision; training never b
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, networks
+from metaloss.fusion import LossGenerator, ReFusion, networks
 from metaloss.fusion.bands import BandedTensor, row_bands
-from metaloss.fusion.image_io import read_ycrcb
 from metaloss.fusion.networks import AdaptiveFusion, RestormerBlock
 
 
@@ -149,20 +145,3 @@ def test_a_forward_mode_derivative_never_bands(monkeypatch: pytest.MonkeyPatch) 
     _in_bands_of(3, monkeypatch)
     banded = product()
     assert all(torch.equal(a, b) for a, b in zip(banded, whole, strict=True))
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
-def test_released_refusion_in_bands_on_an_msrs_pair(
-    shared_data: Path, channels_last: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The released weights on a real pair (120 x 160), in bands of 7 rows (not a whole number of
-    the sums' blocks): the whole image's output within 1e-6."""
-    model = load_released_weights(ReFusion(), shared_data / "ReFusion" / "ReFusion_IVIF.pth").eval()
-    a = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/infrared/00906N.png")[..., 0] / 255
-    b = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/visible/00906N.png")[..., 0] / 255
-    x = torch.from_numpy(np.stack([a, b])[None]).float()
-    x = torch.nn.functional.interpolate(x, size=(120, 160), mode="area")
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    banded, whole = _both_ways(model, (x,), 7, monkeypatch)
-    assert float((banded - whole).abs().max()) < 1e-6
