@@ -1,6 +1,8 @@
 """How fusion time and the meta iteration's time and memory grow with image size and batch size.
 
-Fusion: ReFusion (eager, inference mode) on one pair of each square size. Meta iteration: one run
+Fusion: ReFusion (eager, inference mode) on one pair of each square size, as it runs at inference
+(its blocks in bands of rows, ``metaloss.fusion.bands``) and on the whole image (bands turned
+off), side by side. Meta iteration: one run
 of ``benchmarks/meta_iteration.py`` per configuration, each in a fresh process so that its peak
 memory is its own. Prints one table per part and writes a two-panel plot.
 
@@ -11,25 +13,31 @@ memory is its own. Prints one table per part and writes a two-panel plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from malloc_option import add_malloc_option, apply_malloc_option
 from timing import median_seconds
 
-from metaloss.fusion import ReFusion
+from metaloss.fusion import ReFusion, networks
 
 HERE = Path(__file__).resolve().parent
 
 
-def fusion_seconds(size: int, repeats: int) -> float:
-    model = ReFusion().eval()
-    x = torch.rand(1, 2, size, size)
-    with torch.inference_mode():
+def fusion_seconds(size: int, repeats: int, bands: bool = True, channels_last: bool = False) -> float:
+    """Median seconds of ReFusion on one ``size x size`` pair, as at inference (bands where
+    ``bands.worth_banding``) or on the whole image, in the default or the channels-last layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = ReFusion().eval().to(memory_format=layout)
+    x = torch.rand(1, 2, size, size).contiguous(memory_format=layout)
+    whole = contextlib.nullcontext() if bands else mock.patch.object(networks, "_in_bands", lambda *_: False)
+    with torch.inference_mode(), whole:
         return median_seconds(lambda: model(x), repeats)[0]
 
 
@@ -55,6 +63,7 @@ def main() -> None:
     p.add_argument("--meta-sizes", type=int, nargs="*", default=[64, 128, 192], help="at batch 2")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4], help="at the second meta size")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true", help="fusion in the channels-last layout (as `fuse` runs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plot", default=None, help="write the plot here (PNG)")
@@ -63,12 +72,21 @@ def main() -> None:
     apply_malloc_option(args)
     torch.set_num_threads(args.threads)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
-    print(f"{machine}, torch {torch.__version__}, malloc: {args.malloc}\n")
+    layout = "channels-last" if args.channels_last else "default layout"
+    print(f"{machine}, torch {torch.__version__}, malloc: {args.malloc}, fusion in the {layout}\n")
 
-    fusion = {s: fusion_seconds(s, args.repeats) for s in args.fusion_sizes}
-    print("| fusion, one pair | seconds | seconds per megapixel |\n|---|---|---|")
-    for s, t in fusion.items():
-        print(f"| {s} x {s} | {t:.3f} | {t / (s * s / 1e6):.2f} |", flush=True)
+    fusion: dict[int, float] = {}
+    whole: dict[int, float] = {}
+    print(
+        "| fusion, one pair | seconds | per megapixel | whole image: seconds | per megapixel |\n|---|---|---|---|---|"
+    )
+    for s in args.fusion_sizes:
+        fusion[s] = fusion_seconds(s, args.repeats, channels_last=args.channels_last)
+        whole[s] = fusion_seconds(s, args.repeats, bands=False, channels_last=args.channels_last)
+        mp = s * s / 1e6
+        print(
+            f"| {s} x {s} | {fusion[s]:.3f} | {fusion[s] / mp:.2f} | {whole[s]:.3f} | {whole[s] / mp:.2f} |", flush=True
+        )
 
     rows: list[tuple[int, int, dict[str, float]]] = []
     configs = [(s, 2) for s in args.meta_sizes]
@@ -92,7 +110,9 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-        left.plot([s * s / 1e6 for s in fusion], list(fusion.values()), "o-")
+        left.plot([s * s / 1e6 for s in fusion], list(fusion.values()), "o-", label="in bands of rows")
+        left.plot([s * s / 1e6 for s in whole], list(whole.values()), "s--", label="whole image")
+        left.legend(fontsize=8)
         left.set(xlabel="megapixels", ylabel="seconds", title=f"fusion, one pair ({machine})")
         at2 = [(s, r) for s, b, r in rows if b == 2]
         right.plot([s for s, _ in at2], [r["meta"] for _, r in at2], "o-", label="meta iteration (s)")

@@ -38,7 +38,9 @@ def test_a_single_band_is_kept_without_a_copy() -> None:
 
 
 def _in_bands_of(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bands of ``rows`` rows at inference, whatever the input's size and layout."""
     monkeypatch.setattr(networks, "band_rows", lambda width: rows)
+    monkeypatch.setattr(networks, "worth_banding", lambda x: True)
 
 
 def _random_weights(module: nn.Module, seed: int) -> nn.Module:
@@ -145,3 +147,40 @@ def test_a_forward_mode_derivative_never_bands(monkeypatch: pytest.MonkeyPatch) 
     _in_bands_of(3, monkeypatch)
     banded = product()
     assert all(torch.equal(a, b) for a, b in zip(banded, whole, strict=True))
+
+
+def _counting_band_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The class name of each module that runs ``_forward_in_bands`` from now on, in order."""
+    calls: list[str] = []
+    for cls in (RestormerBlock, AdaptiveFusion):
+
+        def counted(self: nn.Module, *inputs: torch.Tensor, _original=cls._forward_in_bands) -> torch.Tensor:
+            calls.append(type(self).__name__)
+            return _original(self, *inputs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(cls, "_forward_in_bands", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("size", "channels_last", "expected"),
+    [
+        ((288, 288), True, ["RestormerBlock"] * 4 + ["AdaptiveFusion"] + ["RestormerBlock"] * 2),
+        ((288, 288), False, ["RestormerBlock"] * 2 + ["AdaptiveFusion"] + ["RestormerBlock"] * 2),
+        ((256, 256), True, []),
+    ],
+    ids=["large-NHWC", "large-NCHW", "small-NHWC"],
+)
+def test_only_large_channels_last_inputs_run_in_bands(
+    size: tuple[int, int], channels_last: bool, expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At inference a block bands where it was measured to pay: a channels-last input of at least
+    ``MIN_BANDED_PIXELS`` (288^2 is above, 256^2 below). In the default layout the first block of
+    each encoder gets the channel-major input and runs whole; every block after it gets the
+    channels-last output of a ``ChannelLayerNorm`` and bands."""
+    calls = _counting_band_calls(monkeypatch)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = ReFusion().eval().to(memory_format=layout)
+    with torch.no_grad():
+        model(torch.rand(1, 2, *size).contiguous(memory_format=layout))
+    assert calls == expected

@@ -222,6 +222,7 @@ def test_refusion_infers_what_it_trains_on(
     order (a graph recorded) give the same image within 1e-6."""
     if band_rows is not None:
         monkeypatch.setattr(networks, "band_rows", lambda width: band_rows)
+        monkeypatch.setattr(networks, "worth_banding", lambda x: True)
     model = load_released_weights(ReFusion(), shared_data / "ReFusion" / "ReFusion_IVIF.pth").eval()
     a = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/infrared/00906N.png")[..., 0] / 255
     b = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/visible/00906N.png")[..., 0] / 255

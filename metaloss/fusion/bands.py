@@ -42,10 +42,12 @@ __all__ = [
     "RowBand",
     "band_rows",
     "banded_sum",
+    "MIN_BANDED_PIXELS",
     "memory_format_of",
     "mix_into",
     "pixel_rows",
     "row_bands",
+    "worth_banding",
 ]
 
 BAND_PIXELS = 4096
@@ -54,6 +56,10 @@ BAND_PIXELS = 4096
 ROW_BAND_PIXELS = 5 * BAND_PIXELS
 """About how many pixels a band of rows holds (``band_rows``): 32 rows of a 640-pixel-wide image,
 the fastest of 8 to 480 rows for ReFusion at 480 x 640 on 2 CPU cores (``docs/benchmarks.md``)."""
+
+MIN_BANDED_PIXELS = 4 * ROW_BAND_PIXELS
+"""The smallest image (in pixels) worth running in bands (``worth_banding``): 81,920, between
+256 x 256 (9% slower in bands, measured) and 320 x 320 (5-9% faster)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,26 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return torch.contiguous_format
     return torch.channels_last
+
+
+def worth_banding(x: Tensor) -> bool:
+    """Whether a block's ``(B, C, H, W)`` input is worth running in bands: channels-last, and at
+    least ``MIN_BANDED_PIXELS`` pixels.
+
+    In the channel-major layout a band of rows is a strided piece of every channel's plane, and
+    ReFusion in bands was slower than on the whole image at every size measured (128^2 to
+    1024^2, 4-35%); in channels-last it was faster from 320 x 320 on (5% to 21% at 1024^2),
+    slower at 256 x 256, where the maps fit the caches anyway (``docs/benchmarks.md``).
+
+    Examples:
+        >>> import torch
+        >>> image = torch.rand(1, 16, 480, 640)
+        >>> worth_banding(image), worth_banding(image.contiguous(memory_format=torch.channels_last))
+        (False, True)
+        >>> worth_banding(torch.rand(1, 16, 256, 256).contiguous(memory_format=torch.channels_last))
+        False
+    """
+    return x.shape[-2] * x.shape[-1] >= MIN_BANDED_PIXELS and memory_format_of(x) == torch.channels_last
 
 
 class BandedTensor:

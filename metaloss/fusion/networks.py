@@ -33,6 +33,7 @@ from metaloss.fusion.bands import (
     memory_format_of,
     mix_into,
     row_bands,
+    worth_banding,
 )
 
 __all__ = ["LossGenerator", "ReFusion", "RestormerBlock", "load_released_weights"]
@@ -214,10 +215,11 @@ _ALL = slice(None)
 
 
 def _in_bands(module: nn.Module, *inputs: Tensor) -> bool:
-    """Whether ``module`` runs band by band (``metaloss.fusion.bands``): at inference, where no
-    graph is recorded and no forward-mode derivative is carried (the bands write in place), and
-    not while ``torch.compile`` traces it (it fails to trace the bands)."""
-    if torch.compiler.is_compiling():
+    """Whether ``module`` runs band by band (``metaloss.fusion.bands``): for inputs worth it
+    (``worth_banding``: large and channels-last), at inference, where no graph is recorded and no
+    forward-mode derivative is carried (the bands write in place), and not while
+    ``torch.compile`` traces it (it fails to trace the bands)."""
+    if not worth_banding(inputs[0]) or torch.compiler.is_compiling():
         return False
     tensors = (*inputs, *module.parameters())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -270,7 +272,7 @@ class GatedFeedForward(nn.Module):
 class RestormerBlock(nn.Module):
     """``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
 
-    At inference (no graph recorded) a large image runs in bands of rows
+    At inference (no graph recorded) a large channels-last image runs in bands of rows
     (``metaloss.fusion.bands``): one pass for the attention's sums, one for the rest; the same
     values within float32 rounding.
 
@@ -399,7 +401,7 @@ class ReFusion(nn.Module):
             at no measurable cost).
 
     At inference (no graph recorded, and not under ``torch.compile``) the blocks run a large
-    image in bands of rows (``metaloss.fusion.bands``) and the attention in a faster order of
+    channels-last image in bands of rows (``metaloss.fusion.bands``) and the attention in a faster order of
     the same arithmetic (``_banded_attention``), within float32 rounding of the training order.
 
     Examples:
