@@ -127,8 +127,12 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
 
 
 def worth_banding(x: Tensor) -> bool:
-    """Whether a block's ``(B, C, H, W)`` input is worth running in bands: channels-last, and at
-    least ``MIN_BANDED_PIXELS`` pixels.
+    """Whether a block's ``(B, C, H, W)`` input is worth running in bands: on the CPU,
+    channels-last, and at least ``MIN_BANDED_PIXELS`` pixels.
+
+    Bands keep a CPU's caches warm between layers; on a GPU they would only multiply the kernel
+    launches (each layer once a band: 15 times at 480 x 640), and they have not been measured
+    there, so GPU tensors run whole.
 
     In the channel-major layout a band of rows is a strided piece of every channel's plane, and
     ReFusion in bands was slower than on the whole image at every size measured (128^2 to
@@ -143,7 +147,8 @@ def worth_banding(x: Tensor) -> bool:
         >>> worth_banding(torch.rand(1, 16, 256, 256).contiguous(memory_format=torch.channels_last))
         False
     """
-    return x.shape[-2] * x.shape[-1] >= MIN_BANDED_PIXELS and memory_format_of(x) == torch.channels_last
+    large = x.shape[-2] * x.shape[-1] >= MIN_BANDED_PIXELS
+    return x.device.type == "cpu" and large and memory_format_of(x) == torch.channels_last
 
 
 class BandedTensor:
