@@ -1,8 +1,9 @@
 """How fusion time and the meta iteration's time and memory grow with image size and batch size.
 
 Fusion: ReFusion (eager, inference mode) on one pair of each square size, as it runs at inference
-(its blocks in bands of rows, ``metaloss.fusion.bands``) and on the whole image (bands turned
-off), side by side. Meta iteration: one run
+(its blocks in bands of rows where ``metaloss.fusion.bands.worth_banding``) and on the whole image
+(bands turned off), side by side, in the default layout or (``--channels-last``) as ``fuse`` runs
+it. Meta iteration: one run
 of ``benchmarks/meta_iteration.py`` per configuration, each in a fresh process so that its peak
 memory is its own. Prints one table per part and writes a two-panel plot.
 
