@@ -272,9 +272,9 @@ class GatedFeedForward(nn.Module):
 class RestormerBlock(nn.Module):
     """``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
 
-    At inference (no graph recorded) a large channels-last image runs in bands of rows
-    (``metaloss.fusion.bands``): one pass for the attention's sums, one for the rest; the same
-    values within float32 rounding.
+    At inference (no graph recorded) a large channels-last image on the CPU runs in bands of
+    rows (``metaloss.fusion.bands``): one pass for the attention's sums, one for the rest; the
+    same values within float32 rounding.
 
     Examples:
         >>> import torch
@@ -401,8 +401,9 @@ class ReFusion(nn.Module):
             at no measurable cost).
 
     At inference (no graph recorded, and not under ``torch.compile``) the blocks run a large
-    channels-last image in bands of rows (``metaloss.fusion.bands``) and the attention in a faster order of
-    the same arithmetic (``_banded_attention``), within float32 rounding of the training order.
+    channels-last image on the CPU in bands of rows (``metaloss.fusion.bands``) and the attention
+    in a faster order of the same arithmetic (``_banded_attention``), within float32 rounding of
+    the training order.
 
     Examples:
         >>> import torch
