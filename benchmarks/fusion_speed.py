@@ -39,6 +39,7 @@ from timing import median_seconds
 from torch import Tensor
 
 from metaloss.fusion import ReFusion, load_released_weights, networks
+from metaloss.fusion.bands import whole_images
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = DATA / "ReFusion" / "ReFusion_IVIF.pth"
@@ -51,17 +52,9 @@ def network(precise_attention: bool = True) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def whole_image() -> Iterator[None]:
-    """Inside: ``ReFusion``'s blocks run on the whole image at once, as where a graph is
-    recorded, instead of in bands of rows (``metaloss.fusion.bands``)."""
-    with mock.patch.object(networks, "_in_bands", lambda *_: False):
-        yield
-
-
-@contextlib.contextmanager
 def textbook_attention() -> Iterator[None]:
     """Inside: ``ReFusion`` in the order it keeps where a graph is recorded: whole images
-    (``whole_image``) and the attention as one float64 Gram product per head, the output
+    (``bands.whole_images``) and the attention as one float64 Gram product per head, the output
     projection after, instead of its inference order (``networks._banded_attention``): the
     straightforward network, as the reference runs it."""
 
@@ -70,7 +63,7 @@ def textbook_attention() -> Iterator[None]:
     ) -> Tensor:
         return res + F.conv2d(networks._transposed_attention(q, k, v, heads, t, precise), w)
 
-    with whole_image(), mock.patch.object(networks, "_projected_attention", textbook):
+    with whole_images(), mock.patch.object(networks, "_projected_attention", textbook):
         yield
 
 
@@ -213,7 +206,7 @@ def main() -> None:
         "eager, float32 attention reductions": network(precise_attention=False),
         "torch.compile": torch.compile(network()),
         "eager, channels-last": channels_last(network()),
-        "eager, channels-last, whole image": inside(whole_image, channels_last(network())),
+        "eager, channels-last, whole image": inside(whole_images, channels_last(network())),
         "eager, channels-last, whole image, textbook attention": inside(textbook_attention, channels_last(network())),
         "torch.compile, channels-last": torch.compile(channels_last(network())),
         "torch.compile, channels-last, textbook attention": inside(
@@ -226,7 +219,7 @@ def main() -> None:
         "eager, bf16 autocast (opt-in)": bf16_autocast(network()),
         "eager, channels-last, bf16 autocast (opt-in)": bf16_autocast(channels_last(network())),
         "eager, channels-last, whole image, bf16 autocast (opt-in)": inside(
-            whole_image, bf16_autocast(channels_last(network()))
+            whole_images, bf16_autocast(channels_last(network()))
         ),
         "torch.compile, bf16 autocast (opt-in)": bf16_autocast(torch.compile(network())),
     }

@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
 from metaloss.fusion import LossGenerator, ReFusion, networks
-from metaloss.fusion.bands import BandedTensor, row_bands
+from metaloss.fusion.bands import BandedTensor, row_bands, whole_images
 from metaloss.fusion.networks import AdaptiveFusion, RestormerBlock
 
 
@@ -57,8 +57,7 @@ def _both_ways(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``module(*inputs)`` in bands of ``rows`` rows and on the whole image, without a graph."""
     with torch.no_grad():
-        with monkeypatch.context() as patch:
-            patch.setattr(networks, "_in_bands", lambda *_: False)
+        with whole_images():
             whole = module(*inputs)
         _in_bands_of(rows, monkeypatch)
         banded = module(*inputs)
@@ -119,8 +118,7 @@ def test_training_never_bands(monkeypatch: pytest.MonkeyPatch) -> None:
     as with bands turned off."""
     model = _random_weights(ReFusion(), 8).train()
     x = torch.rand(1, 2, 24, 20, generator=torch.Generator().manual_seed(9))
-    with monkeypatch.context() as patch:
-        patch.setattr(networks, "_in_bands", lambda *_: False)
+    with whole_images():
         whole = model(x)
     _in_bands_of(3, monkeypatch)
     recorded = model(x)
@@ -141,8 +139,7 @@ def test_a_forward_mode_derivative_never_bands(monkeypatch: pytest.MonkeyPatch) 
             assert out.tangent is not None
             return out.primal, out.tangent
 
-    with monkeypatch.context() as patch:
-        patch.setattr(networks, "_in_bands", lambda *_: False)
+    with whole_images():
         whole = product()
     _in_bands_of(3, monkeypatch)
     banded = product()
@@ -184,3 +181,16 @@ def test_only_large_channels_last_inputs_run_in_bands(
     with torch.no_grad():
         model(torch.rand(1, 2, *size).contiguous(memory_format=layout))
     assert calls == expected
+
+
+def test_whole_images_turns_bands_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside ``whole_images`` no block bands, even a large channels-last input; after it they do."""
+    calls = _counting_band_calls(monkeypatch)
+    model = ReFusion().eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 2, 288, 288).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with whole_images():
+            model(x)
+        assert calls == []
+        model(x)
+    assert len(calls) == 7

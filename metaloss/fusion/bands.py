@@ -28,7 +28,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,7 @@ __all__ = [
     "mix_into",
     "pixel_rows",
     "row_bands",
+    "whole_images",
     "worth_banding",
 ]
 
@@ -126,9 +129,33 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
+_WHOLE_IMAGES: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_images", default=False)
+
+
+@contextlib.contextmanager
+def whole_images() -> Iterator[None]:
+    """Inside, no block runs in bands: every layer sees whole tensors, as where a graph is
+    recorded (to compare, or where bands do not pay on a machine). Per thread and per task.
+
+    Examples:
+        >>> import torch
+        >>> image = torch.rand(1, 16, 480, 640).contiguous(memory_format=torch.channels_last)
+        >>> with whole_images():
+        ...     worth_banding(image)
+        False
+        >>> worth_banding(image)
+        True
+    """
+    token = _WHOLE_IMAGES.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_IMAGES.reset(token)
+
+
 def worth_banding(x: Tensor) -> bool:
     """Whether a block's ``(B, C, H, W)`` input is worth running in bands: on the CPU,
-    channels-last, and at least ``MIN_BANDED_PIXELS`` pixels.
+    channels-last, at least ``MIN_BANDED_PIXELS`` pixels, and not inside ``whole_images``.
 
     Bands keep a CPU's caches warm between layers; on a GPU they would only multiply the kernel
     launches (each layer once a band: 15 times at 480 x 640), and they have not been measured
@@ -148,7 +175,8 @@ def worth_banding(x: Tensor) -> bool:
         False
     """
     large = x.shape[-2] * x.shape[-1] >= MIN_BANDED_PIXELS
-    return x.device.type == "cpu" and large and memory_format_of(x) == torch.channels_last
+    cpu_nhwc = x.device.type == "cpu" and memory_format_of(x) == torch.channels_last
+    return large and cpu_nhwc and not _WHOLE_IMAGES.get()
 
 
 class BandedTensor:

@@ -219,7 +219,7 @@ def _in_bands(module: nn.Module, *inputs: Tensor) -> bool:
     (``worth_banding``: large and channels-last), at inference, where no graph is recorded and no
     forward-mode derivative is carried (the bands write in place), and not while
     ``torch.compile`` traces it (it fails to trace the bands)."""
-    if not worth_banding(inputs[0]) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not worth_banding(inputs[0]):
         return False
     tensors = (*inputs, *module.parameters())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
