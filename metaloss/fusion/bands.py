@@ -274,7 +274,9 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _squared_norms(x: Tensor, _: Tensor) -> Tensor:
-    return x.square().sum(-2)
+    # vector_norm, not square().sum(): 30% faster on a band, but it rounds differently, and every
+    # trained number of the demo moved with it (62.1 against 43.1 mIoU became 64.4 against 41.4).
+    return torch.linalg.vector_norm(x, dim=-2).square()
 
 
 class ChannelAttentionSums:
