@@ -38,13 +38,13 @@ from torch import Tensor
 
 __all__ = [
     "BAND_PIXELS",
+    "MIN_BANDED_PIXELS",
     "ROW_BAND_PIXELS",
     "BandedTensor",
     "ChannelAttentionSums",
     "RowBand",
     "band_rows",
     "banded_sum",
-    "MIN_BANDED_PIXELS",
     "memory_format_of",
     "mix_into",
     "pixel_rows",

@@ -216,9 +216,9 @@ _ALL = slice(None)
 
 def _in_bands(module: nn.Module, *inputs: Tensor) -> bool:
     """Whether ``module`` runs band by band (``metaloss.fusion.bands``): for inputs worth it
-    (``worth_banding``: large and channels-last), at inference, where no graph is recorded and no
-    forward-mode derivative is carried (the bands write in place), and not while
-    ``torch.compile`` traces it (it fails to trace the bands)."""
+    (``worth_banding``: large, channels-last, on the CPU, not inside ``whole_images``), at
+    inference, where no graph is recorded and no forward-mode derivative is carried (the bands
+    write in place), and not while ``torch.compile`` traces it (it fails to trace the bands)."""
     if torch.compiler.is_compiling() or not worth_banding(inputs[0]):
         return False
     tensors = (*inputs, *module.parameters())
@@ -348,13 +348,18 @@ class AdaptiveFusion(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
         if _in_bands(self, x1, x2):
             return self._forward_in_bands(x1, x2)
-        q1, k1, v1 = self.qkv1_dwconv(self.qkv1(x1)).chunk(3, dim=1)
-        q2, k2, v2 = self.qkv2_dwconv(self.qkv2(x2)).chunk(3, dim=1)
+        (q1, k1, v1), (q2, k2, v2) = self._qkv_of(x1, x2)
         # Each stream's values are re-weighted by the other stream's queries.
         x1 = _projected_attention(q2, k1, v1, self.heads, self.temperature1, self.project_mid1.weight, x1, self.precise)
         x2 = _projected_attention(q1, k2, v2, self.heads, self.temperature2, self.project_mid2.weight, x2, self.precise)
         first, second = self._merge_terms(x1, x2)
         return first + second
+
+    def _qkv_of(self, x1: Tensor, x2: Tensor, rows: slice = _ALL) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Each stream's queries, keys and values, at ``rows`` (a band's own rows within its halo)."""
+        qkv1 = self.qkv1_dwconv(self.qkv1(x1))[:, :, rows].chunk(3, dim=1)
+        qkv2 = self.qkv2_dwconv(self.qkv2(x2))[:, :, rows].chunk(3, dim=1)
+        return qkv1, qkv2
 
     def _merge_terms(self, x1: Tensor, x2: Tensor, rows: slice = _ALL) -> tuple[Tensor, Tensor]:
         """The gated merge of the two attended streams as two terms whose sum it is, kept at
@@ -371,9 +376,9 @@ class AdaptiveFusion(nn.Module):
         height, layout = x1.shape[-2], memory_format_of(x1)
         values1, values2, out = (BandedTensor(height, layout) for _ in range(3))
         for band in bands:
-            rows = slice(band.lo, band.hi)
-            q1, k1, v1 = self.qkv1_dwconv(self.qkv1(x1[:, :, rows]))[:, :, band.core].chunk(3, dim=1)
-            q2, k2, v2 = self.qkv2_dwconv(self.qkv2(x2[:, :, rows]))[:, :, band.core].chunk(3, dim=1)
+            (q1, k1, v1), (q2, k2, v2) = self._qkv_of(
+                x1[:, :, band.lo : band.hi], x2[:, :, band.lo : band.hi], band.core
+            )
             sums1.add(q2, k1)  # each stream's values re-weighted by the other stream's queries
             sums2.add(q1, k2)
             values1.write(v1, band)
