@@ -3,7 +3,7 @@
 ReFusion on one 480 x 640 pair (the released infrared-visible weights, or random weights when
 the shared data is absent), eager, channels-last, in row bands: the fastest exact path that
 ``fuse`` takes (``benchmarks/fusion_speed.py``). Each convolution is timed where the network
-calls it (a clock read before and after each call, about a microsecond each) and its
+calls it (forward hooks read a clock before and after each call) and its
 multiply-adds counted, halo rows included, by kind: 1 x 1 (matrix products over the channels),
 depth-wise 3 x 3, and full 3 x 3. The time of everything else (LayerNorm, GELU, the gates'
 products, the residual sums, the attention's sums and mixing, copies) is the rest of the call,
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from contextlib import contextmanager
 import torch
 from fusion_speed import bf16_autocast, channels_last, network, reference_in_child
 from malloc_option import add_malloc_option, apply_malloc_option
+from timing import median_seconds
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -36,12 +36,13 @@ CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::_convolution", "aten::conv
 
 
 def kind_of(conv: nn.Conv2d) -> str:
-    """The convolution's kind: "1 x 1", "depth-wise 3 x 3" or "full k x k"."""
+    """The convolution's kind: "1 x 1", "depth-wise k x k" or "full k x k"."""
+    size = f"{conv.kernel_size[0]} x {conv.kernel_size[1]}"
     if conv.kernel_size == (1, 1):
-        return "1 x 1"
+        return size
     if conv.groups == conv.in_channels == conv.out_channels:
-        return "depth-wise 3 x 3"
-    return f"full {conv.kernel_size[0]} x {conv.kernel_size[1]}"
+        return f"depth-wise {size}"
+    return f"full {size}"
 
 
 class ConvolutionClock:
@@ -77,16 +78,11 @@ class ConvolutionClock:
                 handle.remove()
 
 
-def matmul_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of an ``n x n x n`` float32 matrix product on this process's threads (median)."""
     a, b = torch.rand(n, n), torch.rand(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - started)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    seconds, _ = median_seconds(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds / 1e9
 
 
 def main() -> None:
@@ -115,7 +111,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.repeats):
                 fuse(x)
-    rate = matmul_rate(args.threads)
+    rate = matmul_rate()
     n = args.repeats
     total = sum(totals) / n
     variant = "eager channels-last in bands" + (", bf16 autocast" if args.bf16 else "")
