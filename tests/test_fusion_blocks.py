@@ -212,6 +212,47 @@ def test_inference_attention_under_bf16_autocast_sums_in_float32() -> None:
     assert float((ours.double() - textbook).abs().max() / textbook.abs().max()) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels", [16, 32, 64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_gelu_of_a_gate_view_is_gelu(dtype: torch.dtype, channels: int, channels_last: bool) -> None:
+    """The feed-forward's GELU of one half of a map (a strided view; a bf16 one is copied dense
+    first) gives ``F.gelu``'s values to the bit, and the same gradient."""
+    g = torch.Generator().manual_seed(2)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 2 * channels, 5, 7, generator=g).to(dtype).contiguous(memory_format=layout)
+    x.requires_grad_(True)
+    gate = x.chunk(2, dim=1)[0]
+    ours, reference = networks._gelu(gate), torch.nn.functional.gelu(gate)
+    assert ours.dtype == dtype and torch.equal(ours, reference)
+    (grad_ours,) = torch.autograd.grad(ours.float().sum(), x)
+    (grad_reference,) = torch.autograd.grad(reference.float().sum(), x)
+    assert torch.equal(grad_ours, grad_reference)
+
+
+def test_refusion_under_bf16_autocast_uses_dense_gates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bf16 autocast every GELU of ReFusion's gates runs on a dense map (PyTorch's CPU
+    kernel is 8-10x slower on a strided bf16 view), and the output is the one
+    ``F.gelu`` on the views gives."""
+    seen: list[bool] = []
+    gelu = torch.nn.functional.gelu
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        return gelu(x)
+
+    model = ReFusion().eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 2, 24, 32, generator=torch.Generator().manual_seed(3))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(networks.F, "gelu", recording)
+        ours = model(x)
+        monkeypatch.setattr(networks, "_gelu", gelu)
+        reference = model(x)
+    assert len(seen) == 8 and all(seen)  # 6 feed-forwards, the fusion module's 2 gates
+    assert torch.equal(ours, reference)
+
+
 @pytest.mark.parametrize("band_rows", [None, 7], ids=["one-band", "bands-of-7-rows"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 def test_refusion_infers_what_it_trains_on(
