@@ -212,9 +212,10 @@ def _gelu(x: Tensor) -> Tensor:
 
     PyTorch's CPU GELU runs 8-10x slower on such a view (torch 2.15, 2 threads: half of a
     64-channel channels-last bf16 band, 2.5 ms against 0.27 ms with the copy), except where the
-    view's channels are a multiple of 64 (0.46 against 0.58 ms). ``fuse --bf16`` takes the gate's
-    half of every feed-forward's map; the values are the same either way. (float16 views are left
-    alone: there the dense kernel rounds differently.)
+    view's channels are a multiple of 64 (0.46 against 0.58 ms). Each gate is such a view under
+    bf16 autocast on the CPU (``fuse --bf16``, ``train --bf16``): the first half of a
+    feed-forward's map. The values are the same either way. (float16 views are left alone:
+    there the dense kernel rounds differently.)
     """
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
     if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not dense:
