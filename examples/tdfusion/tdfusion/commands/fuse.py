@@ -125,8 +125,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--bf16",
         action="store_true",
-        help="torch backend: bf16 autocast (opt-in; on a 2-core CPU with AMX 0.59 s per 480x640 pair "
-        "end to end against 0.68 s in float32; on the "
+        help="torch backend: bf16 autocast (opt-in; on a 2-core CPU with AMX 0.54 s per 480x640 pair "
+        "end to end against 0.66 s in float32; on the "
         "released MSRS pairs the raw output moved by 1.6e-2 at most, 1e-3 on average, on the 0-1 scale; "
         "see docs/benchmarks.md)",
     )
