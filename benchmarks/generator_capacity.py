@@ -80,6 +80,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = [a for a in args.demo_options if a != "--"]
     demo = build_parser().parse_args(["demo", *extra])
+    if demo.outer != "adam" or demo.generator != "per_pixel" or demo.ablation != "none":
+        p.error(
+            f"after --: supervision trains the paper's per-pixel G with Adam; got --outer {demo.outer}, "
+            f"--generator {demo.generator}, --ablation {demo.ablation}"
+        )
     budget = (demo.epochs - demo.warmup_epochs) * demo.meta_iterations
     batch = demo.meta_accumulation * demo.batch_size
     checkpoints = sorted({max(1, round(m * budget)) for m in args.multiples})
