@@ -267,6 +267,8 @@ def hypergradient_jvp(
     outer_loss: Callable[[Params], Tensor],
     params: Params,
     wrt: Sequence[Tensor],
+    *,
+    product: Callable[[Params, Params], Tensor] | None = None,
 ) -> HypergradientResult:
     """The exact one-step hypergradient, with a forward-mode product of the model in place of
     the double backward.
@@ -294,6 +296,10 @@ def hypergradient_jvp(
         outer_loss: ``theta' -> L_out``.
         params: ``theta`` as leaves that require grad.
         wrt: the loss generator's parameters (or any tensors ``output_loss`` depends on).
+        product: ``(theta, w) -> J w``, computed some other way than by ``forward_ad`` over
+            ``model`` (``MetaStep(second_order="compiled_jvp")`` passes a compiled
+            ``torch.func.jvp``); it runs under the same replayed random draws and
+            ``torch.no_grad``, and must use them as ``model`` does.
 
     Returns:
         The hypergradient with the inner and outer loss values.
@@ -323,12 +329,16 @@ def hypergradient_jvp(
     l_out, w = _update_direction(l_in_graph, params, update, outer_loss, retain_graph=False)
     del l_in_graph
     try:  # fused attention kernels have no forward-mode derivative; the composite one has
-        with draws.replayed(), torch.no_grad(), forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH):
+        level = forward_ad.dual_level() if product is None else contextlib.nullcontext()
+        with draws.replayed(), torch.no_grad(), level, sdpa_kernel(SDPBackend.MATH):
             with warnings.catch_warnings():  # PyTorch scripts its jvp decompositions on first use
                 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-                duals = tuple(forward_ad.make_dual(p.detach(), d) for p, d in zip(params, w, strict=True))
-            out = forward_ad.unpack_dual(model(duals))
-            u = torch.zeros_like(out.primal) if out.tangent is None else out.tangent
+                if product is not None:
+                    u = product(tuple(p.detach() for p in params), w)
+                else:
+                    duals = tuple(forward_ad.make_dual(p.detach(), d) for p, d in zip(params, w, strict=True))
+                    out = forward_ad.unpack_dual(model(duals))
+                    u = torch.zeros_like(out.primal) if out.tangent is None else out.tangent
     except (NotImplementedError, RuntimeError) as error:
         if "forward" not in str(error).lower() and "jvp" not in str(error).lower():
             raise

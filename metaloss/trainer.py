@@ -96,7 +96,8 @@ class MetaTrainerConfig:
             meta-train batch (see ``MetaStep``).
         output_lr: the per-element step of ``virtual_step="output"``.
         second_order: how ``mode="exact"`` differentiates the model's virtual step, ``"jvp"``
-            (half the memory) or ``"double_backward"`` (see ``MetaStep``).
+            (half the memory), ``"compiled_jvp"`` (the same, compiled: faster after a compilation)
+            or ``"double_backward"`` (see ``MetaStep``).
 
     Examples:
         >>> config = MetaTrainerConfig(epochs=10, meta_iterations=50, warmup_epochs=1, outer_rule="max_normalized")

@@ -121,8 +121,9 @@ def test_meta_gradient_through_the_float32_networks_matches_the_textbook_attenti
     monkeypatch: pytest.MonkeyPatch, checkpointing: bool
 ) -> None:
     """ReFusion and TDFusion's generator in float32 under a meta step: the meta-gradient taken
-    through the forward-mode product and through the double backward (both through
-    ``_WideCosineGram``) equals the one taken by autograd through the textbook attention."""
+    through the forward-mode product (eager and compiled by ``torch.compile``) and through the
+    double backward (all through ``_WideCosineGram``) equals the one taken by autograd through
+    the textbook attention."""
     torch.manual_seed(0)
     model, loss = ReFusion(), tdfusion_loss(LossGenerator())
     task = torch.nn.Conv2d(1, 3, 3, padding=1)
@@ -142,7 +143,7 @@ def test_meta_gradient_through_the_float32_networks_matches_the_textbook_attenti
         result, _ = meta.hypergradient(batch, batch)
         return torch.cat([g.flatten() for g in result.grads])
 
-    ours = [meta_gradient("jvp"), meta_gradient("double_backward")]
+    ours = [meta_gradient("jvp"), meta_gradient("compiled_jvp"), meta_gradient("double_backward")]
     monkeypatch.setattr(
         networks, "_transposed_attention", lambda q, k, v, heads, t, precise: _normalised_attention(q, k, v, heads, t)
     )

@@ -313,6 +313,23 @@ def test_jvp_hypergradient_equals_the_double_backward_and_replays_dropout_draws(
     assert (torch.cat([g.flatten() for g in other]) - reference).norm() > 1e-6 * reference.norm()
 
 
+def test_compiled_jvp_replays_the_dropout_draws_of_the_first_evaluation() -> None:
+    """MetaStep(second_order="compiled_jvp") with a model that draws dropout masks: the compiled
+    product sees the eager evaluation's masks, so the meta-gradient equals the double
+    backward's (float64); a product with other masks would not."""
+    _, loss, task, train, test = _setup(seed=2)
+    fusion = _DropoutFusion().double()
+    grads = {}
+    for second_order in ("double_backward", "compiled_jvp"):
+        torch.manual_seed(123)
+        inner, task_inner = InnerSGD(lr=LR_F), InnerSGD(lr=LR_T)
+        meta = MetaStep(fusion, loss, task, seg_loss, inner=inner, task_inner=task_inner, second_order=second_order)
+        grads[second_order] = torch.cat([g.flatten() for g in meta.hypergradient(train, test)[0].grads])
+    reference = grads["double_backward"]
+    assert reference.norm() > 0
+    torch.testing.assert_close(grads["compiled_jvp"], reference, rtol=1e-9, atol=1e-13)
+
+
 class _NoForwardDerivative(torch.autograd.Function):
     """tanh written as a custom function with a backward but no jvp."""
 
@@ -366,12 +383,13 @@ def test_a_model_with_fused_attention_takes_the_jvp() -> None:
     fusion, loss, task = _AttentionFusion(), loss.float(), task.float()  # float32: the fused kernel's dtype
     train, test = ({k: v.float() if v.is_floating_point() else v for k, v in b.items()} for b in (train, test))
     grads = {}
-    for second_order in ("jvp", "double_backward"):
+    for second_order in ("jvp", "compiled_jvp", "double_backward"):
         inner, task_inner = InnerSGD(lr=LR_F), InnerSGD(lr=LR_T)
         meta = MetaStep(fusion, loss, task, seg_loss, inner=inner, task_inner=task_inner, second_order=second_order)
         # The double backward needs the composite kernel in any case; the jvp chooses it itself.
-        context = contextlib.nullcontext() if second_order == "jvp" else sdpa_kernel(SDPBackend.MATH)
+        context = contextlib.nullcontext() if "jvp" in second_order else sdpa_kernel(SDPBackend.MATH)
         with context:
             grads[second_order] = torch.cat([g.flatten() for g in meta.hypergradient(train, test)[0].grads])
     assert grads["double_backward"].norm() > 0
-    assert (grads["jvp"] - grads["double_backward"]).norm() <= 1e-3 * grads["double_backward"].norm()  # float32
+    for route in ("jvp", "compiled_jvp"):
+        assert (grads[route] - grads["double_backward"]).norm() <= 1e-3 * grads["double_backward"].norm()  # float32

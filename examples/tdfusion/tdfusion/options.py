@@ -125,8 +125,9 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         choices=SECOND_ORDERS,
         default="jvp",
         help="how --mode exact differentiates one virtual step of F: jvp (a forward-mode product of F, about half "
-        "the memory) or double_backward (through F's backward; for a fusion network with an operation that has no "
-        "forward-mode derivative). Equal up to rounding",
+        "the memory), compiled_jvp (the same product compiled by torch.compile: a faster meta step after a "
+        "compilation on the first one, needs a C++ compiler on the CPU) or double_backward (through F's backward; "
+        "for a fusion network with an operation that has no forward-mode derivative). Equal up to rounding",
     )
     p.add_argument("--form", choices=("paper", "released"), default="paper", help="fusion-loss form")
     p.add_argument(
