@@ -56,6 +56,11 @@ def main() -> None:
         choices=SECOND_ORDERS,
         help="how the exact mode differentiates F's virtual step: jvp (the default) or double_backward",
     )
+    p.add_argument(
+        "--compile-generator",
+        action="store_true",
+        help="compile the loss generator in place (nn.Module.compile) for both iterations, as a user may",
+    )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")
     p.add_argument(
         "--trace-memory",
@@ -70,6 +75,8 @@ def main() -> None:
     torch.manual_seed(0)
     task = build_task(args.task_net, 3)
     model, loss = ReFusion().to(device), tdfusion_loss(LossGenerator()).to(device)
+    if args.compile_generator:
+        loss.generator.compile()
     task.model.to(device)
     b, (h, w), c = args.batch_size, args.task_size, args.crop
     batch: dict[str, Any] = {
@@ -128,7 +135,7 @@ def main() -> None:
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "  # noqa: E501
         f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}, "
         f"activation checkpointing {args.checkpointing}, virtual step {args.virtual_step}, "
-        f"second order {args.second_order}"
+        f"second order {args.second_order}, generator compiled {args.compile_generator}"
     )
     print(f"plain iteration  {t_plain:.3f} s")
     print(f"meta iteration   {t_meta:.3f} s  ({t_meta / t_plain:.2f}x plain)")

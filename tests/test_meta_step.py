@@ -241,6 +241,25 @@ def test_bf16_autocast_keeps_losses_in_float32_and_the_meta_gradient_close() -> 
     assert cosine > 0.9, cosine  # bf16 forwards: same direction, ~1e-2 relative noise
 
 
+def test_a_generator_compiled_in_place_gives_the_same_meta_gradient() -> None:
+    """A user may compile the loss generator (``loss.generator.compile()``): the meta step runs
+    it as any module (its backward is differentiated once), with the same meta-gradient, and its
+    parameters keep their names for checkpoints."""
+    fusion, loss, task, meta = _parts()
+    fusion.double(), loss.double(), task.double()
+    train, test = _double(_batch(1)), _double(_batch(2))
+    names = list(loss.state_dict())
+    eager = meta.hypergradient(train, test)[0].grads
+    loss.generator.compile()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = meta.hypergradient(train, test)[0].grads
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it really ran compiled
+    assert list(loss.state_dict()) == names
+    assert torch.cat([g.flatten() for g in eager]).norm() > 0
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("policy", ["discard", "frozen"])
 @pytest.mark.parametrize(
     ("mode", "second_order"), [("exact", "jvp"), ("exact", "double_backward"), ("finite_difference", "jvp")]
