@@ -170,3 +170,14 @@ def test_oracle_agreement_reads_the_probe_direction(tmp_path, virtual_step: str)
             assert agreement[key] == pytest.approx(share, rel=1e-5)
         else:
             assert np.isnan(agreement[key])
+
+
+def test_compile_generator_compiles_g_in_place(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--compile-generator compiles the trainer's G in place (tests/test_meta_step.py runs a
+    compiled generator through a meta step); its parameters keep their names for checkpoints."""
+    base = ["demo", "--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path)]
+    plain = build_trainer(build_parser().parse_args(base))
+    compiled = build_trainer(build_parser().parse_args([*base, "--compile-generator"]))
+    assert plain.loss.generator._compiled_call_impl is None
+    assert compiled.loss.generator._compiled_call_impl is not None
+    assert list(compiled.loss.state_dict()) == list(plain.loss.state_dict())

@@ -67,6 +67,8 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
     dataset = FusionDataset(scenes, kind, crop=args.crop, task_size=task_size, flip=args.flip)
     model = _ddp(build_fusion_network(args.ablation).to(device), device)
     loss = build_loss(args).to(device)
+    if args.compile_generator:
+        loss.generator.compile()
     task_model = _ddp(task.model.to(device), device)
     config = MetaTrainerConfig(
         epochs=args.epochs,
