@@ -47,6 +47,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -296,10 +297,10 @@ def hypergradient_jvp(
         outer_loss: ``theta' -> L_out``.
         params: ``theta`` as leaves that require grad.
         wrt: the loss generator's parameters (or any tensors ``output_loss`` depends on).
-        product: ``(theta, w) -> J w``, computed some other way than by ``forward_ad`` over
-            ``model`` (``MetaStep(second_order="compiled_jvp")`` passes a compiled
-            ``torch.func.jvp``); it runs under the same replayed random draws and
-            ``torch.no_grad``, and must use them as ``model`` does.
+        product: ``(theta, w) -> J w`` in place of ``forward_product(model, theta, w)``
+            (``MetaStep(second_order="compiled_jvp")`` passes a compiled ``forward_product``);
+            it runs under the same replayed random draws and ``torch.no_grad``, and must use
+            them as ``model`` does.
 
     Returns:
         The hypergradient with the inner and outer loss values.
@@ -328,17 +329,12 @@ def hypergradient_jvp(
     l_in, y = l_in_graph.detach(), y.detach()
     l_out, w = _update_direction(l_in_graph, params, update, outer_loss, retain_graph=False)
     del l_in_graph
+    jacobian_times = product if product is not None else functools.partial(forward_product, model)
     try:  # fused attention kernels have no forward-mode derivative; the composite one has
-        level = forward_ad.dual_level() if product is None else contextlib.nullcontext()
-        with draws.replayed(), torch.no_grad(), level, sdpa_kernel(SDPBackend.MATH):
+        with draws.replayed(), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             with warnings.catch_warnings():  # PyTorch scripts its jvp decompositions on first use
                 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-                if product is not None:
-                    u = product(tuple(p.detach() for p in params), w)
-                else:
-                    duals = tuple(forward_ad.make_dual(p.detach(), d) for p, d in zip(params, w, strict=True))
-                    out = forward_ad.unpack_dual(model(duals))
-                    u = torch.zeros_like(out.primal) if out.tangent is None else out.tangent
+                u = jacobian_times(tuple(p.detach() for p in params), w)
     except (NotImplementedError, RuntimeError) as error:
         if "forward" not in str(error).lower() and "jvp" not in str(error).lower():
             raise
@@ -350,6 +346,21 @@ def hypergradient_jvp(
     (e,) = torch.autograd.grad(output_loss(y), y, create_graph=True)
     grads = _grad((e * u.to(e.dtype)).sum(), wrt)
     return HypergradientResult(grads, l_in, l_out)
+
+
+def forward_product(model: Callable[[Params], Tensor], params: Params, tangents: Params) -> Tensor:
+    """``J w``: the change of ``model``'s output along ``tangents`` at ``params``, by one
+    evaluation of ``model`` on dual tensors (``torch.autograd.forward_ad``).
+
+    Examples:
+        >>> import torch
+        >>> forward_product(lambda t: t[0] ** 2, (torch.tensor([3.0]),), (torch.tensor([1.0]),))
+        tensor([6.])
+    """
+    with forward_ad.dual_level():
+        duals = tuple(forward_ad.make_dual(p, d) for p, d in zip(params, tangents, strict=True))
+        out = forward_ad.unpack_dual(model(duals))
+        return torch.zeros_like(out.primal) if out.tangent is None else out.tangent
 
 
 class _RandomDraws:

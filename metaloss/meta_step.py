@@ -38,6 +38,7 @@ from metaloss.hypergradient import (
     HypergradientResult,
     NonFiniteHypergradientError,
     all_finite,
+    forward_product,
     hypergradient,
     hypergradient_jvp,
 )
@@ -253,7 +254,7 @@ class MetaStep:
             a second-order backward: measured on ReFusion + SegFormer-b0, batch 2 x 256^2 on a
             2-core CPU, a peak RSS of 5.90 against 10.72 GiB and 2.49x against 2.88x a plain
             iteration's time, ``docs/benchmarks.md``). ``"compiled_jvp"``: the same product
-            compiled by ``torch.compile`` (inductor; ``torch.func.jvp`` of ``F``), which fuses the
+            compiled by ``torch.compile`` (inductor), which fuses the
             tangent's element-wise terms into fewer passes over ``F``'s activations: measured
             there, a meta iteration 2.49-2.53x a plain one against 2.67-2.74x with ``"jvp"``
             (SegFormer-b0; YOLOv8-n 2.56-2.57x against 2.75-2.79x). It compiles on the first
@@ -410,14 +411,14 @@ class MetaStep:
         return torch.utils.checkpoint.checkpoint(self._model_view, theta, *args, use_reentrant=False)
 
     def _forward_product(self, theta: tuple[Tensor, ...], tangents: tuple[Tensor, ...], *args: Any) -> Tensor:
-        """``J w``: the change of ``F(*args)`` along ``tangents`` at ``theta`` (``torch.func.jvp``)."""
+        """``J w``: the change of ``F(*args)`` along ``tangents`` at ``theta`` (``forward_product``)."""
 
-        def model(*params: Tensor) -> Tensor:
+        def model(params: tuple[Tensor, ...]) -> Tensor:
             with self._autocast():
                 prediction: Tensor = self._model_view(params, *args)
             return prediction
 
-        return torch.func.jvp(model, theta, tangents)[1]
+        return forward_product(model, theta, tangents)
 
     def _compiled_forward_product(self, theta: tuple[Tensor, ...], tangents: tuple[Tensor, ...], *args: Any) -> Tensor:
         """``_forward_product`` compiled once per ``MetaStep`` (``second_order="compiled_jvp"``);

@@ -239,6 +239,11 @@ def test_bf16_autocast_keeps_losses_in_float32_and_the_meta_gradient_close() -> 
     got = torch.cat([g.flatten() for g in result.grads])
     cosine = torch.nn.functional.cosine_similarity(ref, got, dim=0).item()
     assert cosine > 0.9, cosine  # bf16 forwards: same direction, ~1e-2 relative noise
+    meta.second_order = "compiled_jvp"  # the compiled product runs under autocast too
+    compiled, _ = meta.hypergradient(_batch(1, size=16), _batch(2, size=16))
+    assert all(g.dtype == torch.float32 for g in compiled.grads)
+    again = torch.cat([g.flatten() for g in compiled.grads])
+    assert torch.nn.functional.cosine_similarity(got, again, dim=0).item() > 0.99
 
 
 def test_a_generator_compiled_in_place_gives_the_same_meta_gradient() -> None:
