@@ -254,12 +254,12 @@ class MetaStep:
             a second-order backward: measured on ReFusion + SegFormer-b0, batch 2 x 256^2 on a
             2-core CPU, a peak RSS of 5.90 against 10.72 GiB and 2.49x against 2.88x a plain
             iteration's time, ``docs/benchmarks.md``). ``"compiled_jvp"``: the same product
-            compiled by ``torch.compile`` (inductor), which fuses the
-            tangent's element-wise terms into fewer passes over ``F``'s activations: measured
-            there, a meta iteration 2.49-2.53x a plain one against 2.67-2.74x with ``"jvp"``
-            (SegFormer-b0; YOLOv8-n 2.56-2.57x against 2.75-2.79x). It compiles on the first
-            meta step and again for each new batch shape (30-40 s for ReFusion on that CPU);
-            inductor's ``fallback_random`` keeps the eager call's dropout draws. ``"double_backward"``:
+            compiled by ``torch.compile`` (inductor), which fuses the tangent's element-wise
+            terms into fewer passes over ``F``'s activations: measured there, a meta iteration
+            2.49-2.53x a plain one against 2.67-2.74x with ``"jvp"`` (SegFormer-b0; YOLOv8-n
+            2.56-2.57x against 2.75-2.79x). It compiles on the first meta step and again for
+            each new batch shape (30-40 s for ReFusion on that CPU); inductor's
+            ``fallback_random`` keeps the eager call's dropout draws. ``"double_backward"``:
             back-propagates through ``F``'s backward; for a model with an operation that has no
             forward-mode derivative. All three are equal up to rounding. Several inner steps are
             always unrolled by double backward.
