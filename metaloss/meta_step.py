@@ -225,6 +225,13 @@ class MetaStep:
             or a darker output everywhere (measured on the TDFusion demo with task networks of
             known skill, ``benchmarks/meta_gradient_direction.py``). The same extra cost, plus
             a double backward of the loss alone.
+        map_gradient_weights: ``batch -> weights``, broadcastable to the weight map
+            ``(B, K, *spatial)`` of the meta-train batch: the map gradient (after
+            ``map_gradient``) is multiplied by them before it is carried back into the
+            generator. For instance class-balancing weights from the batch's labels, so that a
+            rare region's requests count per pixel as much as a common one's (measured on the
+            TDFusion demo, ``docs/tdfusion.md``). ``None``: unweighted. The same extra cost as
+            ``map_gradient="centred"``.
         task_adaptation: where ``T``'s virtual step learns from. ``"current_model"`` (the
             paper, eq. 5): ``T' = T - eta dL_t(T(F(meta-train)))/dT``, fixed before ``F``'s
             virtual step, so the meta-gradient asks only how ``F'`` suits the *current* task
@@ -321,6 +328,7 @@ class MetaStep:
         cg_iterations: int = 20,
         ridge: float = 0.0,
         map_gradient: MapGradient = "full",
+        map_gradient_weights: Callable[[Any], Tensor] | None = None,
         task_adaptation: Literal["current_model", "virtual_model"] = "current_model",
         virtual_step: VirtualStep = "model",
         output_lr: float = 0.5,
@@ -371,6 +379,7 @@ class MetaStep:
         self.cg_iterations = cg_iterations
         self.ridge = ridge
         self.map_gradient = map_gradient
+        self.map_gradient_weights = map_gradient_weights
         self.skipped_total = 0
         self._pending: list[Tensor] | None = None
         self._pending_count = 0
@@ -579,7 +588,8 @@ class MetaStep:
         )
         sources, weights, seen = problem.sources, problem.weights, problem.seen
         task_inner_loss = problem.task_inner_loss
-        need_map = self.weight_map_grad or self.map_gradient != "full"
+        carry_again = self.map_gradient != "full" or self.map_gradient_weights is not None
+        need_map = self.weight_map_grad or carry_again
         targets = [*wrt, weights] if need_map else wrt
         if self._through_jvp:
             result = hypergradient_jvp(
@@ -608,12 +618,16 @@ class MetaStep:
         if need_map:
             map_grad = result.grads[-1].detach()
             result = replace(result, grads=result.grads[:-1])
-        if self.map_gradient != "full":
+        if carry_again:
             assert map_grad is not None
             if self.map_gradient == "centred":
                 carried = map_grad - map_grad.mean(dim=tuple(range(2, map_grad.ndim)), keepdim=True)
-            else:
+            elif self.map_gradient == "shift_removed":
                 carried = remove_component(map_grad, shift_direction(self.loss, seen["prediction"], sources, weights))
+            else:
+                carried = map_grad
+            if self.map_gradient_weights is not None:
+                carried = carried * self.map_gradient_weights(train_batch).to(carried)
             with self._autocast():
                 again = self.loss.weights(sources)  # the first graph to G was freed by the backward
             grads = torch.autograd.grad(again, wrt, grad_outputs=carried.to(again.dtype), allow_unused=True)

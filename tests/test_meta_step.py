@@ -314,13 +314,16 @@ def test_accumulated_pairs_step_with_the_mean_meta_gradient() -> None:
         meta.apply()  # nothing pending any more
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
 @pytest.mark.parametrize("map_gradient", MAP_GRADIENTS)
 @pytest.mark.parametrize("mode", ["exact", "finite_difference"])
-def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mode: str, map_gradient: str) -> None:
+def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(
+    mode: str, map_gradient: str, weighted: bool
+) -> None:
     """dL/dphi = (dw/dphi)^T dL/dw: the weight-map gradient carried back through G gives the
     meta-gradient; "centred" carries back that gradient minus its spatial mean per image and source,
     "shift_removed" minus its projection per image on the loss's shift direction, which for a
-    weighted squared error is 2 (F - I_k) / n."""
+    weighted squared error is 2 (F - I_k) / n; map_gradient_weights multiply what is carried."""
     torch.manual_seed(0)
     fusion, task = SmallFusion(), SmallSegmenter()
     loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error}).double()
@@ -334,6 +337,7 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mod
         mode=mode,  # type: ignore[arg-type]
         weight_map_grad=True,
         map_gradient=map_gradient,  # type: ignore[arg-type]
+        map_gradient_weights=(lambda batch: 1.0 + 3.0 * batch["target"][:, None]) if weighted else None,
     )
     train, test = _double(_batch(1)), _double(_batch(2))
     result, stats = meta.hypergradient(train, test)
@@ -352,6 +356,8 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(mod
         along = (carried * u).sum((1, 2, 3), keepdim=True) / (u * u).sum((1, 2, 3), keepdim=True)
         carried = carried - along * u
         assert float(along.abs().min()) > 0 and float((carried * u).sum((1, 2, 3)).abs().max()) < 1e-12
+    if weighted:
+        carried = carried * (1.0 + 3.0 * train["target"][:, None])
     chained = torch.autograd.grad(weights, meta.generator_parameters, grad_outputs=carried)
     for a, b in zip(chained, result.grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)

@@ -181,3 +181,24 @@ def test_compile_generator_compiles_g_in_place(tmp_path) -> None:  # type: ignor
     assert plain.loss.generator._compiled_call_impl is None
     assert compiled.loss.generator._compiled_call_impl is not None
     assert list(compiled.loss.state_dict()) == list(plain.loss.state_dict())
+
+
+@pytest.mark.parametrize(("virtual_step", "labels"), [("output", "mask"), ("model", "crop_mask")])
+def test_balanced_map_gradient_weighs_each_pixel_by_its_class(tmp_path, virtual_step: str, labels: str) -> None:  # type: ignore[no-untyped-def]
+    """--balanced-map-gradient: the meta step's map-gradient weights are each pixel's median
+    frequency weight, read from the labels of the map's own view (the task view for the output
+    step, the crop for the paper's)."""
+    base = ["demo", "--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path)]
+    base += ["--virtual-step", virtual_step]
+    assert build_trainer(build_parser().parse_args(base)).meta_step.map_gradient_weights is None
+    args = build_parser().parse_args([*base, "--balanced-map-gradient"])
+    scenes = load_scenes(args, "train", "seg")
+    trainer = build_trainer(args)
+    batch = next(iter(trainer._loader([0, 1])))
+    weigh = trainer.meta_step.map_gradient_weights
+    assert weigh is not None
+    weights = weigh(batch)
+    expected = median_frequency_weights([s.label_mask() for s in scenes], 4)
+    assert weights.shape == (2, 1, *batch[labels].shape[1:])
+    torch.testing.assert_close(weights[:, 0], expected[batch[labels]])
+    assert float(expected[3]) > 1 > float(expected[0])  # markings weigh more than the background

@@ -159,6 +159,14 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         "so background pixels do not dominate G's meta-gradient (paper: off; see docs/tdfusion.md)",
     )
     p.add_argument(
+        "--balanced-map-gradient",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="segmentation: weigh the meta-gradient on G's weight map pixel by pixel by its class's median "
+        "frequency weight, so the few marking and target pixels ask as loudly as the road (paper: off; see "
+        "docs/tdfusion.md)",
+    )
+    p.add_argument(
         "--map-gradient",
         choices=MAP_GRADIENTS,
         default="full",

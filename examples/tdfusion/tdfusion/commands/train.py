@@ -60,8 +60,11 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
     if args.dataset != "synthetic":  # a bad label must not surface as a traceback mid-training
         check_training_data(args, "seg" if kind == "seg" else "det")
     scenes = load_scenes(args, "train", kind)
-    if kind == "seg" and args.balanced_task_loss:
-        task.loss.class_weights = median_frequency_weights([s.label_mask() for s in scenes], spec[kind])
+    class_weights = None
+    if kind == "seg" and (args.balanced_task_loss or args.balanced_map_gradient):
+        class_weights = median_frequency_weights([s.label_mask() for s in scenes], spec[kind])
+    if class_weights is not None and args.balanced_task_loss:
+        task.loss.class_weights = class_weights
     if args.standardize_task_input:
         task.model = StandardizedInput(task.model)
     dataset = FusionDataset(scenes, kind, crop=args.crop, task_size=task_size, flip=args.flip)
@@ -112,6 +115,13 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         callbacks=[CSVLogger(out / "logs"), *(callbacks or [])],
         checkpoint_dir=out,
     )
+    if class_weights is not None and args.balanced_map_gradient:
+        # The map is the crop's, or the task view's where the virtual step moves F's output.
+        labels = "mask" if args.virtual_step == "output" else "crop_mask"
+        weights = torch.cat([class_weights, torch.zeros(1)]).to(device)  # the last: labels outside the classes
+        trainer.meta_step.map_gradient_weights = lambda batch: weights[
+            batch[labels].clamp(0, len(weights) - 1)
+        ].unsqueeze(1)
     return trainer
 
 
