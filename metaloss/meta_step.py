@@ -394,6 +394,13 @@ class MetaStep:
         jvp = self.mode == "exact" and self.second_order in ("jvp", "compiled_jvp")
         return jvp and self.inner_steps == 1 and self.virtual_step == "model"
 
+    @property
+    def compiles_product(self) -> bool:
+        """Whether the meta step computes ``F``'s forward-mode product compiled
+        (``second_order="compiled_jvp"`` where the exact meta-gradient takes the product): the
+        first meta step then compiles it."""
+        return self._through_jvp and self.second_order == "compiled_jvp"
+
     def _across_ranks(self) -> bool:
         if self.average_over_ranks is not None:
             return self.average_over_ranks
@@ -523,7 +530,7 @@ class MetaStep:
 
         update = self.inner.start(theta, self._model_view.parameters, self.model_optimizer)
         product = None
-        if self.second_order == "compiled_jvp":
+        if self.compiles_product:
 
             def product(theta: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> Tensor:
                 return self._compiled_forward_product(theta, tangents, *model_args)

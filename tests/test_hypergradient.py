@@ -324,7 +324,10 @@ def test_compiled_jvp_replays_the_dropout_draws_of_the_first_evaluation() -> Non
         torch.manual_seed(123)
         inner, task_inner = InnerSGD(lr=LR_F), InnerSGD(lr=LR_T)
         meta = MetaStep(fusion, loss, task, seg_loss, inner=inner, task_inner=task_inner, second_order=second_order)
+        assert meta.compiles_product == (second_order == "compiled_jvp")
         grads[second_order] = torch.cat([g.flatten() for g in meta.hypergradient(train, test)[0].grads])
+    meta.virtual_step = "output"  # no product of F to compile there
+    assert not meta.compiles_product
     reference = grads["double_backward"]
     assert reference.norm() > 0
     torch.testing.assert_close(grads["compiled_jvp"], reference, rtol=1e-9, atol=1e-13)

@@ -136,9 +136,7 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
     if trainer.rank == 0:  # train --config OUT/config.yaml --out NEW repeats this run
         write_config(out / "config.yaml", args, config_parser())
     resume = getattr(args, "resume", None)  # the demo has no --resume
-    route = (args.mode, args.second_order, args.virtual_step, args.inner_steps)
-    compiled = route == ("exact", "compiled_jvp", "model", 1)
-    if trainer.rank == 0 and compiled and args.meta_iterations > 0 and not args.quiet:
+    if trainer.rank == 0 and trainer.meta_step.compiles_product and args.meta_iterations > 0 and not args.quiet:
         print("--second-order compiled_jvp: the first meta step compiles F's forward-mode product (torch.compile)")
     try:
         steps = trainer.fit(resume=resume)
