@@ -595,9 +595,11 @@ class MetaStep:
         )
         sources, weights, seen = problem.sources, problem.weights, problem.seen
         task_inner_loss = problem.task_inner_loss
+        # A map gradient that is changed before it reaches G is taken alone, and then carried into
+        # G through the graph to the map, which the first backward stops short of.
         carry_again = self.map_gradient != "full" or self.map_gradient_weights is not None
         need_map = self.weight_map_grad or carry_again
-        targets = [*wrt, weights] if need_map else wrt
+        targets = [weights] if carry_again else [*wrt, weights] if need_map else wrt
         if self._through_jvp:
             result = hypergradient_jvp(
                 problem.model,
@@ -635,9 +637,7 @@ class MetaStep:
                 carried = map_grad
             if self.map_gradient_weights is not None:
                 carried = carried * self.map_gradient_weights(train_batch).to(carried)
-            with self._autocast():
-                again = self.loss.weights(sources)  # the first graph to G was freed by the backward
-            grads = torch.autograd.grad(again, wrt, grad_outputs=carried.to(again.dtype), allow_unused=True)
+            grads = torch.autograd.grad(weights, wrt, grad_outputs=carried.to(weights.dtype), allow_unused=True)
             grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt, strict=True))
             result = replace(result, grads=grads)
         weight_mean, weight_std = weight_statistics(weights)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-# ultralytics writes a settings file on import: keep it out of the user's home and the repo.
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="metaloss-yolo-"))
+# ultralytics writes a settings file on import: keep it out of the user's home and the repo, and
+# remove it when the session ends.
+if "YOLO_CONFIG_DIR" not in os.environ:
+    os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="metaloss-yolo-")
+    atexit.register(shutil.rmtree, os.environ["YOLO_CONFIG_DIR"], ignore_errors=True)
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import pytest  # noqa: E402

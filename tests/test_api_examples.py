@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import tempfile
 
 import pytest
 
@@ -53,7 +54,9 @@ def test_every_public_function_and_class_has_an_example(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_the_examples_run(name: str) -> None:
+def test_the_examples_run(name: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The examples write into tempfile.mkdtemp() folders: make those pytest's, which it prunes.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = doctest.testmod(
         importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=True
     )

@@ -115,6 +115,8 @@ def test_median_frequency_weights() -> None:
     masks = [np.array([[0, 0, 0, 1], [0, 0, 1, 2]])]  # frequencies 5/8, 2/8, 1/8; class 3 absent
     w = median_frequency_weights(masks, 4)
     torch.testing.assert_close(w, torch.tensor([0.4, 1.0, 2.0, 0.0]))
+    gentle = median_frequency_weights(masks, 4, power=0.5)  # --class-weight-power 0.5
+    torch.testing.assert_close(gentle, torch.tensor([0.4**0.5, 1.0, 2.0**0.5, 0.0]))
 
 
 def test_the_probe_does_not_change_the_training_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -202,3 +204,6 @@ def test_balanced_map_gradient_weighs_each_pixel_by_its_class(tmp_path, virtual_
     assert weights.shape == (2, 1, *batch[labels].shape[1:])
     torch.testing.assert_close(weights[:, 0], expected[batch[labels]])
     assert float(expected[3]) > 1 > float(expected[0])  # markings weigh more than the background
+    gentle = build_trainer(build_parser().parse_args([*base, "--balanced-map-gradient", "--class-weight-power", "0.5"]))
+    assert gentle.meta_step.map_gradient_weights is not None
+    torch.testing.assert_close(gentle.meta_step.map_gradient_weights(batch)[:, 0], expected[batch[labels]].sqrt())

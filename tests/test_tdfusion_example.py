@@ -192,7 +192,7 @@ def test_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
         [*command, "--out", str(out), "--quiet"],
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},  # torchelastic's run files
         timeout=3600,  # a hang guard only: a loaded machine must not fail this test
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -167,6 +167,14 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         "docs/tdfusion.md)",
     )
     p.add_argument(
+        "--class-weight-power",
+        type=non_negative_float,
+        default=1.0,
+        metavar="P",
+        help="the two balanced options' class weights are median frequency weights to the power P (default 1: "
+        "median frequency balancing; 0.5: their square root, a gentler balance)",
+    )
+    p.add_argument(
         "--map-gradient",
         choices=MAP_GRADIENTS,
         default="full",

@@ -112,11 +112,13 @@ class SegmentationLoss:
         return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=self.ignore_index)
 
 
-def median_frequency_weights(masks: list[np.ndarray], num_classes: int) -> Tensor:
-    """Class weights ``median(freq) / freq_c`` from label maps (median frequency balancing).
+def median_frequency_weights(masks: list[np.ndarray], num_classes: int, power: float = 1.0) -> Tensor:
+    """Class weights ``(median(freq) / freq_c) ** power`` from label maps (median frequency balancing).
 
-    Classes that never occur get weight 0. Reference: Eigen & Fergus, "Predicting Depth, Surface
-    Normals and Semantic Labels with a Common Multi-Scale Convolutional Architecture", ICCV 2015.
+    ``power = 1`` is median frequency balancing; ``power = 1/2`` its square root, a gentler balance
+    (rare classes weigh more, but a class's total weight still grows with its frequency). Classes
+    that never occur get weight 0. Reference: Eigen & Fergus, "Predicting Depth, Surface Normals and
+    Semantic Labels with a Common Multi-Scale Convolutional Architecture", ICCV 2015.
     """
     counts = np.zeros(num_classes, np.float64)
     for m in masks:
@@ -124,7 +126,7 @@ def median_frequency_weights(masks: list[np.ndarray], num_classes: int) -> Tenso
     freq = counts / max(counts.sum(), 1.0)
     present = freq > 0
     weights = np.zeros(num_classes, np.float64)
-    weights[present] = np.median(freq[present]) / freq[present]
+    weights[present] = (np.median(freq[present]) / freq[present]) ** power
     return torch.tensor(weights, dtype=torch.float32)
 
 

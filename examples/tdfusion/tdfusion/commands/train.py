@@ -62,7 +62,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
     scenes = load_scenes(args, "train", kind)
     class_weights = None
     if kind == "seg" and (args.balanced_task_loss or args.balanced_map_gradient):
-        class_weights = median_frequency_weights([s.label_mask() for s in scenes], spec[kind])
+        class_weights = median_frequency_weights([s.label_mask() for s in scenes], spec[kind], args.class_weight_power)
     if class_weights is not None and args.balanced_task_loss:
         task.loss.class_weights = class_weights
     if args.standardize_task_input:
