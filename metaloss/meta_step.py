@@ -597,9 +597,9 @@ class MetaStep:
         task_inner_loss = problem.task_inner_loss
         # A map gradient that is changed before it reaches G is taken alone, and then carried into
         # G through the graph to the map, which the first backward stops short of.
-        carry_again = self.map_gradient != "full" or self.map_gradient_weights is not None
-        need_map = self.weight_map_grad or carry_again
-        targets = [weights] if carry_again else [*wrt, weights] if need_map else wrt
+        carry_changed = self.map_gradient != "full" or self.map_gradient_weights is not None
+        need_map = self.weight_map_grad or carry_changed
+        targets = [weights] if carry_changed else [*wrt, weights] if need_map else wrt
         if self._through_jvp:
             result = hypergradient_jvp(
                 problem.model,
@@ -627,7 +627,7 @@ class MetaStep:
         if need_map:
             map_grad = result.grads[-1].detach()
             result = replace(result, grads=result.grads[:-1])
-        if carry_again:
+        if carry_changed:
             assert map_grad is not None
             if self.map_gradient == "centred":
                 carried = map_grad - map_grad.mean(dim=tuple(range(2, map_grad.ndim)), keepdim=True)
