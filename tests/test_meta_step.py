@@ -366,9 +366,7 @@ def test_weight_map_gradient_is_the_generator_gradient_before_the_chain_rule(
 
 @pytest.mark.parametrize("virtual_step", ["model", "output"])
 @pytest.mark.parametrize("carried", ["centred", "shift_removed", "weighted"])
-def test_a_changed_map_gradient_is_carried_without_running_the_generator_again(
-    carried: str, virtual_step: str
-) -> None:
+def test_a_changed_map_gradient_is_carried_without_running_the_generator_again(carried: str, virtual_step: str) -> None:
     """A map gradient changed before it reaches G (centred, shift-removed, weighted) goes back
     through the graph of G's one forward in the meta step: running G a second time cost the
     demo's meta step about half again its time."""
