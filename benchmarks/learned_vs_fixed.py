@@ -5,7 +5,8 @@ look-alikes, Algorithm 1, then a fresh task network trained on each arm's fused 
 and scored on its fused test scenes) and prints a table row per seed: downstream mIoU of both
 arms, their difference, and where the learned loss puts its weight (w_infrared on hot targets,
 w_visible on markings, the brighter source on markings: what a fresh task network rewards there,
-see ``benchmarks/oracle_weights.py``; w_visible on the road beside the markings). Then the mean
+see ``benchmarks/oracle_weights.py``; w_visible on the road beside the markings; w_infrared on the
+background by day and at night, where the look-alikes are hidden or shown). Then the mean
 over seeds, the paired difference's 95% interval, and how many seeds meet the weight bar (0.7
 each).
 
@@ -37,6 +38,16 @@ from tdfusion.commands.demo import run_arms  # noqa: E402
 from tdfusion.study import paired_interval  # noqa: E402
 
 
+def _weight_cells(weights: dict[str, float]) -> str:
+    """The table's cells of where the learned loss puts its weight (NaN for an arm without maps)."""
+    nan = float("nan")
+    names = ("target_infrared", "marking_visible", "marking_brighter", "marking_surround_visible")
+    cells = [f"{weights.get(name, nan):.2f}" for name in names]
+    day, night = (weights.get(f"background_infrared_{when}", nan) for when in ("day", "night"))
+    cells.append(f"{day:.2f} / {night:.2f}")
+    return " | ".join(cells)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (scenes, networks, sample orders)")
@@ -58,9 +69,9 @@ def main() -> None:
     print(f"demo options: {' '.join(extra) or '(defaults)'}; runs in {out}")
     print(
         "\n| seed | TDFusion mIoU | fixed mIoU | difference | w_ir on targets | w_vis on markings "
-        "| brighter on markings | w_vis beside markings | seconds |"
+        "| brighter on markings | w_vis beside markings | w_ir on background, day / night | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, Any]] = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])
@@ -69,14 +80,11 @@ def main() -> None:
         results = run_arms(demo_args, out / f"seed{seed}", probe=args.probe, arms=arms)
         if args.arm != "both":
             arm = results[args.arm]
-            weights = arm.get("weights_at", {})
-            nan = float("nan")
             miou = f"{arm['downstream']['mIoU']:.1f}"
             cells = (miou, "-") if args.arm == "tdfusion" else ("-", miou)
             print(
-                f"| {seed} | {cells[0]} | {cells[1]} | - | {weights.get('target_infrared', nan):.2f} | "
-                f"{weights.get('marking_visible', nan):.2f} | {weights.get('marking_brighter', nan):.2f} | "
-                f"{weights.get('marking_surround_visible', nan):.2f} | {time.time() - started:.0f} |",
+                f"| {seed} | {cells[0]} | {cells[1]} | - | {_weight_cells(arm.get('weights_at', {}))} | "
+                f"{time.time() - started:.0f} |",
                 flush=True,
             )
             rows.append({"seed": seed, "results": results})
@@ -96,8 +104,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"| {seed} | {row['tdfusion']:.1f} | {row['fixed_half']:.1f} | {row['tdfusion'] - row['fixed_half']:+.1f} "
-            f"| {row['target_infrared']:.2f} | {row['marking_visible']:.2f} | {row['marking_brighter']:.2f} "
-            f"| {row['marking_surround_visible']:.2f} | {row['seconds']:.0f} |",
+            f"| {_weight_cells(ours['weights_at'])} | {row['seconds']:.0f} |",
             flush=True,
         )
         for probe_row in ours.get("probe", []):
