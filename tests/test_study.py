@@ -165,13 +165,18 @@ def test_oracle_agreement_reads_the_probe_direction(tmp_path, virtual_step: str)
     expected = float(descent[targets].sum() / descent[targets].abs().sum())
     assert agreement["target_share"] == pytest.approx(expected, rel=1e-5)
     night = torch.tensor([name.endswith("N") for name in pair[0]["name"]]).view(-1, 1, 1)
-    for key, scenes_of in (("marking_share_day", ~night), ("marking_share_night", night)):
-        pixels = (masks == 3) & scenes_of
-        if bool(pixels.any()):  # toward visible light: the descent's negative part on w_a - w_b
-            share = float(-descent[pixels].sum() / descent[pixels].abs().sum())
-            assert agreement[key] == pytest.approx(share, rel=1e-5)
-        else:
-            assert np.isnan(agreement[key])
+    near = torch.nn.functional.max_pool2d((masks == 3).float()[:, None], 7, stride=1, padding=3)[:, 0] > 0
+    beside = near & (masks == 0)  # the road within 3 pixels (a 7 x 7 square) of a marking
+    assert bool(beside.any())
+    regions = {"marking": masks == 3, "surround": beside, "background": (masks == 0) & ~beside}
+    for region, pixels_of in regions.items():
+        for when, scenes_of in (("day", ~night), ("night", night)):
+            pixels, key = pixels_of & scenes_of, f"{region}_share_{when}"
+            if bool(pixels.any()):  # toward visible light: the descent's negative part on w_a - w_b
+                share = float(-descent[pixels].sum() / descent[pixels].abs().sum())
+                assert agreement[key] == pytest.approx(share, rel=1e-5)
+            else:
+                assert np.isnan(agreement[key])
 
 
 def test_compile_generator_compiles_g_in_place(tmp_path) -> None:  # type: ignore[no-untyped-def]

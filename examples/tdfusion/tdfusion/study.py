@@ -294,7 +294,11 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         absolute mass, in ``[-1, 1]`` (1: every such pixel is pushed toward the oracle; ``nan``
         where the batch has no such pixel); ``marking_share_day`` and ``marking_share_night``: the
         same over the markings of light and of dark scenes apart (visible light is the brighter
-        source there by day, the infrared road at night); ``cos_to_brighter``: the cosine, over all pixels,
+        source there by day, the infrared road at night); ``surround_share_day`` and
+        ``surround_share_night``: the same share toward visible light over the road within 3
+        pixels of a marking, and ``background_share_day``, ``background_share_night`` over the rest
+        of the background (does the road beside a marking ask what the marking asks, or what the
+        background asks?); ``cos_to_brighter``: the cosine, over all pixels,
         between the descent and the sources' difference ``a - b`` (1: the map moves toward
         whichever source is brighter, in proportion to how much brighter; -1: toward the darker;
         near either, one brightness preference is all the meta-gradient says);
@@ -309,11 +313,17 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
     result = {"cos_to_oracle": _cosine(t, d)}
     night = torch.tensor([_day_or_night(n) == "night" for n in train_batch["name"]]).view(-1, 1, 1)
     markings = masks == 3
+    surround = torch.from_numpy(np.stack([_marking_surround(m) for m in masks.numpy()]))
+    rest = (masks == 0) & ~surround
     for key, pixels, sign in (
         ("target_share", (masks == 1) | (masks == 2), 1.0),
         ("marking_share", markings, -1.0),
         ("marking_share_day", markings & ~night, -1.0),
         ("marking_share_night", markings & night, -1.0),
+        ("surround_share_day", surround & ~night, -1.0),
+        ("surround_share_night", surround & night, -1.0),
+        ("background_share_day", rest & ~night, -1.0),
+        ("background_share_night", rest & night, -1.0),
     ):
         v = descent[pixels] * sign
         mass = float(v.abs().sum())
