@@ -212,3 +212,15 @@ def test_balanced_map_gradient_weighs_each_pixel_by_its_class(tmp_path, virtual_
     gentle = build_trainer(build_parser().parse_args([*base, "--balanced-map-gradient", "--class-weight-power", "0.5"]))
     assert gentle.meta_step.map_gradient_weights is not None
     torch.testing.assert_close(gentle.meta_step.map_gradient_weights(batch)[:, 0], expected[batch[labels]].sqrt())
+
+
+def test_class_weight_options_that_would_do_nothing_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--class-weight-power without a balanced option, or a balanced option with a detector,
+    would change nothing; each is refused with the options named."""
+    base = ["train", "--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--class-weight-power shapes"):
+        build_trainer(build_parser().parse_args([*base, "--class-weight-power", "0.5"]))
+    with pytest.raises(SystemExit, match="--balanced-map-gradient weigh segmentation classes; --task-net yolov8"):
+        build_trainer(build_parser().parse_args([*base, "--balanced-map-gradient", "--task-net", "yolov8"]))
+    trainer = build_trainer(build_parser().parse_args([*base, "--balanced-task-loss", "--class-weight-power", "0.5"]))
+    assert trainer.task_loss.class_weights is not None  # type: ignore[attr-defined]

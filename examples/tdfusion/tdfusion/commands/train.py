@@ -45,6 +45,19 @@ def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
+def _check_class_weight_options(args: argparse.Namespace, kind: str) -> None:
+    """Class weights come from segmentation labels, and --class-weight-power only shapes them."""
+    balanced = [name for name in ("balanced_task_loss", "balanced_map_gradient") if getattr(args, name)]
+    if balanced and kind != "seg":
+        options = " and ".join("--" + name.replace("_", "-") for name in balanced)
+        raise SystemExit(f"{options} weigh segmentation classes; --task-net {args.task_net} is a detector")
+    if args.class_weight_power != 1.0 and not balanced:
+        raise SystemExit(
+            "--class-weight-power shapes the class weights of --balanced-task-loss or --balanced-map-gradient; "
+            "give one of them"
+        )
+
+
 def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaTrainer:
     """F, G, T and Algorithm 1's schedule from the command-line options (nothing trained yet)."""
     torch.manual_seed(args.seed)
@@ -55,13 +68,14 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         raise SystemExit(
             f"--dataset {args.dataset} has no {kind} labels; pick a task network for {[k for k in spec if k in ('seg', 'det')]}"  # noqa: E501
         )
+    _check_class_weight_options(args, kind)
     task = build_task(args.task_net, spec[kind])
     task_size = tuple(args.task_size) if args.task_size else spec["task_size"]
     if args.dataset != "synthetic":  # a bad label must not surface as a traceback mid-training
         check_training_data(args, "seg" if kind == "seg" else "det")
     scenes = load_scenes(args, "train", kind)
     class_weights = None
-    if kind == "seg" and (args.balanced_task_loss or args.balanced_map_gradient):
+    if args.balanced_task_loss or args.balanced_map_gradient:
         class_weights = median_frequency_weights([s.label_mask() for s in scenes], spec[kind], args.class_weight_power)
     if class_weights is not None and args.balanced_task_loss:
         task.loss.class_weights = class_weights
