@@ -217,21 +217,22 @@ class MetaStep:
             removed before it is carried back into the generator, so the generator learns where
             one source should win *relative to the rest of the image*, not a global preference
             for one source (which, measured on the TDFusion demo, dominates the exact
-            meta-gradient and follows the current task model's biases). Costs one more forward
-            and backward pass of the generator. ``"shift_removed"``: per sample, the part of
+            meta-gradient and follows the current task model's biases). Costs no further pass of
+            the generator: the changed gradient goes back through the graph of its one forward,
+            which the meta-gradient's backward stops short of. ``"shift_removed"``: per sample, the part of
             that gradient that a uniform shift of the model's output would cause is projected
             out (``shift_direction``): for the intensity term of a fusion loss it is the map
             gradient's component along the sources' difference, which asks only for a brighter
             or a darker output everywhere (measured on the TDFusion demo with task networks of
-            known skill, ``benchmarks/meta_gradient_direction.py``). The same extra cost, plus
-            a double backward of the loss alone.
+            known skill, ``benchmarks/meta_gradient_direction.py``). It costs a double backward
+            of the loss alone.
         map_gradient_weights: ``batch -> weights``, broadcastable to the weight map
             ``(B, K, *spatial)`` of the meta-train batch: the map gradient (after
             ``map_gradient``) is multiplied by them before it is carried back into the
             generator. For instance class-balancing weights from the batch's labels, so that a
             rare region's requests count per pixel as much as a common one's (measured on the
-            TDFusion demo, ``docs/tdfusion.md``). ``None``: unweighted. The same extra cost as
-            ``map_gradient="centred"``.
+            TDFusion demo, ``docs/tdfusion.md``). ``None``: unweighted. Like
+            ``map_gradient="centred"``, it costs no further pass of the generator.
         task_adaptation: where ``T``'s virtual step learns from. ``"current_model"`` (the
             paper, eq. 5): ``T' = T - eta dL_t(T(F(meta-train)))/dT``, fixed before ``F``'s
             virtual step, so the meta-gradient asks only how ``F'`` suits the *current* task
