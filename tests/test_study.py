@@ -209,6 +209,8 @@ def test_balanced_map_gradient_weighs_each_pixel_by_its_class(tmp_path, virtual_
     assert weights.shape == (2, 1, *batch[labels].shape[1:])
     torch.testing.assert_close(weights[:, 0], expected[batch[labels]])
     assert float(expected[3]) > 1 > float(expected[0])  # markings weigh more than the background
+    unlabelled = {**batch, labels: torch.tensor([[[255, -100, 3]]]).expand(2, 1, 3)}  # outside the classes: 0
+    torch.testing.assert_close(weigh(unlabelled)[:, 0, 0], torch.tensor([0.0, 0.0, float(expected[3])]).expand(2, 3))
     gentle = build_trainer(build_parser().parse_args([*base, "--balanced-map-gradient", "--class-weight-power", "0.5"]))
     assert gentle.meta_step.map_gradient_weights is not None
     torch.testing.assert_close(gentle.meta_step.map_gradient_weights(batch)[:, 0], expected[batch[labels]].sqrt())

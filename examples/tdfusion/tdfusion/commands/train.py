@@ -133,9 +133,14 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         # The map is the crop's, or the task view's where the virtual step moves F's output.
         labels = "mask" if args.virtual_step == "output" else "crop_mask"
         weights = torch.cat([class_weights, torch.zeros(1)]).to(device)  # the last: labels outside the classes
-        trainer.meta_step.map_gradient_weights = lambda batch: weights[
-            batch[labels].clamp(0, len(weights) - 1)
-        ].unsqueeze(1)
+        outside = len(class_weights)
+
+        def pixel_weights(batch: Any) -> torch.Tensor:
+            mask = batch[labels]
+            inside = (mask >= 0) & (mask < outside)  # 255 ("unlabelled") or a negative ignore index weigh 0
+            return weights[torch.where(inside, mask, outside)].unsqueeze(1)
+
+        trainer.meta_step.map_gradient_weights = pixel_weights
     return trainer
 
 
