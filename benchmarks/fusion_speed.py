@@ -69,7 +69,7 @@ def textbook_attention() -> Iterator[None]:
 
 def in_bands_of(rows: int) -> Callable[[], contextlib.AbstractContextManager[object]]:
     """A context inside which the blocks run in bands of ``rows`` rows, whatever the width."""
-    return lambda: mock.patch.object(networks, "band_rows", lambda width: rows)
+    return lambda: mock.patch.object(networks, "band_rows", lambda width, batch=1: rows)
 
 
 def inside(

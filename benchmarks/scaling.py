@@ -1,14 +1,15 @@
 """How fusion time and the meta iteration's time and memory grow with image size and batch size.
 
-Fusion: ReFusion (eager, inference mode) on one pair of each square size, as it runs at inference
+Fusion: ReFusion (eager, inference mode) on one pair of each square size, and on batches of pairs
+at one size (``--fusion-batches``, seconds per pair), as it runs at inference
 (its blocks in bands of rows where ``metaloss.fusion.bands.worth_banding``) and on the whole image
 (bands turned off), side by side, in the default layout or (``--channels-last``) as ``fuse`` runs
 it. Meta iteration: one run
 of ``benchmarks/meta_iteration.py`` per configuration, each in a fresh process so that its peak
 memory is its own. Prints one table per part and writes a two-panel plot.
 
-    python benchmarks/scaling.py --fusion-sizes 128 256 512 1024 --meta-sizes 64 128 192 \\
-        --batches 1 2 4 --plot docs/img/scaling_cpu.png
+    python benchmarks/scaling.py --fusion-sizes 128 256 512 1024 --fusion-batches 1 2 4 \\
+        --meta-sizes 64 128 192 256 --batches 1 2 4 --channels-last --plot docs/img/scaling_cpu.png
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from metaloss.fusion.bands import whole_images
 HERE = Path(__file__).resolve().parent
 
 
-def fusion_seconds(size: int, repeats: int, bands: bool = True, channels_last: bool = False) -> float:
-    """Median seconds of ReFusion on one ``size x size`` pair, as at inference (bands where
-    ``bands.worth_banding``) or on the whole image, in the default or the channels-last layout."""
+def fusion_seconds(size: int, repeats: int, bands: bool = True, channels_last: bool = False, batch: int = 1) -> float:
+    """Median seconds of ReFusion on a batch of ``batch`` pairs of ``size x size``, as at inference
+    (bands where ``bands.worth_banding``) or on the whole image, in the default or the
+    channels-last layout."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = ReFusion().eval().to(memory_format=layout)
-    x = torch.rand(1, 2, size, size).contiguous(memory_format=layout)
+    x = torch.rand(batch, 2, size, size).contiguous(memory_format=layout)
     with torch.inference_mode(), contextlib.nullcontext() if bands else whole_images():
         return median_seconds(lambda: model(x), repeats)[0]
 
@@ -60,6 +62,8 @@ def meta_iteration(size: int, batch: int, device: str, threads: int, malloc: str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fusion-sizes", type=int, nargs="*", default=[128, 256, 512, 1024])
+    p.add_argument("--fusion-batches", type=int, nargs="*", default=[1, 2, 4], help="at --fusion-batch-side")
+    p.add_argument("--fusion-batch-side", type=int, default=512)
     p.add_argument("--meta-sizes", type=int, nargs="*", default=[64, 128, 192], help="at batch 2")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4], help="at the second meta size")
     p.add_argument("--repeats", type=int, default=3)
@@ -87,6 +91,17 @@ def main() -> None:
         print(
             f"| {s} x {s} | {fusion[s]:.3f} | {fusion[s] / mp:.2f} | {whole[s]:.3f} | {whole[s] / mp:.2f} |", flush=True
         )
+
+    side = args.fusion_batch_side
+    if args.fusion_batches:
+        print(
+            f"\n| fusion, batch of {side} x {side} pairs | seconds per pair | whole image: seconds per pair |"
+            "\n|---|---|---|"
+        )
+    for b in args.fusion_batches:
+        banded = fusion_seconds(side, args.repeats, channels_last=args.channels_last, batch=b) / b
+        full = fusion_seconds(side, args.repeats, bands=False, channels_last=args.channels_last, batch=b) / b
+        print(f"| {b} | {banded:.3f} | {full:.3f} |", flush=True)
 
     rows: list[tuple[int, int, dict[str, float]]] = []
     configs = [(s, 2) for s in args.meta_sizes]

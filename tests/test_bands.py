@@ -39,7 +39,7 @@ def test_a_single_band_is_kept_without_a_copy() -> None:
 
 def _in_bands_of(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bands of ``rows`` rows at inference, whatever the input's size and layout."""
-    monkeypatch.setattr(networks, "band_rows", lambda width: rows)
+    monkeypatch.setattr(networks, "band_rows", lambda width, batch=1: rows)
     monkeypatch.setattr(networks, "worth_banding", lambda x: True)
 
 

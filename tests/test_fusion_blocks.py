@@ -263,7 +263,7 @@ def test_refusion_infers_what_it_trains_on(
     at this size, or bands of 7 rows, not a whole number of the sums' blocks) and the training
     order (a graph recorded) give the same image within 1e-6."""
     if band_rows is not None:
-        monkeypatch.setattr(networks, "band_rows", lambda width: band_rows)
+        monkeypatch.setattr(networks, "band_rows", lambda width, batch=1: band_rows)
         monkeypatch.setattr(networks, "worth_banding", lambda x: True)
     model = load_released_weights(ReFusion(), shared_data / "ReFusion" / "ReFusion_IVIF.pth").eval()
     a = read_ycrcb(shared_data / "ReFusion/test_cases/IVIF/infrared/00906N.png")[..., 0] / 255

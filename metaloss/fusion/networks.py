@@ -313,7 +313,7 @@ class RestormerBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
     def _forward_in_bands(self, x: Tensor) -> Tensor:
-        c, bands = x.shape[1], row_bands(x.shape[-2], band_rows(x.shape[-1]))
+        c, bands = x.shape[1], row_bands(x.shape[-2], band_rows(x.shape[-1], batch=x.shape[0]))
         attn = self.attn
         sums = ChannelAttentionSums(attn.precise)
         layout = memory_format_of(x)
@@ -387,7 +387,7 @@ class AdaptiveFusion(nn.Module):
         return out[:, :, rows] + self.project_out1(x1), self.project_out2(x2)
 
     def _forward_in_bands(self, x1: Tensor, x2: Tensor) -> Tensor:
-        bands = row_bands(x1.shape[-2], band_rows(x1.shape[-1]))
+        bands = row_bands(x1.shape[-2], band_rows(x1.shape[-1], batch=x1.shape[0]))
         sums1, sums2 = ChannelAttentionSums(self.precise), ChannelAttentionSums(self.precise)
         height, layout = x1.shape[-2], memory_format_of(x1)
         values1, values2, out = (BandedTensor(height, layout) for _ in range(3))
