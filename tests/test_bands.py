@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
 from metaloss.fusion import LossGenerator, ReFusion, networks
-from metaloss.fusion.bands import BandedTensor, row_bands, whole_images
+from metaloss.fusion.bands import BandedTensor, band_rows, row_bands, whole_images
 from metaloss.fusion.networks import AdaptiveFusion, RestormerBlock
 
 
@@ -194,3 +194,21 @@ def test_whole_images_turns_bands_off(monkeypatch: pytest.MonkeyPatch) -> None:
         assert calls == []
         model(x)
     assert len(calls) == 7
+
+
+def test_a_batch_is_cut_into_bands_of_about_as_many_pixels_as_one_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A band holds about ``ROW_BAND_PIXELS`` pixels across the batch (a batch of 4 pairs at
+    512^2 costs a pair what one pair does, ``docs/benchmarks.md``): half the rows of one image's
+    bands for a batch of 2, with the whole images' values."""
+    rows_asked: list[int] = []
+    real = networks.row_bands
+    monkeypatch.setattr(networks, "row_bands", lambda height, rows: rows_asked.append(rows) or real(height, rows))
+    block = _random_weights(RestormerBlock(16), 0).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 288, 288, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        banded = block(x)
+        assert rows_asked == [band_rows(288) // 2] == [36]
+        with whole_images():
+            whole = block(x)
+    assert float((banded - whole).abs().max()) <= 1e-6 * float(whole.abs().max())
