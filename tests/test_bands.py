@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
 from metaloss.fusion import LossGenerator, ReFusion, networks
-from metaloss.fusion.bands import BandedTensor, band_rows, row_bands, whole_images
+from metaloss.fusion.bands import BandedTensor, RowBand, band_rows, row_bands, whole_images
 from metaloss.fusion.networks import AdaptiveFusion, RestormerBlock
 
 
@@ -202,7 +202,12 @@ def test_a_batch_is_cut_into_bands_of_about_as_many_pixels_as_one_image(monkeypa
     bands for a batch of 2, with the whole images' values."""
     rows_asked: list[int] = []
     real = networks.row_bands
-    monkeypatch.setattr(networks, "row_bands", lambda height, rows: rows_asked.append(rows) or real(height, rows))
+
+    def recording_row_bands(height: int, rows: int) -> list[RowBand]:
+        rows_asked.append(rows)
+        return real(height, rows)
+
+    monkeypatch.setattr(networks, "row_bands", recording_row_bands)
     block = _random_weights(RestormerBlock(16), 0).to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 288, 288, generator=torch.Generator().manual_seed(1))
     x = x.contiguous(memory_format=torch.channels_last)
