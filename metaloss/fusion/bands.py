@@ -57,8 +57,9 @@ BAND_PIXELS = 4096
 """Pixels per block of the attention's whole-image sums (each block summed at float32)."""
 
 ROW_BAND_PIXELS = 5 * BAND_PIXELS
-"""About how many pixels a band of rows holds (``band_rows``): 32 rows of a 640-pixel-wide image,
-the fastest of 8 to 480 rows for ReFusion at 480 x 640 on 2 CPU cores (``docs/benchmarks.md``)."""
+"""About how many pixels a band of rows holds over the whole batch (``band_rows``): 32 rows of one
+640-pixel-wide image, the fastest of 8 to 480 rows for ReFusion at 480 x 640 on 2 CPU cores
+(``docs/benchmarks.md``)."""
 
 MIN_BANDED_PIXELS = 4 * ROW_BAND_PIXELS
 """The smallest image (in pixels) worth running in bands (``worth_banding``): 81,920, between
@@ -107,8 +108,8 @@ def row_bands(height: int, rows: int) -> list[RowBand]:
 def band_rows(width: int, pixels: int = ROW_BAND_PIXELS, *, batch: int = 1) -> int:
     """Rows per band for a batch of ``batch`` images ``width`` pixels wide: ``pixels / (batch *
     width)``, rounded up, so that a band holds about ``pixels`` pixels whatever the batch (a
-    batch of 4 pairs of 512 x 512 took 15% less time a pair so than in bands of 40 rows of each,
-    ``docs/benchmarks.md``).
+    batch of 4 pairs of 512 x 512 took 15% less time a pair this way than with bands of 40 rows
+    of each image, ``docs/benchmarks.md``).
 
     Examples:
         >>> band_rows(640), band_rows(1024), band_rows(50_000), band_rows(512, batch=4)
