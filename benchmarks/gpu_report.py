@@ -26,23 +26,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
-import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from fusion_speed import WEIGHTS, network
+from meta_iteration_process import run_meta_iteration
 from timing import median_seconds
-
-HERE = Path(__file__).resolve().parent
-META_PATTERNS = {
-    "plain": r"plain iteration\s+([\d.]+) s",
-    "meta": r"meta iteration\s+([\d.]+) s",
-    "memory": r"peak (?:RSS|CUDA memory)\s+([\d.]+) GiB",
-}
 
 
 def _synchronize(device: torch.device) -> Callable[[], None] | None:
@@ -90,19 +79,9 @@ def meta_row(
     task_net: str, device: str, size: int, bf16: bool, second_order: str, repeats: int, threads: int
 ) -> dict[str, float]:
     """One run of ``meta_iteration.py`` in a process of its own; its plain and meta seconds and peak."""
-    command = [sys.executable, str(HERE / "meta_iteration.py"), "--task-net", task_net, "--device", device]
-    command += ["--crop", str(size), "--task-size", str(size), str(size), "--batch-size", "2"]
-    command += ["--repeats", str(repeats), "--rounds", "1", "--second-order", second_order]
-    command += ["--bf16"] if bf16 else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    found = {key: re.search(pattern, done.stdout) for key, pattern in META_PATTERNS.items()}
-    missing = [key for key, match in found.items() if match is None]
-    if missing:
-        raise RuntimeError(f"{' '.join(command)} printed no {missing}:\n{done.stdout[-3000:]}")
-    return {key: float(match.group(1)) for key, match in found.items() if match is not None}
+    options = ["--task-net", task_net, "--device", device, "--crop", str(size), "--task-size", str(size), str(size)]
+    options += ["--batch-size", "2", "--repeats", str(repeats), "--rounds", "1", "--second-order", second_order]
+    return run_meta_iteration(options + (["--bf16"] if bf16 else []), threads)
 
 
 def main() -> None:

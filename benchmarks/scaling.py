@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from malloc_option import add_malloc_option, apply_malloc_option
+from meta_iteration_process import run_meta_iteration
 from timing import median_seconds
 
 from metaloss.fusion import ReFusion
 from metaloss.fusion.bands import whole_images
-
-HERE = Path(__file__).resolve().parent
 
 
 def fusion_seconds(size: int, repeats: int, bands: bool = True, channels_last: bool = False, batch: int = 1) -> float:
@@ -44,19 +39,8 @@ def fusion_seconds(size: int, repeats: int, bands: bool = True, channels_last: b
 
 
 def meta_iteration(size: int, batch: int, device: str, threads: int, malloc: str) -> dict[str, float]:
-    command = [sys.executable, str(HERE / "meta_iteration.py"), "--crop", str(size), "--task-size", str(size)]
-    command += [str(size), "--batch-size", str(batch), "--repeats", "2", "--device", device, "--malloc", malloc]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    found = {
-        key: float(re.search(pattern, done.stdout).group(1))  # type: ignore[union-attr]
-        for key, pattern in (
-            ("plain", r"plain iteration\s+([\d.]+) s"),
-            ("meta", r"meta iteration\s+([\d.]+) s"),
-            ("memory", r"peak (?:RSS|CUDA memory)\s+([\d.]+) GiB"),
-        )
-    }
-    return found
+    options = ["--crop", str(size), "--task-size", str(size), str(size), "--batch-size", str(batch)]
+    return run_meta_iteration(options + ["--repeats", "2", "--device", device, "--malloc", malloc], threads)
 
 
 def main() -> None:
