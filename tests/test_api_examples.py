@@ -6,6 +6,7 @@ import doctest
 import importlib
 import inspect
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_every_public_function_and_class_has_an_example(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_the_examples_run(name: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The examples write into tempfile.mkdtemp() folders: make those pytest's, which it prunes.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = doctest.testmod(
