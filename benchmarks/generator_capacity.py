@@ -48,6 +48,8 @@ COLUMNS = (
     "marking_visible_night",
     "marking_brighter",
     "marking_surround_visible",
+    "cold_lookalike_visible_day",
+    "hot_seam_infrared_day",
 )
 
 

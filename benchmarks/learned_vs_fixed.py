@@ -6,7 +6,9 @@ and scored on its fused test scenes) and prints a table row per seed: downstream
 arms, their difference, and where the learned loss puts its weight (w_infrared on hot targets,
 w_visible on markings, the brighter source on markings: what a fresh task network rewards there,
 see ``benchmarks/oracle_weights.py``; w_visible on the road beside the markings; w_infrared on the
-background by day and at night, where the look-alikes are hidden or shown). Then the mean
+background by day and at night, where the look-alikes are hidden or shown; w_visible by day on
+the markings and on the cold look-alikes, which look alike there, bright in visible light only).
+Then the mean
 over seeds, the paired difference's 95% interval, and how many seeds meet the weight bar (0.7
 each).
 
@@ -45,6 +47,8 @@ def _weight_cells(weights: dict[str, float]) -> str:
     cells = [f"{weights.get(name, nan):.2f}" for name in names]
     day, night = (weights.get(f"background_infrared_{when}", nan) for when in ("day", "night"))
     cells.append(f"{day:.2f} / {night:.2f}")
+    marking, lookalike = (weights.get(name, nan) for name in ("marking_visible_day", "cold_lookalike_visible_day"))
+    cells.append(f"{marking:.2f} / {lookalike:.2f}")
     return " | ".join(cells)
 
 
@@ -69,9 +73,10 @@ def main() -> None:
     print(f"demo options: {' '.join(extra) or '(defaults)'}; runs in {out}")
     print(
         "\n| seed | TDFusion mIoU | fixed mIoU | difference | w_ir on targets | w_vis on markings "
-        "| brighter on markings | w_vis beside markings | w_ir on background, day / night | seconds |"
+        "| brighter on markings | w_vis beside markings | w_ir on background, day / night "
+        "| w_vis by day on markings / cold look-alikes | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, Any]] = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])

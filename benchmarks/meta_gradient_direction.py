@@ -24,7 +24,9 @@ cosine to the oracle direction, the share of pairs whose cosine is positive, the
 marking shares (1: every such pixel pushed toward the oracle's source; the markings' also by day
 and by night apart, as visible light is the brighter source there by day only), the same share
 toward visible light on the road within 3 pixels of a marking and on the rest of the background,
-by day and by night (does the road beside a marking ask what the marking asks?), the cosine between the
+by day and by night (does the road beside a marking ask what the marking asks?), the same share
+on the cold look-alikes and on the hot seams by day (a cold look-alike is, pixel by pixel, what a
+marking is by day: bright in visible light only; a hot seam what a target is), the cosine between the
 meta-gradient and the sources' difference (near +-1: it asks only "the brighter source" or "the
 darker source" everywhere), the cosine to the oracle of what is left once that part is removed,
 and how many pairs an outer step would have to average for the sign of its cosine to match the
@@ -126,10 +128,10 @@ def main() -> None:
     print(
         "\n| seed | T's virtual step | judge trained on | judge mIoU | cos to oracle, mean (sd) | pairs with cos > 0 "
         "| target share | marking share (day, night) | road beside markings, toward visible (day, night) "
-        "| rest of background, toward visible (day, night) | cos to brighter source | residual cos to oracle "
-        "| pairs to average |"
+        "| rest of background, toward visible (day, night) | look-alikes by day, toward visible (cold, hot seams) "
+        "| cos to brighter source | residual cos to oracle | pairs to average |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     started = time.time()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         base = ["demo", *extra, "--seed", str(seed), "--quiet", "--out", str(out / f"seed{seed}")]
@@ -184,6 +186,8 @@ def main() -> None:
                     f"{_mean_of_present([r['surround_share_night'] for r in rows]):+.2f} "
                     f"| {_mean_of_present([r['background_share_day'] for r in rows]):+.2f}, "
                     f"{_mean_of_present([r['background_share_night'] for r in rows]):+.2f} "
+                    f"| {_mean_of_present([r['cold_lookalike_share_day'] for r in rows]):+.2f}, "
+                    f"{_mean_of_present([r['hot_seam_share_day'] for r in rows]):+.2f} "
                     f"| {np.mean([r['cos_to_brighter'] for r in rows]):+.2f} "
                     f"| {np.mean([r['residual_cos_to_oracle'] for r in rows]):+.2f} | {needed:.0f} |",
                     flush=True,

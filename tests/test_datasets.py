@@ -10,7 +10,7 @@ import pytest
 import tdfusion.datasets as ds
 import torch
 from tdfusion.cli import main
-from tdfusion.data import FusionDataset, Scene, SceneList, collate
+from tdfusion.data import FusionDataset, Scene, SceneList, collate, collate_swapped
 
 VOC = """<annotation><size><width>{w}</width><height>{h}</height></size>{objects}</annotation>"""
 OBJ = "<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"  # noqa: E501
@@ -242,3 +242,34 @@ def test_check_data_checks_what_the_task_needs_and_train_runs_it_first(
     code, out = _check(capsys, "--dataset", "llvip", "--root", str(shared_data / "LLVIP"))
     problems = out.split("problem(s):")[-1]
     assert code == 1 and "[train] no pair has a box file for detection" in problems and "[test]" not in problems
+
+
+def test_label_maps_frame_the_same_pixels_after_flip_crop_and_resize() -> None:
+    """``mask`` and ``lookalikes`` (and their fusion windows) cover the pixels they label in both views."""
+    h, w = 60, 80
+    a = np.zeros((h, w), np.float32)
+    a[20:50, 10:30] = 255  # a labelled object
+    b = np.zeros((h, w), np.float32)
+    b[6:26, 50:70] = 255  # a look-alike, seen in b only (even edges: the 2x resize keeps them sharp)
+    mask = np.zeros((h, w), np.int64)
+    mask[20:50, 10:30] = 1
+    lookalikes = np.zeros((h, w), np.uint8)
+    lookalikes[6:26, 50:70] = 1
+    data = FusionDataset([Scene("s", a, b, mask, lookalikes=lookalikes)], "seg", crop=32, task_size=(30, 40), flip=True)
+    seen_flip = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        sample = data[0]
+        for labels, image, crop_labels, crop_image in (
+            (sample["mask"], sample["task_a"], sample["crop_mask"], sample["a"]),
+            (sample["lookalikes"], sample["task_b"], sample["crop_lookalikes"], sample["b"]),
+        ):
+            assert labels.dtype == crop_labels.dtype == torch.long
+            np.testing.assert_array_equal((image[0] > 0.5).numpy(), (labels == 1).numpy())
+            np.testing.assert_array_equal((crop_image[0] > 0.5).numpy(), (crop_labels == 1).numpy())
+        seen_flip.add(bool(sample["mask"][:, :20].any()))
+    assert seen_flip == {True, False}, "the flip never (or always) happened"
+    batch = collate([data[0], data[0]])
+    assert batch["lookalikes"].shape == (2, 30, 40) and batch["crop_lookalikes"].shape == (2, 32, 32)
+    swapped = collate_swapped([data[0]])
+    assert "crop_lookalikes" not in swapped and swapped["lookalikes"].shape == (2, 30, 40)

@@ -10,8 +10,9 @@ from tdfusion.catalog import load_scenes
 from tdfusion.cli import build_parser
 from tdfusion.commands.demo import _probe_pairs
 from tdfusion.commands.train import build_trainer, train
+from tdfusion.data import Scene
 from tdfusion.study import FIXED_MAPS, paired_interval, weights_at
-from tdfusion.synthetic import make_scene, make_scenes, oracle_weights
+from tdfusion.synthetic import COLD_LOOKALIKE, HOT_SEAM, make_scene, make_scenes, oracle_weights
 from tdfusion.tasks import median_frequency_weights
 
 from metaloss import ConstantWeights, GlobalWeights
@@ -91,6 +92,36 @@ def test_weights_at_reads_the_brighter_source_at_markings() -> None:
     assert w["marking_brighter_day"] == pytest.approx(0.2, abs=0.02)
     assert w["marking_brighter_night"] == pytest.approx(0.8, abs=0.02)
     assert w["marking_surround_visible"] == pytest.approx(0.2, abs=1e-5)
+    assert w["cold_lookalike_visible_day"] == pytest.approx(0.2, abs=1e-5)
+    assert w["hot_seam_infrared_night"] == pytest.approx(0.8, abs=1e-5)
+
+
+def test_the_generator_records_its_look_alikes() -> None:
+    """``Scene.lookalikes`` marks background pixels that one camera shows brighter than the road:
+    visible light on a cold look-alike, infrared on a hot seam (by day as bright as the markings)."""
+    counts = np.zeros(3, int)
+    for i in range(0, 16, 2):  # daylight scenes
+        scene = make_scene(i, size=(96, 128))
+        where, mask = scene.lookalikes, scene.label_mask()
+        assert where is not None and where.shape == mask.shape and where.dtype == np.uint8
+        assert not where[mask != 0].any()  # labelled pixels stay as they are
+        road = (mask == 0) & (where == 0) & (np.arange(96)[:, None] > 60)
+        cold, seam = where == COLD_LOOKALIKE, where == HOT_SEAM
+        counts += [cold.sum(), seam.sum(), road.sum()]
+        if cold.sum() >= 20:
+            assert (scene.b - scene.a)[cold].mean() > (scene.b - scene.a)[road].mean() + 80
+        if seam.sum() >= 20:
+            assert scene.a[seam].mean() > scene.a[road].mean() + 80
+    assert counts.min() > 200
+    assert not make_scene(0, decoys=False).lookalikes.any()  # type: ignore[union-attr]
+
+
+def test_weights_at_without_recorded_look_alikes_gives_nan_there() -> None:
+    """Scenes read from disk (``lookalikes=None``) have no look-alike regions to average."""
+    scenes = [Scene(s.name, s.a, s.b, s.mask) for s in make_scenes(2, size=(48, 64))]
+    w = weights_at(tdfusion_loss(ConstantWeights(2)), scenes)
+    assert np.isnan(w["cold_lookalike_visible"]) and np.isnan(w["hot_seam_infrared_day"])
+    assert w["marking_visible"] == pytest.approx(0.5)
 
 
 def test_the_marking_surround_is_the_background_beside_a_marking() -> None:
@@ -168,7 +199,10 @@ def test_oracle_agreement_reads_the_probe_direction(tmp_path, virtual_step: str)
     near = torch.nn.functional.max_pool2d((masks == 3).float()[:, None], 7, stride=1, padding=3)[:, 0] > 0
     beside = near & (masks == 0)  # the road within 3 pixels (a 7 x 7 square) of a marking
     assert bool(beside.any())
+    where = pair[0]["crop_lookalikes" if virtual_step == "model" else "lookalikes"]
+    assert where.shape == masks.shape and not bool(where[masks != 0].any())  # the same view as the labels
     regions = {"marking": masks == 3, "surround": beside, "background": (masks == 0) & ~beside}
+    regions |= {"cold_lookalike": where == COLD_LOOKALIKE, "hot_seam": where == HOT_SEAM}
     for region, pixels_of in regions.items():
         for when, scenes_of in (("day", ~night), ("night", night)):
             pixels, key = pixels_of & scenes_of, f"{region}_share_{when}"

@@ -8,7 +8,9 @@ turns each into one training sample:
 - ``task_a``, ``task_b``: both sources resized to the task network's size (the task view);
 - ``mask`` (segmentation, resized nearest) and ``crop_mask`` (the labels of the fusion window),
   or ``boxes``/``classes`` (detection, normalised ``cx, cy, w, h``, which a resize leaves
-  unchanged).
+  unchanged);
+- on procedural scenes with segmentation labels, ``lookalikes`` and ``crop_lookalikes``: where
+  the single-camera look-alikes are (``Scene.lookalikes``), in the same two views.
 
 Folder names are matched case-insensitively: MSRS's native ``ir``/``vi``/``Segmentation_labels``
 (also the released code's ``label``) and YOLO txt boxes in ``det_labels``.
@@ -44,6 +46,7 @@ class Scene:
     mask: np.ndarray | None = None
     boxes: np.ndarray | None = None  # (n, 4) normalised cx, cy, w, h
     classes: np.ndarray | None = None  # (n,)
+    lookalikes: np.ndarray | None = None  # (H, W) uint8, procedural scenes only: 1 cold look-alike, 2 hot seam
 
     def label_mask(self) -> np.ndarray:
         """The segmentation labels; a clear error for a scene that has none."""
@@ -207,10 +210,11 @@ class FusionDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, i: int) -> dict[str, Any]:
         scene = self.scenes[i]
         full = torch.from_numpy(np.stack([scene.a, scene.b]) / 255.0).float()  # (2, H, W)
-        mask_np, boxes = scene.mask, scene.boxes
+        mask_np, lookalikes, boxes = scene.mask, scene.lookalikes, scene.boxes
         if self.flip and bool(torch.rand(()) < 0.5):
             full = full.flip(-1)
             mask_np = None if mask_np is None else np.ascontiguousarray(mask_np[:, ::-1])
+            lookalikes = None if lookalikes is None else np.ascontiguousarray(lookalikes[:, ::-1])
             if boxes is not None:
                 boxes = boxes.copy()
                 boxes[:, 0] = 1.0 - boxes[:, 0]  # normalised cx mirrors; w, h, cy do not change
@@ -233,20 +237,26 @@ class FusionDataset(Dataset[dict[str, Any]]):
         if self.kind == "seg":
             if mask_np is None:
                 raise ValueError(f"scene {scene.name} has no label map for segmentation")
-            sample["crop_mask"] = torch.from_numpy(np.ascontiguousarray(mask_np[y : y + c, x : x + c]))
-            mask = torch.from_numpy(mask_np)[None, None].float()
-            sample["mask"] = F.interpolate(mask, size=self.task_size, mode="nearest")[0, 0].long()
+            sample["crop_mask"], sample["mask"] = self._label_views(mask_np, y, x, c)
+            if lookalikes is not None:  # procedural scenes: where the look-alikes are, for the study
+                sample["crop_lookalikes"], sample["lookalikes"] = self._label_views(lookalikes, y, x, c)
         elif self.kind == "det":
             boxes = boxes if boxes is not None else np.zeros((0, 4), np.float32)
             classes = scene.classes if scene.classes is not None else np.zeros((0,), np.int64)
             sample["boxes"], sample["classes"] = torch.from_numpy(boxes).float(), torch.from_numpy(classes)
         return sample
 
+    def _label_views(self, labels: np.ndarray, y: int, x: int, c: int) -> tuple[Tensor, Tensor]:
+        """A label map's fusion window ``(c, c)`` and its task view (resized nearest), as ``long``."""
+        window = torch.from_numpy(np.ascontiguousarray(labels[y : y + c, x : x + c])).long()
+        full = torch.from_numpy(np.ascontiguousarray(labels))[None, None].float()
+        return window, F.interpolate(full, size=self.task_size, mode="nearest")[0, 0].long()
+
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of samples into one batch (detection targets in ultralytics' format)."""
     batch: dict[str, Any] = {"name": [s["name"] for s in samples]}
-    for key in ("a", "b", "task_a", "task_b", "mask", "crop_mask"):
+    for key in ("a", "b", "task_a", "task_b", "mask", "crop_mask", "lookalikes", "crop_lookalikes"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     if "boxes" in samples[0]:
@@ -258,7 +268,7 @@ def collate_swapped(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """``collate``, with the batch doubled by the (B, A)-swapped copies (the released code's
     ``Switch``): the fusion network learns to be symmetric in its two inputs."""
     # The window's labels are dropped: the same pixels have the other source first once swapped.
-    samples = [{k: v for k, v in s.items() if k != "crop_mask"} for s in samples]
+    samples = [{k: v for k, v in s.items() if k not in ("crop_mask", "crop_lookalikes")} for s in samples]
     swapped = [{**s, "a": s["b"], "b": s["a"], "task_a": s["task_b"], "task_b": s["task_a"]} for s in samples]
     return collate(samples + swapped)
 

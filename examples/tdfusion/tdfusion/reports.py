@@ -173,6 +173,10 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         f"{w['marking_surround_visible_day']:.2f} | {w['marking_surround_visible_night']:.2f} |",
         f"| w_infrared on the background | {w['background_infrared']:.2f} | {w['background_infrared_day']:.2f} | "
         f"{w['background_infrared_night']:.2f} |",
+        f"| w_visible on the cold look-alikes | {w['cold_lookalike_visible']:.2f} | "
+        f"{w['cold_lookalike_visible_day']:.2f} | {w['cold_lookalike_visible_night']:.2f} |",
+        f"| w_infrared on the hot seams | {w['hot_seam_infrared']:.2f} | {w['hot_seam_infrared_day']:.2f} | "
+        f"{w['hot_seam_infrared_night']:.2f} |",
         "",
         "| fusion metric ('mean' convention) | TDFusion | fixed w = 1/2 |",
         "|---|---|---|",

@@ -38,7 +38,7 @@ from metaloss.fusion import ReFusion, tdfusion_loss
 
 from .data import Scene, to_unit
 from .downstream import train_and_evaluate
-from .synthetic import MARKING_CHOICES, SEG_CLASSES, oracle_weights
+from .synthetic import COLD_LOOKALIKE, HOT_SEAM, MARKING_CHOICES, SEG_CLASSES, oracle_weights
 from .tasks import Task, TaskName, build_task
 
 __all__ = [
@@ -183,8 +183,8 @@ def scene_weights(loss: LearnableLoss, scene: Scene) -> np.ndarray:
     return loss.weights([to_unit(scene.a).to(device), to_unit(scene.b).to(device)])[0].float().cpu().numpy()
 
 
-def _classes(*classes: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda mask: np.isin(mask, classes)
+def _classes(*classes: int) -> Callable[[Scene], np.ndarray]:
+    return lambda scene: np.isin(scene.label_mask(), classes)
 
 
 def _marking_surround(mask: np.ndarray, reach: int = 3) -> np.ndarray:
@@ -194,15 +194,25 @@ def _marking_surround(mask: np.ndarray, reach: int = 3) -> np.ndarray:
     return np.asarray(binary_dilation(mask == 3, np.ones((2 * reach + 1,) * 2, bool))) & (mask == 0)
 
 
-_WEIGHT_REGIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], int | str]] = {
+def _lookalikes(kind: int) -> Callable[[Scene], np.ndarray]:
+    """The pixels of one kind of look-alike (``synthetic.COLD_LOOKALIKE`` or ``HOT_SEAM``); none on
+    a scene that does not record them."""
+    return lambda scene: (
+        np.zeros(scene.a.shape, bool) if scene.lookalikes is None else np.asarray(scene.lookalikes == kind)
+    )
+
+
+_WEIGHT_REGIONS: dict[str, tuple[Callable[[Scene], np.ndarray], int | str]] = {
     "target_infrared": (_classes(1, 2), 0),
     "marking_visible": (_classes(3), 1),
     "marking_brighter": (_classes(3), "brighter"),
-    "marking_surround_visible": (_marking_surround, 1),
+    "marking_surround_visible": (lambda scene: _marking_surround(scene.label_mask()), 1),
     "background_infrared": (_classes(0), 0),
+    "cold_lookalike_visible": (_lookalikes(COLD_LOOKALIKE), 1),
+    "hot_seam_infrared": (_lookalikes(HOT_SEAM), 0),
 }
-"""``weights_at``'s regions: name -> (the pixels, from the label mask; the source whose weight is
-averaged: 0 infrared, 1 visible, ``"brighter"`` whichever source is brighter at that pixel)."""
+"""``weights_at``'s regions: name -> (the pixels of a scene; the source whose weight is averaged:
+0 infrared, 1 visible, ``"brighter"`` whichever source is brighter at that pixel)."""
 
 
 def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]:
@@ -217,18 +227,21 @@ def weights_at(loss: LearnableLoss, scenes: Sequence[Scene]) -> dict[str, float]
         ``marking_surround_visible``: mean ``w_visible`` over the background within 3 pixels of
         a marking (does the map tell a marking from the road beside it?);
         ``background_infrared``: mean ``w_infrared`` over background pixels (class 0, the
-        look-alikes included: a per-pixel map differs there from its targets); the same with
+        look-alikes included: a per-pixel map differs there from its targets);
+        ``cold_lookalike_visible`` and ``hot_seam_infrared``: mean ``w_visible`` over the cold
+        look-alikes and ``w_infrared`` over the hot seams (``Scene.lookalikes``; by day a cold
+        look-alike shows as a marking does, bright in visible light only, and a hot seam as a
+        target does, bright in infrared only: does the map tell them apart?); the same with
         ``_day`` / ``_night`` suffixes over light and dark scenes apart (``nan`` where a group
         has no such pixel).
     """
     sums: dict[str, list[float]] = {}
     for s in scenes:
         w = scene_weights(loss, s)
-        mask = s.label_mask()
         when = _day_or_night(s.name)
         brighter = np.where(s.a > s.b, w[0], w[1])
         for key, (select, source) in _WEIGHT_REGIONS.items():
-            pixels, values = select(mask), (brighter if source == "brighter" else w[source])
+            pixels, values = select(s), (brighter if source == "brighter" else w[source])
             for name in (key, f"{key}_{when}"):
                 total = sums.setdefault(name, [0.0, 0.0])
                 total[0] += float(values[pixels].sum())
@@ -298,7 +311,11 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         ``surround_share_night``: the same share toward visible light over the road within 3
         pixels of a marking, and ``background_share_day``, ``background_share_night`` over the rest
         of the background (does the road beside a marking ask what the marking asks, or what the
-        background asks?); ``cos_to_brighter``: the cosine, over all pixels,
+        background asks?); where the batch carries the look-alikes (``data.FusionDataset``'s
+        ``lookalikes`` / ``crop_lookalikes``), ``cold_lookalike_share_day`` / ``_night`` and
+        ``hot_seam_share_day`` / ``_night``: the same share toward visible light over each kind
+        (by day a cold look-alike is, pixel by pixel, what a marking is: bright in visible light
+        only); ``cos_to_brighter``: the cosine, over all pixels,
         between the descent and the sources' difference ``a - b`` (1: the map moves toward
         whichever source is brighter, in proportion to how much brighter; -1: toward the darker;
         near either, one brightness preference is all the meta-gradient says);
@@ -315,7 +332,7 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
     markings = masks == 3
     surround = torch.from_numpy(np.stack([_marking_surround(m) for m in masks.numpy()]))
     rest = (masks == 0) & ~surround
-    for key, pixels, sign in (
+    regions = [
         ("target_share", (masks == 1) | (masks == 2), 1.0),
         ("marking_share", markings, -1.0),
         ("marking_share_day", markings & ~night, -1.0),
@@ -324,7 +341,14 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         ("surround_share_night", surround & night, -1.0),
         ("background_share_day", rest & ~night, -1.0),
         ("background_share_night", rest & night, -1.0),
-    ):
+    ]
+    lookalike_key = "lookalikes" if mask_key == "mask" else "crop_lookalikes"
+    if lookalike_key in train_batch:
+        where = train_batch[lookalike_key].cpu()
+        for name, kind in (("cold_lookalike", COLD_LOOKALIKE), ("hot_seam", HOT_SEAM)):
+            regions += [(f"{name}_share_day", (where == kind) & ~night, -1.0)]
+            regions += [(f"{name}_share_night", (where == kind) & night, -1.0)]
+    for key, pixels, sign in regions:
         v = descent[pixels] * sign
         mass = float(v.abs().sum())
         result[key] = float(v.sum()) / mass if mass > 0 else float("nan")

@@ -35,6 +35,8 @@ from .data import Scene
 
 SEG_CLASSES = ("background", "person", "car", "marking")
 DET_CLASSES = ("person", "car")
+COLD_LOOKALIKE, HOT_SEAM = 1, 2
+"""The values of ``Scene.lookalikes`` where the generator put a look-alike (0 elsewhere)."""
 
 
 def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -118,8 +120,7 @@ def make_scene(index: int, size: tuple[int, int] = (96, 128), seed: int = 0, dec
 
     if dark:
         vis = vis * 0.25 + rng.normal(0, 6, (h, w))
-    if decoys:
-        _add_decoys(rng, ir, vis, mask, horizon, dark)
+    lookalikes = _add_decoys(rng, ir, vis, mask, horizon, dark) if decoys else np.zeros((h, w), np.uint8)
     ir = ir + rng.normal(0, 3, (h, w))
     return Scene(
         name=f"scene{index:04d}{'N' if dark else 'D'}",
@@ -128,32 +129,40 @@ def make_scene(index: int, size: tuple[int, int] = (96, 128), seed: int = 0, dec
         mask=mask,
         boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
         classes=np.asarray(classes, np.int64),
+        lookalikes=lookalikes,
     )
 
 
 def _add_decoys(
     rng: np.random.Generator, ir: np.ndarray, vis: np.ndarray, mask: np.ndarray, horizon: int, dark: bool
-) -> None:
+) -> np.ndarray:
     """Cold look-alikes (visible only) and hot seams (infrared only), labelled background.
 
     Their contrast matches the real thing's in the other camera: a cold look-alike is as much
     brighter than the road in visible light as a hot target is in infrared, and a hot seam is
     as much warmer than the road as the scene's markings are brighter in visible light (dimmed
     at night). Labelled pixels are left as they are.
+
+    Returns:
+        Where they are (``Scene.lookalikes``): ``COLD_LOOKALIKE``, ``HOT_SEAM``, 0 elsewhere.
     """
     h, w = ir.shape
     free = mask == 0
+    where = np.zeros((h, w), np.uint8)
     for _ in range(rng.integers(1, 3)):
         _, y0, x0, bh, bw, body = _blob(rng, h, w, horizon)
         region = np.zeros((h, w), bool)
         region[y0 : y0 + bh, x0 : x0 + bw] = body
         region &= free
         vis[region] = np.minimum(vis[region] + rng.uniform(110, 140), 250.0)
+        where[region] = COLD_LOOKALIKE
     marking_contrast = (225.0 - 95.0) * (0.25 if dark else 1.0)
     for _ in range(rng.integers(1, 3)):
         for y, x0, x1 in _dashed_stripe(rng, h, w, horizon):
             row = free[y, x0:x1]
             ir[y, x0:x1][row] += marking_contrast
+            where[y, x0:x1][row] = HOT_SEAM
+    return where
 
 
 MARKING_CHOICES = ("visible", "infrared", "half", "brighter")
