@@ -16,6 +16,12 @@ infrared, ``1/2`` or the brighter source on the marking pixels (``--alpha 0.01``
 
     python benchmarks/oracle_weights.py --seeds 5 --designs decoys --alpha 0.01 --baseline oracle_hiding \\
         --maps oracle_hiding oracle_hiding_markings_infrared oracle_hiding_markings_half oracle_hiding_markings_brighter
+
+What it costs to show the cold look-alikes by day as the markings are shown (the map of a
+generator that weighs each pixel by which camera shows it bright, and meets the markings' bar):
+
+    python benchmarks/oracle_weights.py --seeds 5 --designs decoys --alpha 0.01 --baseline oracle_hiding \
+        --maps oracle_hiding oracle_hiding_cold_lookalikes_visible
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from tdfusion.synthetic import SEG_CLASSES, make_scenes  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (scenes, F and the task network)")
-    default_maps = [m for m in FIXED_MAPS if not m.startswith("oracle_hiding_markings_")]
+    default_maps = [m for m in FIXED_MAPS if not m.startswith("oracle_hiding_")]  # its variants on request
     p.add_argument("--maps", nargs="+", default=default_maps, choices=list(FIXED_MAPS))
     p.add_argument(
         "--baseline",

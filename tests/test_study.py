@@ -116,6 +116,20 @@ def test_the_generator_records_its_look_alikes() -> None:
     assert not make_scene(0, decoys=False).lookalikes.any()  # type: ignore[union-attr]
 
 
+def test_the_cold_look_alikes_map_changes_daylight_look_alikes_only() -> None:
+    day, night = make_scene(0), make_scene(1)
+    for scene in (day, night):
+        changed = FIXED_MAPS["oracle_hiding_cold_lookalikes_visible"](scene)
+        hiding = FIXED_MAPS["oracle_hiding"](scene)
+        cold = scene.lookalikes == COLD_LOOKALIKE
+        assert cold.sum() > 20
+        np.testing.assert_array_equal(changed[:, ~cold], hiding[:, ~cold])
+        if scene is day:  # visible light where oracle_hiding put the darker source, infrared
+            assert (hiding[0][cold] == 1).all() and (changed[1][cold] == 1).all()
+        else:
+            np.testing.assert_array_equal(changed, hiding)
+
+
 def test_weights_at_without_recorded_look_alikes_gives_nan_there() -> None:
     """Scenes read from disk (``lookalikes=None``) have no look-alike regions to average."""
     scenes = [Scene(s.name, s.a, s.b, s.mask) for s in make_scenes(2, size=(48, 64))]

@@ -63,17 +63,30 @@ def _hiding_with_markings(marking: str) -> WeightMap:
     return lambda s: oracle_weights(s.label_mask(), s.a, s.b, marking=marking)
 
 
+def _hiding_with_cold_lookalikes_visible_by_day(scene: Scene) -> np.ndarray:
+    """``oracle_hiding`` with visible light on the cold look-alikes of daylight scenes: the map of a
+    generator that meets the markings' bar by day but weighs each pixel by which camera shows it
+    bright (there a cold look-alike is what a marking is: bright in visible light only)."""
+    w = oracle_weights(scene.label_mask(), scene.a, scene.b)
+    if scene.lookalikes is not None and _day_or_night(scene.name) == "day":
+        cold = scene.lookalikes == COLD_LOOKALIKE
+        w[0][cold], w[1][cold] = 0.0, 1.0
+    return w
+
+
 FIXED_MAPS: dict[str, WeightMap] = {
     "oracle": lambda s: oracle_weights(s.label_mask()),
     "oracle_hiding": lambda s: oracle_weights(s.label_mask(), s.a, s.b),
     **{f"oracle_hiding_markings_{c}": _hiding_with_markings(c) for c in MARKING_CHOICES if c != "visible"},
+    "oracle_hiding_cold_lookalikes_visible": _hiding_with_cold_lookalikes_visible_by_day,
     "half": lambda s: np.full((2, *s.a.shape), 0.5, np.float32),
     "infrared": lambda s: np.stack([np.ones_like(s.a), np.zeros_like(s.a)]).astype(np.float32),
     "visible": lambda s: np.stack([np.zeros_like(s.a), np.ones_like(s.a)]).astype(np.float32),
 }
 """Fixed ``(2, H, W)`` weight maps ``(w_infrared, w_visible)`` by name. The
 ``oracle_hiding_markings_*`` maps are ``oracle_hiding`` with something else than visible light on
-the marking pixels (``synthetic.MARKING_CHOICES``)."""
+the marking pixels (``synthetic.MARKING_CHOICES``); ``oracle_hiding_cold_lookalikes_visible`` gives
+the cold look-alikes of daylight scenes visible light too."""
 
 
 def train_fusion_fixed(
