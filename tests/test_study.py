@@ -121,7 +121,7 @@ def test_the_cold_look_alikes_map_changes_daylight_look_alikes_only() -> None:
     for scene in (day, night):
         changed = FIXED_MAPS["oracle_hiding_cold_lookalikes_visible"](scene)
         hiding = FIXED_MAPS["oracle_hiding"](scene)
-        cold = scene.lookalikes == COLD_LOOKALIKE
+        cold = np.asarray(scene.lookalikes == COLD_LOOKALIKE)
         assert cold.sum() > 20
         np.testing.assert_array_equal(changed[:, ~cold], hiding[:, ~cold])
         if scene is day:  # visible light where oracle_hiding put the darker source, infrared
