@@ -8,9 +8,8 @@ w_visible on markings, the brighter source on markings: what a fresh task networ
 see ``benchmarks/oracle_weights.py``; w_visible on the road beside the markings; w_infrared on the
 background by day and at night, where the look-alikes are hidden or shown; w_visible by day on
 the markings and on the cold look-alikes, which look alike there, bright in visible light only).
-Then the mean
-over seeds, the paired difference's 95% interval, and how many seeds meet the weight bar (0.7
-each).
+Then the mean over seeds, the paired difference's 95% interval, and how many seeds meet the
+weight bar (0.7 each).
 
 Options after ``--`` go to the demo (``run.py demo --help``), so every setting can be compared:
 

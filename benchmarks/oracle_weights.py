@@ -20,7 +20,7 @@ infrared, ``1/2`` or the brighter source on the marking pixels (``--alpha 0.01``
 What it costs to show the cold look-alikes by day as the markings are shown (the map of a
 generator that weighs each pixel by which camera shows it bright, and meets the markings' bar):
 
-    python benchmarks/oracle_weights.py --seeds 5 --designs decoys --alpha 0.01 --baseline oracle_hiding \
+    python benchmarks/oracle_weights.py --seeds 5 --designs decoys --alpha 0.01 --baseline oracle_hiding \\
         --maps oracle_hiding oracle_hiding_cold_lookalikes_visible
 """
 

@@ -279,10 +279,13 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
     return mean, mean - half, mean + half
 
 
-def _view_keys(meta_step: MetaStep) -> tuple[str, str, str]:
-    """The batch keys of the view the meta step's weight map covers: ``(mask, a, b)``: the crop
-    (the paper's virtual step of ``F``'s parameters) or the task view (``virtual_step="output"``)."""
-    return ("mask", "task_a", "task_b") if meta_step.virtual_step == "output" else ("crop_mask", "a", "b")
+def _view_keys(meta_step: MetaStep) -> tuple[str, str, str, str]:
+    """The batch keys of the view the meta step's weight map covers: ``(mask, a, b, lookalikes)``:
+    the crop (the paper's virtual step of ``F``'s parameters) or the task view
+    (``virtual_step="output"``)."""
+    if meta_step.virtual_step == "output":
+        return "mask", "task_a", "task_b", "lookalikes"
+    return "crop_mask", "a", "b", "crop_lookalikes"
 
 
 def map_directions(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> tuple[Tensor, Tensor]:
@@ -336,7 +339,7 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         ``a - b`` is removed (what the meta-gradient says beyond that one preference).
     """
     toward, descent = map_directions(meta_step, train_batch, test_batch)
-    mask_key, a_key, b_key = _view_keys(meta_step)
+    mask_key, a_key, b_key, lookalike_key = _view_keys(meta_step)
     masks = train_batch[mask_key].cpu()
     labelled = masks > 0
     t, d = toward[labelled], descent[labelled]
@@ -355,12 +358,13 @@ def oracle_agreement(meta_step: MetaStep, train_batch: Any, test_batch: Any) -> 
         ("background_share_day", rest & ~night, -1.0),
         ("background_share_night", rest & night, -1.0),
     ]
-    lookalike_key = "lookalikes" if mask_key == "mask" else "crop_lookalikes"
     if lookalike_key in train_batch:
         where = train_batch[lookalike_key].cpu()
         for name, kind in (("cold_lookalike", COLD_LOOKALIKE), ("hot_seam", HOT_SEAM)):
-            regions += [(f"{name}_share_day", (where == kind) & ~night, -1.0)]
-            regions += [(f"{name}_share_night", (where == kind) & night, -1.0)]
+            regions += [
+                (f"{name}_share_day", (where == kind) & ~night, -1.0),
+                (f"{name}_share_night", (where == kind) & night, -1.0),
+            ]
     for key, pixels, sign in regions:
         v = descent[pixels] * sign
         mass = float(v.abs().sum())

@@ -144,7 +144,8 @@ def _add_decoys(
     at night). Labelled pixels are left as they are.
 
     Returns:
-        Where they are (``Scene.lookalikes``): ``COLD_LOOKALIKE``, ``HOT_SEAM``, 0 elsewhere.
+        Where they are (``Scene.lookalikes``): ``COLD_LOOKALIKE``, ``HOT_SEAM``, 0 elsewhere (a
+        hot seam across a cold look-alike marks the pixels they share as the seam's).
     """
     h, w = ir.shape
     free = mask == 0
