@@ -45,6 +45,12 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the meta step")
     p.add_argument(
+        "--checkpoint-blocks",
+        action="store_true",
+        help="F and G recompute each Restormer block in the backward passes (ReFusion(checkpoint_blocks=True)), "
+        "in both iterations",
+    )
+    p.add_argument(
         "--virtual-step",
         default="model",
         choices=VIRTUAL_STEPS,
@@ -74,7 +80,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     task = build_task(args.task_net, 3)
-    model, loss = ReFusion().to(device), tdfusion_loss(LossGenerator()).to(device)
+    blocks = args.checkpoint_blocks
+    model = ReFusion(checkpoint_blocks=blocks).to(device)
+    loss = tdfusion_loss(LossGenerator(checkpoint_blocks=blocks)).to(device)
     if args.compile_generator:
         loss.generator.compile()
     task.model.to(device)
@@ -134,7 +142,8 @@ def main() -> None:
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "  # noqa: E501
         f"task {args.task_net}, batch {b}, crop {c}, task view {h}x{w}, mode {args.mode}, bf16 {args.bf16}, "
-        f"activation checkpointing {args.checkpointing}, virtual step {args.virtual_step}, "
+        f"activation checkpointing {args.checkpointing}, blocks checkpointed {blocks}, "
+        f"virtual step {args.virtual_step}, "
         f"second order {args.second_order}, generator compiled {args.compile_generator}"
     )
     print(f"plain iteration  {t_plain:.3f} s")

@@ -6,6 +6,7 @@ forward-mode product) and finite-difference hypergradients, an embeddable ``Meta
 ``MetaTrainer``, which runs the schedule of TDFusion's Algorithm 1 (Bai et al., CVPR 2025).
 """
 
+from metaloss.activation_checkpointing import checkpointed_call, internal_checkpointing
 from metaloss.batch import BatchAdapter, SourcesAdapter, move_to_device
 from metaloss.callbacks import Callback, CSVLogger, TensorBoardLogger
 from metaloss.checkpoint import UnsafeCheckpointError, load_checkpoint, load_weights_file, save_checkpoint
@@ -48,8 +49,10 @@ __all__ = [
     "TensorBoardLogger",
     "UnsafeCheckpointError",
     "VirtualStep",
+    "checkpointed_call",
     "hypergradient",
     "hypergradient_jvp",
+    "internal_checkpointing",
     "load_checkpoint",
     "load_weights_file",
     "make_outer_optimizer",

@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
+from metaloss.activation_checkpointing import CHECKPOINTING_FLAGS, internal_checkpointing
+
 __all__ = [
     "BufferPolicy",
     "InnerAdam",
@@ -117,7 +119,24 @@ class StatelessModule:
                 m.train(True)
 
     def __call__(self, params: Sequence[Tensor], *args: Any) -> Any:
-        """Run the module with ``params`` in place of its parameters."""
+        """Run the module with ``params`` in place of its parameters.
+
+        Raises:
+            ValueError: a graph is recorded and a submodule has activation checkpointing on by
+                a library's flag (``metaloss.activation_checkpointing.internal_checkpointing``):
+                its recomputation would use the module's own parameters, not ``params``.
+        """
+        if torch.is_grad_enabled() and (found := internal_checkpointing(self.module)):
+            name = type(self.module).__name__
+            raise ValueError(
+                f"{name} has activation checkpointing on in {found[0] or 'itself'!r}"
+                f"{f' and {len(found) - 1} more submodules' if len(found) > 1 else ''} (one of "
+                f"{', '.join(CHECKPOINTING_FLAGS)}): its recomputation in the backward pass would run with "
+                f"{name}'s own parameters, not the virtual ones a meta step runs it with, and give a wrong "
+                "meta-gradient. Turn it off (transformers: model.activation_checkpointing_disable(), formerly "
+                "gradient_checkpointing_disable(); timm: model.set_grad_checkpointing(False)); to save memory use "
+                "MetaStep(activation_checkpointing=True), or metaloss.checkpointed_call inside your model's forward"
+            )
         state: dict[str, Tensor] = dict(zip(self.names, params, strict=True))
         for name, buf in self.module.named_buffers():
             state[name] = buf.clone() if self.buffer_policy is BufferPolicy.DISCARD else buf

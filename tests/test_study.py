@@ -238,6 +238,16 @@ def test_compile_generator_compiles_g_in_place(tmp_path) -> None:  # type: ignor
     assert list(compiled.loss.state_dict()) == list(plain.loss.state_dict())
 
 
+def test_checkpoint_blocks_reaches_f_and_g(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--checkpoint-blocks switches on ReFusion's and G's block checkpointing
+    (tests/test_activation_checkpointing.py checks its meta-gradient); off by default."""
+    base = ["demo", "--synthetic-train", "4", "--crop", "32", "--quiet", "--out", str(tmp_path)]
+    for options, on in (([], False), (["--checkpoint-blocks"], True)):
+        trainer = build_trainer(build_parser().parse_args([*base, *options]))
+        assert trainer.model.checkpoint_blocks is on
+        assert trainer.loss.generator.checkpoint_blocks is on
+
+
 @pytest.mark.parametrize(("virtual_step", "labels"), [("output", "mask"), ("model", "crop_mask")])
 def test_balanced_map_gradient_weighs_each_pixel_by_its_class(tmp_path, virtual_step: str, labels: str) -> None:  # type: ignore[no-untyped-def]
     """--balanced-map-gradient: the meta step's map-gradient weights are each pixel's median

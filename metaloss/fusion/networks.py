@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from metaloss.activation_checkpointing import checkpointed_call
 from metaloss.checkpoint import load_weights_file
 from metaloss.fusion.bands import (
     BandedTensor,
@@ -334,6 +335,21 @@ def _stage(num_blocks: int, dim: int, heads: int, expansion: float, precise: boo
     return nn.Sequential(*(RestormerBlock(dim, heads, expansion, precise) for _ in range(num_blocks)))
 
 
+def _run(module: nn.Module, *inputs: Tensor, checkpointed: bool) -> Tensor:
+    """``module(*inputs)``; if ``checkpointed``, each block of a stage (or the module itself)
+    with its activations recomputed in the backward pass (``checkpointed_call``)."""
+    if not checkpointed:
+        out: Tensor = module(*inputs)
+        return out
+    if not isinstance(module, nn.Sequential):
+        out = checkpointed_call(module, *inputs)
+        return out
+    (x,) = inputs
+    for block in module:
+        x = checkpointed_call(block, x)
+    return x
+
+
 class AdaptiveFusion(nn.Module):
     """ReFusion's adaptive fusion module: cross transposed attention, then a gated merge.
 
@@ -420,6 +436,11 @@ class ReFusion(nn.Module):
             float32 inputs (reproduces the released outputs within 1e-5; ~16% slower at 640x480
             where a graph is recorded; at inference the float32 bands are summed in float64,
             at no measurable cost).
+        checkpoint_blocks: where a graph is recorded, recompute each Restormer block's and the
+            fusion module's activations in the backward pass instead of keeping them
+            (``metaloss.checkpointed_call``, correct inside a meta step's virtual steps): the
+            graph then holds the blocks' inputs only, for one more forward pass of the blocks.
+            An attribute, so it can be switched at any time; not part of the weights.
 
     At inference (no graph recorded, and not under ``torch.compile``) the blocks run a large
     channels-last image on the CPU in bands of rows (``metaloss.fusion.bands``) and the attention
@@ -435,10 +456,17 @@ class ReFusion(nn.Module):
     """
 
     def __init__(
-        self, dim: int = 16, num_blocks: int = 2, heads: int = 8, expansion: float = 2.0, precise_attention: bool = True
+        self,
+        dim: int = 16,
+        num_blocks: int = 2,
+        heads: int = 8,
+        expansion: float = 2.0,
+        precise_attention: bool = True,
+        checkpoint_blocks: bool = False,
     ) -> None:
         super().__init__()
         p = precise_attention
+        self.checkpoint_blocks = checkpoint_blocks
         self.project_in_1 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
         self.project_in_2 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
         self.encoder1 = _stage(num_blocks, dim, heads, expansion, p)
@@ -451,9 +479,10 @@ class ReFusion(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 2:
             raise ValueError(f"ReFusion takes (B, 2, H, W) = [A, B] stacked on channels, got {tuple(x.shape)}")
-        x1 = self.project_in_1(x[:, :1])
-        x2 = self.project_in_2(x[:, 1:])
-        out = self.decoder(self.FM(self.encoder1(x1), self.encoder2(x2)))
+        c = self.checkpoint_blocks
+        x1 = _run(self.encoder1, self.project_in_1(x[:, :1]), checkpointed=c)
+        x2 = _run(self.encoder2, self.project_in_2(x[:, 1:]), checkpointed=c)
+        out = _run(self.decoder, _run(self.FM, x1, x2, checkpointed=c), checkpointed=c)
         out = F.leaky_relu(self.project_out_0(out), 0.01)
         return torch.sigmoid(self.project_out_1(out))
 
@@ -464,8 +493,8 @@ class LossGenerator(nn.Module):
     Per source a 3x3 conv and Restormer blocks; concatenated; Restormer blocks at twice the
     width; 3x3 conv, PReLU, 3x3 conv to 2 channels; Softmax over the 2 channels, so
     ``w_a + w_b = 1`` at every pixel (use it with ``LearnableLoss(..., weights="given")``).
-    Called as ``generator(a, b)`` with ``(B, 1, H, W)`` sources. ``precise_attention`` as in
-    ``ReFusion``.
+    Called as ``generator(a, b)`` with ``(B, 1, H, W)`` sources. ``precise_attention`` and
+    ``checkpoint_blocks`` as in ``ReFusion``.
 
     Examples:
         >>> import torch
@@ -476,10 +505,17 @@ class LossGenerator(nn.Module):
     """
 
     def __init__(
-        self, dim: int = 16, num_blocks: int = 2, heads: int = 8, expansion: float = 2.0, precise_attention: bool = True
+        self,
+        dim: int = 16,
+        num_blocks: int = 2,
+        heads: int = 8,
+        expansion: float = 2.0,
+        precise_attention: bool = True,
+        checkpoint_blocks: bool = False,
     ) -> None:
         super().__init__()
         p = precise_attention
+        self.checkpoint_blocks = checkpoint_blocks
         self.patch_embed1 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
         self.patch_embed2 = nn.Conv2d(1, dim, 3, padding=1, bias=False)
         self.encoder1 = _stage(num_blocks, dim, heads, expansion, p)
@@ -490,9 +526,10 @@ class LossGenerator(nn.Module):
         self.out3 = nn.Conv2d(dim, 2, 3, padding=1, bias=False)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        out = self.encoder3(
-            torch.cat([self.encoder1(self.patch_embed1(a)), self.encoder2(self.patch_embed2(b))], dim=1)
-        )
+        c = self.checkpoint_blocks
+        a = _run(self.encoder1, self.patch_embed1(a), checkpointed=c)
+        b = _run(self.encoder2, self.patch_embed2(b), checkpointed=c)
+        out = _run(self.encoder3, torch.cat([a, b], dim=1), checkpointed=c)
         return torch.softmax(self.out3(self.out2(self.out1(out))), dim=1)
 
 

@@ -218,6 +218,12 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         help="recompute F's activations in the meta step's backward (saves memory with --mode finite_difference)",
     )
     p.add_argument(
+        "--checkpoint-blocks",
+        action="store_true",
+        help="F and G recompute each Restormer block in every backward pass instead of keeping its activations "
+        "(ReFusion(checkpoint_blocks=True)): the meta step's peak memory falls most, for time (docs/benchmarks.md)",
+    )
+    p.add_argument(
         "--compile-generator",
         action="store_true",
         help="compile G in place with torch.compile (faster forward and backward after a compilation on the first "

@@ -13,6 +13,7 @@ import torch
 from metaloss import CSVLogger, InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter
 from metaloss.checkpoint import save_safetensors
 from metaloss.distributed import rank_and_world_size, unwrap
+from metaloss.fusion import LossGenerator, ReFusion
 
 from ..catalog import DATASETS, load_scenes
 from ..data import FusionDataset, collate, collate_swapped
@@ -84,6 +85,9 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
     dataset = FusionDataset(scenes, kind, crop=args.crop, task_size=task_size, flip=args.flip)
     model = _ddp(build_fusion_network(args.ablation).to(device), device)
     loss = build_loss(args).to(device)
+    for network in (*model.modules(), *loss.modules()):
+        if isinstance(network, ReFusion | LossGenerator):
+            network.checkpoint_blocks = args.checkpoint_blocks
     if args.compile_generator:
         loss.generator.compile()
     task_model = _ddp(task.model.to(device), device)
