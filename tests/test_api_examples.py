@@ -14,6 +14,7 @@ MODULES = [
     "metaloss.learnable_loss",
     "metaloss.batch",
     "metaloss.inner_step",
+    "metaloss.activation_checkpointing",
     "metaloss.hypergradient",
     "metaloss.meta_step",
     "metaloss.map_gradient",
