@@ -9,8 +9,8 @@ silently wrong, or the backward fails with a ``CheckpointError`` about recompute
 metadata (as Hugging Face's ``activation_checkpointing_enable()`` does on SegFormer, measured
 with torch 2.15 and transformers 5.23). ``checkpointed_call`` hands the module's parameters
 to the checkpoint as inputs (and holds its buffers), so the recomputation uses the tensors the
-forward pass used, whatever they were; ``internal_checkpointing`` finds the checkpointing that the common
-libraries switch on by a flag, which ``StatelessModule`` refuses.
+forward pass used, whatever they were. ``internal_checkpointing`` finds the checkpointing that
+the common libraries switch on by a flag, which ``StatelessModule`` refuses.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ def checkpointed_call(module: nn.Module, *args: Any) -> Any:
 
     Like ``torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)``, except that
     the module's parameters, as they are during this call, are inputs of the checkpoint, and
-    its buffers are held: the recomputation runs the module with them (``torch.func.functional_call``),
-    so it stays correct when the call itself runs under a functional call with other
-    parameters, as every forward pass of a meta step does. Call it in your model's ``forward``
-    on the parts whose activations you do not want kept (for instance each block of a stage);
-    the part's own ``forward`` must not call it on itself. Where no graph is recorded it is
-    ``module(*args)``. Random draws are replayed in the recomputation (``preserve_rng_state``);
-    buffers a forward pass writes (BatchNorm's running statistics) are written again, as with
-    ``torch.utils.checkpoint``.
+    its buffers are held: the recomputation runs the module with them
+    (``torch.func.functional_call``), so it stays correct when the call itself runs under a
+    functional call with other parameters, as every forward pass of a meta step does. Call it
+    in your model's ``forward`` on the parts whose activations you do not want kept (for
+    instance each block of a stage); the part's own ``forward`` must not call it on itself.
+    Where no graph is recorded it is ``module(*args)``. Random draws are replayed in the
+    recomputation (``preserve_rng_state``); buffers a forward pass writes (BatchNorm's running
+    statistics) are written again, as with ``torch.utils.checkpoint``.
 
     Args:
         module: the part of the model to checkpoint.
