@@ -6,10 +6,14 @@ at one size (``--fusion-batches``, seconds per pair), as it runs at inference
 (bands turned off), side by side, in the default layout or (``--channels-last``) as ``fuse`` runs
 it. Meta iteration: one run
 of ``benchmarks/meta_iteration.py`` per configuration, each in a fresh process so that its peak
-memory is its own. Prints one table per part and writes a two-panel plot.
+memory is its own; with ``--checkpointed-sizes``, also at batch 1 with each block of ``F`` and
+``G`` checkpointed, which reaches 1024^2 on a 24-GiB machine. Prints one table per part and
+writes a two-panel plot.
 
     python benchmarks/scaling.py --fusion-sizes 128 256 512 1024 --fusion-batches 1 2 4 \\
         --meta-sizes 64 128 192 256 --batches 1 2 4 --channels-last --plot docs/img/scaling_cpu.png
+    python benchmarks/scaling.py --fusion-sizes 128 256 512 1024 --fusion-batches --meta-sizes 64 128 192 256 \\
+        --batches --checkpointed-sizes 256 512 1024 --channels-last --plot docs/img/scaling_cpu.png
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ def fusion_seconds(size: int, repeats: int, bands: bool = True, channels_last: b
         return median_seconds(lambda: model(x), repeats)[0]
 
 
-def meta_iteration(size: int, batch: int, device: str, threads: int, malloc: str) -> dict[str, float]:
+def meta_iteration(
+    size: int, batch: int, device: str, threads: int, malloc: str, checkpoint_blocks: bool = False
+) -> dict[str, float]:
     options = ["--crop", str(size), "--task-size", str(size), str(size), "--batch-size", str(batch)]
+    options += ["--checkpoint-blocks"] if checkpoint_blocks else []
     return run_meta_iteration(options + ["--repeats", "2", "--device", device, "--malloc", malloc], threads)
 
 
@@ -50,6 +57,14 @@ def main() -> None:
     p.add_argument("--fusion-batch-side", type=int, default=512)
     p.add_argument("--meta-sizes", type=int, nargs="*", default=[64, 128, 192], help="at batch 2")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4], help="at the second meta size")
+    p.add_argument(
+        "--checkpointed-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also meta iterations at batch 1 with each block of F and G checkpointed (--checkpoint-blocks), "
+        "at these sides (1024: about 15 GiB on a CPU)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--channels-last", action="store_true", help="fusion in the channels-last layout (as `fuse` runs)")
     p.add_argument("--threads", type=int, default=2)
@@ -102,6 +117,16 @@ def main() -> None:
             flush=True,
         )
 
+    checkpointed: list[tuple[int, dict[str, float]]] = []
+    for size in args.checkpointed_sizes:
+        r = meta_iteration(size, 1, args.device, args.threads, args.malloc, checkpoint_blocks=True)
+        checkpointed.append((size, r))
+        print(
+            f"| batch 1 x {size}^2, blocks checkpointed | {r['plain']:.3f} | {r['meta']:.3f} "
+            f"| {r['meta'] / r['plain']:.1f}x | {r['memory']:.2f} |",
+            flush=True,
+        )
+
     if args.plot:
         import matplotlib
 
@@ -117,7 +142,14 @@ def main() -> None:
         right.plot([s for s, _ in at2], [r["meta"] for _, r in at2], "o-", label="meta iteration (s)")
         right.plot([s for s, _ in at2], [r["plain"] for _, r in at2], "o-", label="plain iteration (s)")
         right.plot([s for s, _ in at2], [r["memory"] for _, r in at2], "s--", label="meta peak memory (GiB)")
-        right.set(xlabel="crop and task-view side (batch 2)", title="meta iteration, SegFormer-b0")
+        if checkpointed:
+            sides = [s for s, _ in checkpointed]
+            label = "meta (s), batch 1, blocks checkpointed"
+            right.plot(sides, [r["meta"] for _, r in checkpointed], "^:", label=label)
+            right.plot(sides, [r["memory"] for _, r in checkpointed], "v:", label="its peak memory (GiB)")
+            right.set_yscale("log")
+        batches = "batch 2" + (", and batch 1 where said" if checkpointed else "")
+        right.set(xlabel=f"crop and task-view side ({batches})", title="meta iteration, SegFormer-b0")
         right.legend(fontsize=8)
         fig.tight_layout()
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
