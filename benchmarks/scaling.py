@@ -50,6 +50,11 @@ def meta_iteration(
     return run_meta_iteration(options + ["--repeats", "2", "--device", device, "--malloc", malloc], threads)
 
 
+def _meta_table_row(label: str, r: dict[str, float]) -> str:
+    """One row of the meta-iteration table: plain and meta seconds, their ratio, the peak."""
+    return f"| {label} | {r['plain']:.3f} | {r['meta']:.3f} | {r['meta'] / r['plain']:.1f}x | {r['memory']:.2f} |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fusion-sizes", type=int, nargs="*", default=[128, 256, 512, 1024])
@@ -111,21 +116,13 @@ def main() -> None:
     for size, batch in configs:
         r = meta_iteration(size, batch, args.device, args.threads, args.malloc)
         rows.append((size, batch, r))
-        print(
-            f"| batch {batch} x {size}^2 | {r['plain']:.3f} | {r['meta']:.3f} | {r['meta'] / r['plain']:.1f}x "
-            f"| {r['memory']:.2f} |",
-            flush=True,
-        )
+        print(_meta_table_row(f"batch {batch} x {size}^2", r), flush=True)
 
     checkpointed: list[tuple[int, dict[str, float]]] = []
     for size in args.checkpointed_sizes:
         r = meta_iteration(size, 1, args.device, args.threads, args.malloc, checkpoint_blocks=True)
         checkpointed.append((size, r))
-        print(
-            f"| batch 1 x {size}^2, blocks checkpointed | {r['plain']:.3f} | {r['meta']:.3f} "
-            f"| {r['meta'] / r['plain']:.1f}x | {r['memory']:.2f} |",
-            flush=True,
-        )
+        print(_meta_table_row(f"batch 1 x {size}^2, blocks checkpointed", r), flush=True)
 
     if args.plot:
         import matplotlib
