@@ -82,9 +82,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = [a for a in args.demo_options if a != "--"]
     demo = build_parser().parse_args(["demo", *extra])
-    if demo.outer != "adam" or demo.generator != "per_pixel" or demo.ablation != "none":
+    if demo.outer != "adam" or demo.generator == "global" or demo.ablation != "none":
         p.error(
-            f"after --: supervision trains the paper's per-pixel G with Adam; got --outer {demo.outer}, "
+            f"after --: supervision trains a per-pixel G with Adam; got --outer {demo.outer}, "
             f"--generator {demo.generator}, --ablation {demo.ablation}"
         )
     budget = (demo.epochs - demo.warmup_epochs) * demo.meta_iterations

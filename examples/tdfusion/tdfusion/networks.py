@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
+import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 
 from metaloss import ConstantWeights, GlobalWeights, LearnableLoss
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss
 
-__all__ = ["ABLATIONS", "WeightedSumFusion", "build_fusion_network", "build_loss", "load_fusion_network"]
+__all__ = ["ABLATIONS", "UnetLossGenerator", "WeightedSumFusion", "build_fusion_network", "build_loss", "load_fusion_network"]
 
 ABLATIONS = {
     "none": "TDFusion as published",
@@ -36,6 +38,62 @@ class WeightedSumFusion(torch.nn.Module):
         return w[:, :1] * a + w[:, 1:] * b
 
 
+class UnetLossGenerator(torch.nn.Module):
+    """A loss generator that sees shapes: a U-Net over both sources, one logit map per source.
+
+    The paper's ``LossGenerator`` works at full resolution (3x3 convolutions and Restormer
+    blocks, whose attention mixes channels, not places), so what it sees of a pixel's
+    neighbourhood is a few pixels across. This one is segmentation-models-pytorch's ``Unet``
+    (``encoder_weights=None``: nothing is downloaded) on the two sources stacked, with a
+    ``depth``-level encoder: it sees a region tens of pixels across, enough for the shape of
+    a marking or a person. Its batch normalisations are replaced by group normalisations (8
+    groups), so a scene's weights do not depend on the other scenes of its batch, nor on a
+    train or eval mode. Its head starts at zero, so its first weights are ``1/2`` everywhere
+    (the fixed loss). Use it with ``tdfusion_loss(..., weights="softmax")``. Inputs whose sides
+    are not multiples of ``2 ** depth`` are reflect-padded and the output cropped back.
+
+    Args:
+        encoder: an encoder name of segmentation-models-pytorch.
+        depth: encoder levels (each halves the resolution).
+    """
+
+    def __init__(self, encoder: str = "resnet18", depth: int = 3) -> None:
+        super().__init__()
+        self.multiple = 2**depth
+        self.net = smp.Unet(
+            encoder_name=encoder,
+            encoder_weights=None,
+            encoder_depth=depth,
+            decoder_channels=tuple(16 * 2 ** (depth - 1 - i) for i in range(depth)),
+            in_channels=2,
+            classes=2,
+        )
+        for unused in range(depth, 5):  # a ResNet encoder keeps the stages its depth does not reach
+            if hasattr(self.net.encoder, f"layer{unused}"):
+                delattr(self.net.encoder, f"layer{unused}")
+        _batch_norms_to_group_norms(self.net)
+        head = self.net.segmentation_head[0]
+        torch.nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h, w = a.shape[-2:]
+        pad_h, pad_w = -h % self.multiple, -w % self.multiple
+        x = torch.cat([a, b], dim=1)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        return self.net(x)[..., :h, :w]
+
+
+def _batch_norms_to_group_norms(module: torch.nn.Module, groups: int = 8) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, torch.nn.GroupNorm(min(groups, child.num_features), child.num_features))
+        else:
+            _batch_norms_to_group_norms(child, groups)
+
+
 def build_fusion_network(ablation: str) -> torch.nn.Module:
     """ReFusion, or ablation V's weighted sum."""
     return WeightedSumFusion() if ablation == "V" else ReFusion()
@@ -53,6 +111,8 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
         return tdfusion_loss(ConstantWeights(2), form=args.form, alpha=alpha)
     if args.generator == "global":
         return tdfusion_loss(GlobalWeights(2), form=args.form, alpha=alpha, weights="softmax")
+    if args.generator == "unet":
+        return tdfusion_loss(UnetLossGenerator(), form=args.form, alpha=alpha, weights="softmax")
     return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)
 
 
