@@ -17,7 +17,7 @@ import yaml
 from tdfusion.cli import main
 from tdfusion.data import FusionDataset, SceneList, collate
 from tdfusion.datasets import msrs_files
-from tdfusion.networks import load_fusion_network
+from tdfusion.networks import PerPixelPlusUnetGenerator, UnetLossGenerator, load_fusion_network
 from tdfusion.tasks import TaskName, build_task
 
 from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter
@@ -388,6 +388,52 @@ def test_a_global_generator_learns_one_weight_per_source(tmp_path: Path) -> None
     logits = state["loss"]["generator.logits"]
     assert logits.shape == (2,) and bool(logits.abs().max() > 0), "the meta steps did not move the weights"
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["generator"] == "global"
+
+
+def test_a_unet_generator_starts_at_one_half_and_weighs_each_scene_alone() -> None:
+    """--generator unet: the fixed loss's weights at first, any image size, and a scene's weights
+    independent of its batch companions and of the train or eval mode (group norms)."""
+    torch.manual_seed(0)
+    generator = UnetLossGenerator()
+    loss = tdfusion_loss(generator, alpha=0.01, weights="softmax")
+    a, b = torch.rand(3, 1, 52, 70), torch.rand(3, 1, 52, 70)
+    w = loss.weights([a, b])
+    assert w.shape == (3, 2, 52, 70) and bool(torch.all(w == 0.5))
+    for p in generator.net.segmentation_head.parameters():  # move it off the fixed loss
+        torch.nn.init.normal_(p, std=0.1)
+    together = loss.weights([a, b])
+    assert float(together.std()) > 0.01
+    alone = loss.weights([a[1:2], b[1:2]])
+    loss.eval()  # batch statistics would move these by far more than rounding
+    assert torch.allclose(together[1:2], alone, atol=1e-4)
+    assert torch.allclose(loss.weights([a, b]), together, atol=1e-4)
+
+
+def test_the_paper_generator_plus_a_unet_starts_as_the_paper_generator() -> None:
+    """--generator per_pixel+unet: the U-Net's logits add to the paper's, from zero."""
+    a, b = torch.rand(2, 1, 32, 48), torch.rand(2, 1, 32, 48)
+    torch.manual_seed(0)
+    generator = PerPixelPlusUnetGenerator()
+    loss = tdfusion_loss(generator, alpha=0.01, weights="softmax")
+    torch.manual_seed(0)
+    paper = LossGenerator()
+    assert torch.allclose(loss.weights([a, b]), paper(a, b), atol=1e-6)
+    for p in generator.unet.net.segmentation_head.parameters():
+        torch.nn.init.normal_(p)
+    assert not torch.allclose(loss.weights([a, b]), paper(a, b), atol=1e-3)
+
+
+def test_a_unet_generator_learns_in_the_meta_phase(tmp_path: Path) -> None:
+    """--generator unet trains through the meta steps and is saved and named in the config."""
+    main(
+        ["train", "--quiet", "--generator", "unet", "--epochs", "1", "--meta-iterations", "3"]
+        + ["--synthetic-train", "4", "--crop", "32", "--task-size", "32", "48", "--out", str(tmp_path)]
+    )
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["loss"]
+    assert all(k.startswith("generator.net.") for k in state)
+    head = state["generator.net.segmentation_head.0.weight"]
+    assert bool(head.abs().max() > 0), "the meta steps did not move the head off the fixed loss"
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["generator"] == "unet"
 
 
 def test_segformer_adapts_on_the_virtual_fusion_network(tmp_path: Path) -> None:

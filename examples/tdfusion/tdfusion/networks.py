@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from metaloss import ConstantWeights, GlobalWeights, LearnableLoss
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss
 
-__all__ = ["ABLATIONS", "UnetLossGenerator", "WeightedSumFusion", "build_fusion_network", "build_loss", "load_fusion_network"]
+__all__ = [
+    "ABLATIONS",
+    "PerPixelPlusUnetGenerator",
+    "UnetLossGenerator",
+    "WeightedSumFusion",
+    "build_fusion_network",
+    "build_loss",
+    "load_fusion_network",
+]
 
 ABLATIONS = {
     "none": "TDFusion as published",
@@ -86,6 +94,24 @@ class UnetLossGenerator(torch.nn.Module):
         return self.net(x)[..., :h, :w]
 
 
+class PerPixelPlusUnetGenerator(torch.nn.Module):
+    """The paper's ``LossGenerator`` with a ``UnetLossGenerator``'s logits added before the softmax.
+
+    Returns logits ``log G(a, b) + U(a, b)`` (use with ``weights="softmax"``), so its weights are
+    ``softmax(z + u)`` for the paper's logits ``z``: at first exactly the paper's generator's
+    (``U``'s head starts at zero), and what the U-Net learns (shapes) adds to what the paper's
+    network learns (each pixel and, through its channel attention, each scene as a whole).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_pixel = LossGenerator()
+        self.unet = UnetLossGenerator()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.per_pixel(a, b).clamp_min(1e-12)) + self.unet(a, b)
+
+
 def _batch_norms_to_group_norms(module: torch.nn.Module, groups: int = 8) -> None:
     for name, child in module.named_children():
         if isinstance(child, torch.nn.BatchNorm2d):
@@ -111,8 +137,9 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
         return tdfusion_loss(ConstantWeights(2), form=args.form, alpha=alpha)
     if args.generator == "global":
         return tdfusion_loss(GlobalWeights(2), form=args.form, alpha=alpha, weights="softmax")
-    if args.generator == "unet":
-        return tdfusion_loss(UnetLossGenerator(), form=args.form, alpha=alpha, weights="softmax")
+    if args.generator in ("unet", "per_pixel+unet"):
+        generator = UnetLossGenerator() if args.generator == "unet" else PerPixelPlusUnetGenerator()
+        return tdfusion_loss(generator, form=args.form, alpha=alpha, weights="softmax")
     return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)
 
 

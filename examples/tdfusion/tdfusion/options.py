@@ -140,11 +140,12 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     )
     p.add_argument(
         "--generator",
-        choices=("per_pixel", "global", "unet"),
+        choices=("per_pixel", "global", "unet", "per_pixel+unet"),
         default="per_pixel",
         help="the loss generator G: per_pixel (the paper's network), global (one learned weight per source, "
-        "the same at every pixel: the baseline a per-pixel loss should beat) or unet (a U-Net that sees "
-        "shapes tens of pixels across; not the paper's)",
+        "the same at every pixel: the baseline a per-pixel loss should beat), unet (a U-Net that sees "
+        "shapes tens of pixels across; not the paper's) or per_pixel+unet (the paper's network with the "
+        "U-Net's logits added, starting as the paper's)",
     )
     p.add_argument(
         "--ablation",
