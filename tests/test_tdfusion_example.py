@@ -18,6 +18,7 @@ from tdfusion.cli import main
 from tdfusion.data import FusionDataset, SceneList, collate
 from tdfusion.datasets import msrs_files
 from tdfusion.networks import PerPixelPlusUnetGenerator, UnetLossGenerator, load_fusion_network
+from tdfusion.reports import write_demo_summary
 from tdfusion.tasks import TaskName, build_task
 
 from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter
@@ -322,8 +323,9 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     )
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())  # the last line is the report folder
     results = json.loads((out / "metrics.json").read_text())
-    assert set(results) == {"tdfusion", "fixed_half", "convention", "task_net", "virtual_step"}
+    assert set(results) == {"tdfusion", "fixed_half", "convention", "task_net", "virtual_step", "generator"}
     assert results["virtual_step"] == "output"  # the demo's default: a virtual step of the fused image
+    assert results["generator"] == "per_pixel"  # the paper's G
     for arm in ("tdfusion", "fixed_half"):
         assert set(results[arm]["fusion_metrics"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
         downstream = results[arm]["downstream"]
@@ -338,6 +340,9 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     assert "Verdict" in summary and "fixed w = 1/2" in summary and f"{weights['target_infrared']:.2f}" in summary
     assert f"| the brighter source on markings | {weights['marking_brighter']:.2f} |" in summary
     assert "--virtual-step output" in summary  # the report says its meta-gradient is not the paper's
+    assert "--generator" not in summary
+    write_demo_summary(tmp_path, {**results, "generator": "per_pixel+unet"}, 1.0)  # a G not the paper's is named
+    assert "(`--generator per_pixel+unet`)" in (tmp_path / "summary.md").read_text()
     assert (out / "weights.png").stat().st_size > 1000
 
 

@@ -135,6 +135,19 @@ def _meta_gradient_line(virtual_step: str) -> list[str]:
     return ["G learned from the paper's meta-gradient (a virtual step of the fusion network's parameters).", ""]
 
 
+def _generator_line(generator: str) -> list[str]:
+    """Which network ``G`` is, where it is not the paper's."""
+    named = {
+        "global": ("one learned weight per source, the same at every pixel", 7),
+        "unet": ("a U-Net that sees shapes, in place of the paper's network", 11),
+        "per_pixel+unet": ("the paper's network with a U-Net's logits added", 11),
+    }
+    if generator not in named:
+        return []
+    what, section = named[generator]
+    return [f"G is {what} (`--generator {generator}`): docs/tdfusion.md, section {section}, measures it.", ""]
+
+
 def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> None:
     """summary.md: the downstream scores of both arms, the learned weights, the fusion metrics, the verdict."""
     ours, base = results["tdfusion"], results["fixed_half"]
@@ -147,6 +160,7 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         "(the paper's protocol, section 4.3).",
         "",
         *_meta_gradient_line(results.get("virtual_step", "model")),
+        *_generator_line(results.get("generator", "per_pixel")),
         *demo_verdict(results),
         "",
         "| downstream (IoU, %) | TDFusion | fixed w = 1/2 |",

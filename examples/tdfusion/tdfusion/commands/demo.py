@@ -121,6 +121,7 @@ def demo(args: argparse.Namespace) -> Path:
     results["convention"] = "mean"
     results["task_net"] = args.task_net
     results["virtual_step"] = args.virtual_step
+    results["generator"] = args.generator
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_demo_summary(out, results, time.time() - started)
     return out
