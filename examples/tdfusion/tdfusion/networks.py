@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import segmentation_models_pytorch as smp
@@ -54,11 +55,12 @@ class UnetLossGenerator(torch.nn.Module):
     neighbourhood is a few pixels across. This one is segmentation-models-pytorch's ``Unet``
     (``encoder_weights=None``: nothing is downloaded) on the two sources stacked, with a
     ``depth``-level encoder: it sees a region tens of pixels across, enough for the shape of
-    a marking or a person. Its batch normalisations are replaced by group normalisations (8
+    a marking or a person. Its batch normalisations are replaced by group normalisations (up to 8
     groups), so a scene's weights do not depend on the other scenes of its batch, nor on a
     train or eval mode. Its head starts at zero, so its first weights are ``1/2`` everywhere
     (the fixed loss). Use it with ``tdfusion_loss(..., weights="softmax")``. Inputs whose sides
-    are not multiples of ``2 ** depth`` are reflect-padded and the output cropped back.
+    are not multiples of ``2 ** depth`` are padded (edge pixels repeated) and the output cropped
+    back.
 
     Args:
         encoder: an encoder name of segmentation-models-pytorch.
@@ -90,7 +92,7 @@ class UnetLossGenerator(torch.nn.Module):
         pad_h, pad_w = -h % self.multiple, -w % self.multiple
         x = torch.cat([a, b], dim=1)
         if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         return self.net(x)[..., :h, :w]
 
 
@@ -115,7 +117,7 @@ class PerPixelPlusUnetGenerator(torch.nn.Module):
 def _batch_norms_to_group_norms(module: torch.nn.Module, groups: int = 8) -> None:
     for name, child in module.named_children():
         if isinstance(child, torch.nn.BatchNorm2d):
-            setattr(module, name, torch.nn.GroupNorm(min(groups, child.num_features), child.num_features))
+            setattr(module, name, torch.nn.GroupNorm(math.gcd(groups, child.num_features), child.num_features))
         else:
             _batch_norms_to_group_norms(child, groups)
 
