@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 
 import segmentation_models_pytorch as smp
 import torch
@@ -127,21 +128,27 @@ def build_fusion_network(ablation: str) -> torch.nn.Module:
     return WeightedSumFusion() if ablation == "V" else ReFusion()
 
 
+_LOGIT_GENERATORS: dict[str, Callable[[], torch.nn.Module]] = {
+    "global": lambda: GlobalWeights(2),
+    "unet": UnetLossGenerator,
+    "per_pixel+unet": PerPixelPlusUnetGenerator,
+}
+"""The ``--generator`` values whose network returns logits, which the loss turns into weights by a softmax."""
+
+
 def build_loss(args: argparse.Namespace) -> LearnableLoss:
     """The learnable fusion loss for the chosen form, alpha, generator and ablation.
 
     ``--generator global`` replaces the paper's per-pixel generator with one learned weight per
     source (``metaloss.GlobalWeights``): the baseline that tells whether a per-pixel loss learned
-    more than a global preference.
+    more than a global preference. ``unet`` and ``per_pixel+unet`` are generators that see shapes
+    (``UnetLossGenerator``, ``PerPixelPlusUnetGenerator``).
     """
     alpha = 0.0 if args.ablation == "II" else args.alpha
     if args.ablation in ("I", "V"):
         return tdfusion_loss(ConstantWeights(2), form=args.form, alpha=alpha)
-    if args.generator == "global":
-        return tdfusion_loss(GlobalWeights(2), form=args.form, alpha=alpha, weights="softmax")
-    if args.generator in ("unet", "per_pixel+unet"):
-        generator = UnetLossGenerator() if args.generator == "unet" else PerPixelPlusUnetGenerator()
-        return tdfusion_loss(generator, form=args.form, alpha=alpha, weights="softmax")
+    if args.generator in _LOGIT_GENERATORS:
+        return tdfusion_loss(_LOGIT_GENERATORS[args.generator](), form=args.form, alpha=alpha, weights="softmax")
     return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)
 
 
