@@ -1,7 +1,7 @@
 """How far the demo's loss generator G can move in the demo's budget when told the answer.
 
 The learned maps of the demo (``run.py demo``) put infrared on the hot targets but not visible
-light on the markings (``docs/tdfusion.md``, sections 9 and 10). This script separates two
+light on the markings (``docs/learned-loss-study.md``, sections 9 and 10). This script separates two
 possible limits: what G's architecture and the demo's outer optimiser can reach at all, and what
 the meta-gradient asks of them. It trains the demo's G (same architecture, initialisation seed,
 training scenes and Adam learning rate) by *direct supervision*: a per-pixel cross-entropy

@@ -235,7 +235,7 @@ class MetaStep:
             ``map_gradient``) is multiplied by them before it is carried back into the
             generator. For instance class-balancing weights from the batch's labels, so that a
             rare region's requests count per pixel as much as a common one's (measured on the
-            TDFusion demo, ``docs/tdfusion.md``). ``None``: unweighted. Like
+            TDFusion demo, ``docs/learned-loss-study.md``). ``None``: unweighted. Like
             ``map_gradient="centred"``, it costs no further pass of the generator.
         task_adaptation: where ``T``'s virtual step learns from. ``"current_model"`` (the
             paper, eq. 5): ``T' = T - eta dL_t(T(F(meta-train)))/dT``, fixed before ``F``'s

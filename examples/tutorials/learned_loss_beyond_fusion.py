@@ -23,7 +23,7 @@ What we measured (``--steps 400 --seeds 3``, 12 s on 2 CPU cores): validation MS
 ``a`` was 0.62 / 0.69, 0.50 / 0.53 and 0.40 / 0.41 on the left / right halves, so ``G`` moved
 both halves together. Trusting the right sensor per pixel would cut the error about a
 hundredfold, yet the one-step meta-gradient mostly moves ``G``'s global preference, as it does
-in TDFusion (docs/tdfusion.md). That happens here although no task network learns alongside.
+in TDFusion (docs/learned-loss-study.md). That happens here although no task network learns alongside.
 With a virtual step of ``F``'s output instead of its parameters (``--virtual-step output``;
 ``metaloss.MetaStep``), the weight at each pixel learns from the objective at that pixel:
 validation MSE 0.0272, 0.0271, 0.0262 against the same 0.0416, 0.0406, 0.0404 for ``w = 1/2``,

@@ -26,7 +26,7 @@ What to expect in part 2: the objective on your pairs before and after, and the 
 ``--a``. Measured on the two released multi-exposure pairs from the released weights (100 steps):
 the fixed loss improved the objective (-0.532 to -0.624), the learned one made it worse (-0.474),
 with all its weight on the under-exposed source: the one-step meta-gradient moves ``G``'s global
-preference (``docs/tutorials.md``, ``docs/tdfusion.md``).
+preference (``docs/tutorials.md``, ``docs/learned-loss-study.md``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Run it from the repository root::
 
 It prints ``T``'s mIoU on fused held-out scenes before and after training, and where the learned
 loss puts its weight. Expect a small number after two CPU epochs: this shows the wiring, not
-the method's value (see ``docs/tdfusion.md`` for what we measured about that).
+the method's value (see ``docs/learned-loss-study.md`` for what we measured about that).
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         default=0.01 if demo_defaults else 1.0,
         help="gradient-term weight alpha (paper: 1; at 1 the paper-form gradient term drowns the weighted "
         "intensity term on the demo's scenes, and at 0.01 the per-pixel oracle map is the best map we know "
-        "there, see docs/tdfusion.md)",
+        "there, see docs/learned-loss-study.md)",
     )
     p.add_argument(
         "--generator",
@@ -158,7 +158,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         action=argparse.BooleanOptionalAction,
         default=False,
         help="segmentation: weigh T's cross-entropy (and so the meta-objective) by median frequency balancing, "
-        "so background pixels do not dominate G's meta-gradient (paper: off; see docs/tdfusion.md)",
+        "so background pixels do not dominate G's meta-gradient (paper: off; see docs/learned-loss-study.md)",
     )
     p.add_argument(
         "--balanced-map-gradient",
@@ -166,7 +166,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         default=False,
         help="segmentation: weigh the meta-gradient on G's weight map pixel by pixel by its class's median "
         "frequency weight, so the few marking and target pixels ask as loudly as the road (paper: off; see "
-        "docs/tdfusion.md)",
+        "docs/learned-loss-study.md)",
     )
     p.add_argument(
         "--class-weight-power",
@@ -181,7 +181,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         choices=MAP_GRADIENTS,
         default="full",
         help="G's meta-gradient on the weight map: full (paper); centred: its per-image mean removed; shift_removed: "
-        "its part along a uniform brightening of F's output removed (docs/tdfusion.md)",
+        "its part along a uniform brightening of F's output removed (docs/learned-loss-study.md)",
     )
     p.add_argument(
         "--virtual-step",
@@ -189,7 +189,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         default="output" if demo_defaults else "model",
         help="what the meta step's virtual step moves: model (paper: F's parameters, judged on the meta-test "
         "batch); output: F's fused image itself, pixel by pixel, judged on the meta-train batch, so each pixel's "
-        "weight learns from what T wants at that pixel (docs/tdfusion.md, section 9)",
+        "weight learns from what T wants at that pixel (docs/learned-loss-study.md, section 9)",
     )
     p.add_argument(
         "--output-lr",
@@ -202,7 +202,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         action=argparse.BooleanOptionalAction,
         default=False,
         help="T sees each fused image standardised (zero mean, unit variance), so G's meta-gradient cannot "
-        "reward a globally darker source (paper: off; see docs/tdfusion.md)",
+        "reward a globally darker source (paper: off; see docs/learned-loss-study.md)",
     )
     p.add_argument(
         "--crop", type=at_least(8), default=64 if demo_defaults else 256, help="fusion crop size (released: 256)"

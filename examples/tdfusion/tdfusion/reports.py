@@ -115,10 +115,10 @@ def demo_verdict(results: dict[str, Any]) -> list[str]:
         f"weight on each source: w_infrared = {w['target_infrared']:.2f} on hot targets, w_visible = "
         f"{w['marking_visible']:.2f} on markings (the bar is 0.7 each). The brighter source gets "
         f"{w['marking_brighter']:.2f} of the markings' weight (visible paint by day, the infrared road at night: "
-        "what a fresh task network rewards most there; docs/tdfusion.md, section 10).",
+        "what a fresh task network rewards most there; docs/learned-loss-study.md, section 10).",
         "",
         "One seed is one draw: `python benchmarks/learned_vs_fixed.py --seeds 5` gives the mean over seeds "
-        "with its 95% interval (docs/tdfusion.md has our measurement).",
+        "with its 95% interval (docs/learned-loss-study.md has our measurement).",
     ]
     return lines
 
@@ -128,7 +128,7 @@ def _meta_gradient_line(virtual_step: str) -> list[str]:
     if virtual_step == "output":
         return [
             "G learned from a virtual step of the fused image itself (`--virtual-step output`), not the paper's "
-            "virtual step of the fusion network's parameters (`--virtual-step model`): docs/tdfusion.md, "
+            "virtual step of the fusion network's parameters (`--virtual-step model`): docs/learned-loss-study.md, "
             "section 9, says why and what each gives.",
             "",
         ]
@@ -145,7 +145,7 @@ def _generator_line(generator: str) -> list[str]:
     if generator not in named:
         return []
     what, section = named[generator]
-    return [f"G is {what} (`--generator {generator}`): docs/tdfusion.md, section {section}, measures it.", ""]
+    return [f"G is {what} (`--generator {generator}`): docs/learned-loss-study.md, section {section}, measures it.", ""]
 
 
 def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> None:

@@ -61,7 +61,7 @@ class StandardizedInput(nn.Module):
 
     The network then cannot tell a globally brighter or darker image from another: in TDFusion's
     meta step, a task network that sees raw intensities rewards whichever source is darker
-    wherever background dominates (see ``docs/tdfusion.md``), and this removes that reward.
+    wherever background dominates (see ``docs/learned-loss-study.md``), and this removes that reward.
     """
 
     def __init__(self, net: nn.Module, eps: float = 1e-2) -> None:
