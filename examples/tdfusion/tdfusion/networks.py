@@ -16,6 +16,7 @@ from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfu
 
 __all__ = [
     "ABLATIONS",
+    "GENERATORS",
     "PerPixelPlusUnetGenerator",
     "UnetLossGenerator",
     "WeightedSumFusion",
@@ -134,6 +135,8 @@ _LOGIT_GENERATORS: dict[str, Callable[[], torch.nn.Module]] = {
     "per_pixel+unet": PerPixelPlusUnetGenerator,
 }
 """The ``--generator`` values whose network returns logits, which the loss turns into weights by a softmax."""
+GENERATORS: tuple[str, ...] = ("per_pixel", *_LOGIT_GENERATORS)
+"""Every ``--generator`` value: the paper's network (``per_pixel``, which returns weights) first."""
 
 
 def build_loss(args: argparse.Namespace) -> LearnableLoss:

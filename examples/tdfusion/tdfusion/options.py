@@ -11,7 +11,7 @@ from metaloss.meta_step import SECOND_ORDERS, VIRTUAL_STEPS
 
 from .catalog import DATASETS
 from .cli_values import at_least, device, non_negative_float, positive_float
-from .networks import ABLATIONS
+from .networks import ABLATIONS, GENERATORS
 from .tasks import TASK_KINDS
 
 __all__ = ["add_device_option", "add_training_options"]
@@ -140,7 +140,7 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     )
     p.add_argument(
         "--generator",
-        choices=("per_pixel", "global", "unet", "per_pixel+unet"),
+        choices=GENERATORS,
         default="per_pixel",
         help="the loss generator G: per_pixel (the paper's network), global (one learned weight per source, "
         "the same at every pixel: the baseline a per-pixel loss should beat), unet (a U-Net that sees "
