@@ -21,7 +21,7 @@ from tdfusion.networks import PerPixelPlusUnetGenerator, UnetLossGenerator, load
 from tdfusion.reports import write_demo_summary
 from tdfusion.tasks import TaskName, build_task
 
-from metaloss import InnerSGD, MetaTrainer, MetaTrainerConfig, SourcesAdapter
+from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss
 from metaloss.fusion.image_io import read_grey, read_ycrcb
 from tests.samples import downsized_pairs, msrs_tree
@@ -426,6 +426,72 @@ def test_the_paper_generator_plus_a_unet_starts_as_the_paper_generator() -> None
     for p in generator.unet.net.segmentation_head.parameters():
         torch.nn.init.normal_(p)
     assert not torch.allclose(loss.weights([a, b]), paper(a, b), atol=1e-3)
+
+
+def test_the_paper_generator_plus_a_unet_adds_logits_where_its_softmax_saturates() -> None:
+    """The weights are softmax(z + u) for the paper's logits z also where the paper's own softmax
+    rounds a weight to 0 and the U-Net's logits pull the other way (the log of that softmax, even
+    clamped, would cap z's gap there and give the U-Net's source all the weight)."""
+    torch.manual_seed(0)
+    generator = PerPixelPlusUnetGenerator()
+    a, b = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        gap = generator.per_pixel.logits(a, b).diff(dim=1)  # z_b - z_a
+        generator.per_pixel.out3.weight.mul_(150 / float(gap.median()))  # gaps of some 150: softmax 0 and 1
+        gap = generator.per_pixel.logits(a, b).diff(dim=1)
+        bias = generator.unet.net.segmentation_head[0].bias
+        bias.copy_(torch.stack([gap.median(), torch.tensor(0.0)]))  # u pulls toward a by the median gap
+        expected = torch.softmax((generator.per_pixel.logits(a, b) + generator.unet(a, b)).double(), dim=1)
+        saturated = (generator.per_pixel(a, b) == 0).any(dim=1)
+    assert float(saturated.float().mean()) > 0.5
+    assert float((saturated & (expected[:, 0] < 0.5)).float().mean()) > 0.2, "z must still win at some of them"
+    weights = torch.softmax(generator(a, b), dim=1)
+    torch.testing.assert_close(weights.double(), expected, rtol=0, atol=1e-5)
+    (weights[:, 0] * torch.rand(1, 16, 16)).sum().backward()
+    grad = generator.per_pixel.out3.weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("name", ["unet", "per_pixel+unet"])
+def test_checkpoint_blocks_reach_the_unet_generators(name: str) -> None:
+    """--checkpoint-blocks (the attribute train sets on every ReFusion, LossGenerator and
+    UnetLossGenerator) checkpoints the U-Net too: its forward with a graph saves a fraction of the
+    elements, and the meta-gradient stays the same."""
+    torch.manual_seed(0)
+    generator = UnetLossGenerator() if name == "unet" else PerPixelPlusUnetGenerator()
+    head = generator if isinstance(generator, UnetLossGenerator) else generator.unet
+    for p in head.net.segmentation_head.parameters():  # off the fixed loss, so that G's gradient is not trivial
+        torch.nn.init.normal_(p, std=0.1)
+    loss = tdfusion_loss(generator, alpha=0.01, weights="softmax")
+    model, task = ReFusion(dim=8, num_blocks=1), torch.nn.Conv2d(1, 2, 3, padding=1)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    batch = {"a": a, "b": b, "target": torch.randint(0, 2, (2, 16, 16), generator=g)}
+
+    def seg_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, batch["target"])
+
+    meta = MetaStep(model, loss, task, seg_loss, inner=InnerSGD(0.5), task_inner=InnerSGD(0.5))
+    parameters = {p.data_ptr() for p in generator.parameters()}
+
+    def run(on: bool) -> tuple[int, torch.Tensor]:
+        generator.checkpoint_blocks = on
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(0 if t.data_ptr() in parameters else t.numel())  # activations only
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            generator(a, b)
+        result, _ = meta.hypergradient(batch, batch)
+        return sum(sizes), torch.cat([grad.flatten() for grad in result.grads])
+
+    saved_plain, plain = run(False)
+    saved_checkpointed, checkpointed = run(True)
+    assert saved_checkpointed < saved_plain / 5
+    assert plain.norm() > 0
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()))
 
 
 def test_a_unet_generator_learns_in_the_meta_phase(tmp_path: Path) -> None:

@@ -526,11 +526,18 @@ class LossGenerator(nn.Module):
         self.out3 = nn.Conv2d(dim, 2, 3, padding=1, bias=False)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.softmax(self.logits(a, b), dim=1)
+
+    def logits(self, a: Tensor, b: Tensor) -> Tensor:
+        """The maps before the softmax ``(B, 2, H, W)``: ``forward`` is their softmax over the
+        sources. For a generator that adds logits of its own to these (a sum of logits, where
+        ``log(forward(a, b))`` would lose the gradient of a saturated pixel)."""
         c = self.checkpoint_blocks
         a = _run(self.encoder1, self.patch_embed1(a), checkpointed=c)
         b = _run(self.encoder2, self.patch_embed2(b), checkpointed=c)
         out = _run(self.encoder3, torch.cat([a, b], dim=1), checkpointed=c)
-        return torch.softmax(self.out3(self.out2(self.out1(out))), dim=1)
+        logits: Tensor = self.out3(self.out2(self.out1(out)))
+        return logits
 
 
 def load_released_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:

@@ -11,7 +11,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from metaloss import ConstantWeights, GlobalWeights, LearnableLoss
+from metaloss import ConstantWeights, GlobalWeights, LearnableLoss, checkpointed_call
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss
 
 __all__ = [
@@ -67,10 +67,14 @@ class UnetLossGenerator(torch.nn.Module):
     Args:
         encoder: an encoder name of segmentation-models-pytorch.
         depth: encoder levels (each halves the resolution).
+        checkpoint_blocks: recompute the U-Net's activations in each backward pass instead of
+            keeping them (the whole U-Net as one block, ``metaloss.checkpointed_call``), as
+            ``LossGenerator(checkpoint_blocks=True)`` does block by block.
     """
 
-    def __init__(self, encoder: str = "resnet18", depth: int = 3) -> None:
+    def __init__(self, encoder: str = "resnet18", depth: int = 3, checkpoint_blocks: bool = False) -> None:
         super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks
         self.multiple = 2**depth
         self.net = smp.Unet(
             encoder_name=encoder,
@@ -95,16 +99,18 @@ class UnetLossGenerator(torch.nn.Module):
         x = torch.cat([a, b], dim=1)
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        return self.net(x)[..., :h, :w]
+        logits: torch.Tensor = checkpointed_call(self.net, x) if self.checkpoint_blocks else self.net(x)
+        return logits[..., :h, :w]
 
 
 class PerPixelPlusUnetGenerator(torch.nn.Module):
     """The paper's ``LossGenerator`` with a ``UnetLossGenerator``'s logits added before the softmax.
 
-    Returns logits ``log G(a, b) + U(a, b)`` (use with ``weights="softmax"``), so its weights are
-    ``softmax(z + u)`` for the paper's logits ``z``: at first exactly the paper's generator's
-    (``U``'s head starts at zero), and what the U-Net learns (shapes) adds to what the paper's
-    network learns (each pixel and, through its channel attention, each scene as a whole).
+    Returns logits ``z + u``: the paper's logits ``z = G.logits(a, b)`` (before its softmax) plus
+    ``u = U(a, b)`` (use with ``weights="softmax"``), so its weights are ``softmax(z + u)``: at
+    first exactly the paper's generator's (``U``'s head starts at zero), and what the U-Net learns
+    (shapes) adds to what the paper's network learns (each pixel and, through its channel
+    attention, each scene as a whole). ``checkpoint_blocks`` reaches both networks.
     """
 
     def __init__(self) -> None:
@@ -112,8 +118,17 @@ class PerPixelPlusUnetGenerator(torch.nn.Module):
         self.per_pixel = LossGenerator()
         self.unet = UnetLossGenerator()
 
+    @property
+    def checkpoint_blocks(self) -> bool:
+        return self.per_pixel.checkpoint_blocks
+
+    @checkpoint_blocks.setter
+    def checkpoint_blocks(self, value: bool) -> None:
+        self.per_pixel.checkpoint_blocks = self.unet.checkpoint_blocks = value
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.per_pixel(a, b).clamp_min(1e-12)) + self.unet(a, b)
+        logits: torch.Tensor = self.per_pixel.logits(a, b) + self.unet(a, b)
+        return logits
 
 
 def _batch_norms_to_group_norms(module: torch.nn.Module, groups: int = 8) -> None:

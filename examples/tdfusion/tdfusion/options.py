@@ -222,9 +222,9 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
     p.add_argument(
         "--checkpoint-blocks",
         action="store_true",
-        help="F and G recompute each Restormer block in every backward pass instead of keeping its activations "
-        "(ReFusion(checkpoint_blocks=True)); at batch 2 x 256^2 on a CPU a meta step's peak 2.7 GiB against 5.9, "
-        "for 1.25x its time (docs/benchmarks.md)",
+        help="F and G recompute each Restormer block (and G's U-Net, whole) in every backward pass instead of "
+        "keeping its activations (ReFusion(checkpoint_blocks=True)); at batch 2 x 256^2 on a CPU a meta step's "
+        "peak 2.7 GiB against 5.9, for 1.25x its time (docs/benchmarks.md)",
     )
     p.add_argument(
         "--compile-generator",

@@ -17,7 +17,7 @@ from metaloss.fusion import LossGenerator, ReFusion
 
 from ..catalog import DATASETS, load_scenes
 from ..data import FusionDataset, collate, collate_swapped
-from ..networks import build_fusion_network, build_loss
+from ..networks import UnetLossGenerator, build_fusion_network, build_loss
 from ..options import add_training_options
 from ..run_config import write_config
 from ..tasks import TASK_KINDS, StandardizedInput, build_task, median_frequency_weights
@@ -86,7 +86,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
     model = _ddp(build_fusion_network(args.ablation).to(device), device)
     loss = build_loss(args).to(device)
     for network in (*model.modules(), *loss.modules()):
-        if isinstance(network, ReFusion | LossGenerator):
+        if isinstance(network, ReFusion | LossGenerator | UnetLossGenerator):
             network.checkpoint_blocks = args.checkpoint_blocks
     if args.compile_generator:
         loss.generator.compile()
