@@ -67,6 +67,13 @@ def _transposed_attention(
     wide = torch.float64 if dtype == torch.float32 else torch.promote_types(dtype, torch.float32)
     wide = wide if precise else dtype
     q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=heads) for t in (q, k, v))
+    # Channel-major copies: q and k are views into a channels-last qkv map (a pixel's channels
+    # 3C apart), which every product and sum below (and their backward and forward-mode
+    # derivatives) would otherwise read strided or copy again, in float32 and float64. The
+    # values are the same to the bit; measured at 2 x 256^2 on a 2-core CPU: a meta step 13-14%
+    # and a plain one 9-11% faster (docs/benchmarks.md).
+    if not torch.compiler.is_compiling():  # inductor picks its own layouts
+        q, k = q.contiguous(), k.contiguous()
     attn = (_cosine_gram(q, k, wide).to(dtype) * temperature).softmax(dim=-1)
     return rearrange(attn @ v, "b head c (h w) -> b (head c) h w", head=heads, h=h, w=w)
 
