@@ -269,7 +269,8 @@ class MetaStep:
             compiled by ``torch.compile`` (inductor), which fuses the tangent's element-wise
             terms into fewer passes over ``F``'s activations: measured there, a meta iteration
             2.49-2.53x a plain one against 2.67-2.74x with ``"jvp"`` (SegFormer-b0; YOLOv8-n
-            2.56-2.57x against 2.75-2.79x). It compiles on the first meta step and again for
+            2.56-2.57x against 2.75-2.79x; before the training attention's channel-major copies,
+            which took 9-14% off both). It compiles on the first meta step and again for
             each new batch shape (30-40 s for ReFusion on that CPU); inductor's
             ``fallback_random`` keeps the eager call's dropout draws. ``"double_backward"``:
             back-propagates through ``F``'s backward; for a model with an operation that has no

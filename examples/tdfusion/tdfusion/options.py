@@ -231,7 +231,8 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         action="store_true",
         help="compile G in place with torch.compile (faster forward and backward after a compilation on the first "
         "call; checkpoints keep its parameter names; needs a C++ compiler on the CPU). With --second-order "
-        "compiled_jvp: a meta iteration 2.45-2.52x a plain one, against 2.67-2.79x (docs/benchmarks.md)",
+        "compiled_jvp: a meta iteration 2.55-2.62x a plain one, against 2.63-2.72x eagerly, and about a tenth "
+        "less time (docs/benchmarks.md)",
     )
     p.add_argument("--workers", type=at_least(0), default=0, help="data-loader workers")
     p.add_argument("--checkpoint-every", type=at_least(0), default=50, help="also checkpoint every this many steps")
