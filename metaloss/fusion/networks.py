@@ -498,8 +498,9 @@ class LossGenerator(nn.Module):
     """TDFusion's loss generation module ``G``: sources A, B -> weight maps ``(B, 2, H, W)``.
 
     Per source a 3x3 conv and Restormer blocks; concatenated; Restormer blocks at twice the
-    width; 3x3 conv, PReLU, 3x3 conv to 2 channels; Softmax over the 2 channels, so
-    ``w_a + w_b = 1`` at every pixel (use it with ``LearnableLoss(..., weights="given")``).
+    width; 3x3 conv, PReLU, 3x3 conv to 2 channels (``logits(a, b)``); Softmax over the 2
+    channels, so ``w_a + w_b = 1`` at every pixel (use it with ``LearnableLoss(...,
+    weights="given")``).
     Called as ``generator(a, b)`` with ``(B, 1, H, W)`` sources. ``precise_attention`` and
     ``checkpoint_blocks`` as in ``ReFusion``.
 
