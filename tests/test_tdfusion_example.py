@@ -25,6 +25,7 @@ from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, Sources
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss
 from metaloss.fusion.image_io import read_grey, read_ycrcb
 from tests.samples import downsized_pairs, msrs_tree
+from tests.toy import seg_loss
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tdfusion"
 
@@ -467,9 +468,6 @@ def test_checkpoint_blocks_reach_the_unet_generators(name: str) -> None:
     g = torch.Generator().manual_seed(1)
     a, b = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
     batch = {"a": a, "b": b, "target": torch.randint(0, 2, (2, 16, 16), generator=g)}
-
-    def seg_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits, batch["target"])
 
     meta = MetaStep(model, loss, task, seg_loss, inner=InnerSGD(0.5), task_inner=InnerSGD(0.5))
     parameters = {p.data_ptr() for p in generator.parameters()}
