@@ -1,4 +1,5 @@
-"""TDFusion's learned loss against the fixed w = 1/2 loss (ablation I), over several seeds.
+"""TDFusion's learned loss against a fixed loss, over several seeds: w = 1/2 (ablation I, the
+paper's baseline and the default) or infrared only (``--baseline fixed_infrared``).
 
 Each seed runs the demo's two arms (``run.py demo``: procedural scenes with single-camera
 look-alikes, Algorithm 1, then a fresh task network trained on each arm's fused training scenes
@@ -16,6 +17,7 @@ Options after ``--`` go to the demo (``run.py demo --help``), so every setting c
     python benchmarks/learned_vs_fixed.py --seeds 5
     python benchmarks/learned_vs_fixed.py --seeds 5 -- --virtual-step model   # the paper's meta-gradient
     python benchmarks/learned_vs_fixed.py --seeds 5 -- --alpha 1 --warmup-epochs 0 --meta-accumulation 1
+    python benchmarks/learned_vs_fixed.py --seeds 5 --baseline fixed_infrared   # the fixed loss these scenes favour
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tdfus
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tdfusion.cli import build_parser  # noqa: E402
-from tdfusion.commands.demo import run_arms  # noqa: E402
+from tdfusion.commands.demo import ARMS, run_arms  # noqa: E402
 from tdfusion.study import paired_interval  # noqa: E402
 
 
@@ -58,9 +60,16 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="log the meta-gradient's cosine to the oracle per epoch")
     p.add_argument("--out", default=None, help="keep each seed's runs and a results.json here (default: a temp dir)")
     p.add_argument("--threads", type=int, default=2)
+    fixed_arms = [name for name in ARMS if name != "tdfusion"]
+    p.add_argument(
+        "--baseline",
+        choices=fixed_arms,
+        default="fixed_half",
+        help="the fixed loss to compare with: w = 1/2 (the paper's ablation I) or infrared only",
+    )
     p.add_argument(
         "--arm",
-        choices=("both", "tdfusion", "fixed_half"),
+        choices=("both", *ARMS),
         default="both",
         help="run one arm only (several option sets can then share one fixed-arm run per seed; no difference printed)",
     )
@@ -69,7 +78,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = [a for a in args.demo_options if a != "--"]
     out = Path(args.out or tempfile.mkdtemp(prefix="learned_vs_fixed-"))
-    print(f"demo options: {' '.join(extra) or '(defaults)'}; runs in {out}")
+    fixed_arm = args.arm if args.arm in fixed_arms else args.baseline
+    print(f"demo options: {' '.join(extra) or '(defaults)'}; fixed arm: {fixed_arm}; runs in {out}")
     print(
         "\n| seed | TDFusion mIoU | fixed mIoU | difference | w_ir on targets | w_vis on markings "
         "| brighter on markings | w_vis beside markings | w_ir on background, day / night "
@@ -80,7 +90,7 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])
         started = time.time()
-        arms = ("tdfusion", "fixed_half") if args.arm == "both" else (args.arm,)
+        arms = ("tdfusion", args.baseline) if args.arm == "both" else (args.arm,)
         results = run_arms(demo_args, out / f"seed{seed}", probe=args.probe, arms=arms)
         if args.arm != "both":
             arm = results[args.arm]
@@ -93,11 +103,11 @@ def main() -> None:
             )
             rows.append({"seed": seed, "results": results})
             continue
-        ours, base = results["tdfusion"], results["fixed_half"]
+        ours, base = results["tdfusion"], results[args.baseline]
         row = {
             "seed": seed,
             "tdfusion": ours["downstream"]["mIoU"],
-            "fixed_half": base["downstream"]["mIoU"],
+            args.baseline: base["downstream"]["mIoU"],
             "target_infrared": ours["weights_at"]["target_infrared"],
             "marking_visible": ours["weights_at"]["marking_visible"],
             "marking_brighter": ours["weights_at"]["marking_brighter"],
@@ -106,22 +116,24 @@ def main() -> None:
             "results": results,
         }
         rows.append(row)
+        ours_miou, base_miou = row["tdfusion"], row[args.baseline]
         print(
-            f"| {seed} | {row['tdfusion']:.1f} | {row['fixed_half']:.1f} | {row['tdfusion'] - row['fixed_half']:+.1f} "
+            f"| {seed} | {ours_miou:.1f} | {base_miou:.1f} | {ours_miou - base_miou:+.1f} "
             f"| {_weight_cells(ours['weights_at'])} | {row['seconds']:.0f} |",
             flush=True,
         )
         for probe_row in ours.get("probe", []):
             print("    probe " + ", ".join(f"{k} {v:.3f}" for k, v in probe_row.items()), flush=True)
-    (out / "results.json").write_text(json.dumps({"demo_options": extra, "rows": rows}, indent=2, default=float))
+    summary = {"demo_options": extra, "baseline": args.baseline, "rows": rows}
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     if args.arm != "both":
         return
-    diff = [r["tdfusion"] - r["fixed_half"] for r in rows]
+    diff = [r["tdfusion"] - r[args.baseline] for r in rows]
     mean, low, high = paired_interval(diff)
     maps_ok = sum(r["target_infrared"] >= 0.7 and r["marking_visible"] >= 0.7 for r in rows)
     print(
         f"\nmean over {len(rows)} seeds: TDFusion {np.mean([r['tdfusion'] for r in rows]):.1f}, "
-        f"fixed w = 1/2 {np.mean([r['fixed_half'] for r in rows]):.1f} mIoU; paired difference {mean:+.1f} "
+        f"{args.baseline} {np.mean([r[args.baseline] for r in rows]):.1f} mIoU; paired difference {mean:+.1f} "
         f"(95% interval {low:+.1f} to {high:+.1f}); "
         f"w_ir on targets {np.mean([r['target_infrared'] for r in rows]):.2f}, "
         f"w_vis on markings {np.mean([r['marking_visible'] for r in rows]):.2f}; weight bar met on {maps_ok} of "

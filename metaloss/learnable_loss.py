@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -154,30 +155,53 @@ def weight_statistics(weights: Tensor) -> tuple[tuple[float, ...], tuple[float, 
 
 
 class ConstantWeights(nn.Module):
-    """A generator without parameters that gives every source the same weight ``1/K``.
+    """A generator without parameters that gives each source a fixed weight, ``1/K`` by default.
 
-    With it a ``LearnableLoss`` becomes a fixed loss (the paper's ablation I).
+    With it a ``LearnableLoss`` becomes a fixed loss: the paper's ablation I with the default
+    weights, or any fixed weighting of the sources (``weights=(1.0, 0.0)``: the first source only),
+    the baselines a learned loss should beat.
 
     Args:
         num_sources: K.
+        weights: one non-negative weight per source, the same at every pixel, summing to 1 as
+            every weight map does (``check_weight_map``); ``None``: ``1/K`` each.
+
+    Raises:
+        ValueError: if ``num_sources < 2``, or ``weights`` has not K entries, has a negative or
+            non-finite one, or does not sum to 1.
 
     Examples:
         >>> import torch
         >>> ConstantWeights(2)(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))[0, :, 0, 0]
         tensor([0.5000, 0.5000])
+        >>> ConstantWeights(2, weights=(1.0, 0.0))(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))[0, :, 0, 0]
+        tensor([1., 0.])
     """
 
-    def __init__(self, num_sources: int = 2) -> None:
+    def __init__(self, num_sources: int = 2, weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if num_sources < 2:
             raise ValueError(f"num_sources must be >= 2, got {num_sources}")
+        if weights is None:
+            weights = (1.0 / num_sources,) * num_sources
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != num_sources:
+            raise ValueError(f"weights must have one entry per source ({num_sources}), got {len(weights)}: {weights}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"weights must be finite and non-negative, got {weights}")
+        if abs(sum(weights) - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1 (a weight map does), got {weights} (sum {sum(weights)})")
         self.num_sources = num_sources
+        self.weights = weights
 
     def forward(self, *sources: Tensor) -> Tensor:
-        """Return ``(B, K, *spatial)`` filled with ``1/K``."""
+        """Return ``(B, K, *spatial)`` with channel ``k`` filled with ``weights[k]``."""
         ref = sources[0]
-        shape = (ref.shape[0], self.num_sources, *ref.shape[2:])
-        return torch.full(shape, 1.0 / self.num_sources, dtype=ref.dtype, device=ref.device)
+        shape = (ref.shape[0], 1, *ref.shape[2:])
+        return torch.cat([torch.full(shape, w, dtype=ref.dtype, device=ref.device) for w in self.weights], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"num_sources={self.num_sources}, weights={self.weights}"
 
 
 class GlobalWeights(nn.Module):

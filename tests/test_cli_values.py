@@ -25,6 +25,9 @@ BAD_VALUES = [
     (["demo", "--device", "gpu"], "--device"),
     (["train", "--dataset", "folders"], "--dataset"),
     (["fuse", "--weights", "w.onnx", "--a", "a", "--b", "b", "--backend", "onnxruntime", "--bf16"], "--bf16"),
+    (["train", "--fixed-weights", "1", "0"], "--fixed-weights"),  # without --ablation I
+    (["train", "--ablation", "I", "--fixed-weights", "0.7", "0.7"], "--fixed-weights"),  # not summing to 1
+    (["train", "--ablation", "I", "--fixed-weights", "-1", "2"], "--fixed-weights"),
 ]
 
 

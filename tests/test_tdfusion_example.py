@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tdfusion.cli import main
+from tdfusion.cli import build_parser, main
+from tdfusion.commands.train import config_parser
 from tdfusion.data import FusionDataset, SceneList, collate
 from tdfusion.datasets import msrs_files
-from tdfusion.networks import PerPixelPlusUnetGenerator, UnetLossGenerator, load_fusion_network
+from tdfusion.networks import PerPixelPlusUnetGenerator, UnetLossGenerator, build_loss, load_fusion_network
 from tdfusion.reports import write_demo_summary
+from tdfusion.run_config import expand_config
 from tdfusion.tasks import TaskName, build_task
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter
@@ -324,10 +326,11 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     )
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())  # the last line is the report folder
     results = json.loads((out / "metrics.json").read_text())
-    assert set(results) == {"tdfusion", "fixed_half", "convention", "task_net", "virtual_step", "generator"}
+    arms = {"tdfusion", "fixed_half", "fixed_infrared"}
+    assert set(results) == arms | {"convention", "task_net", "virtual_step", "generator"}
     assert results["virtual_step"] == "output"  # the demo's default: a virtual step of the fused image
     assert results["generator"] == "per_pixel"  # the paper's G
-    for arm in ("tdfusion", "fixed_half"):
+    for arm in arms:
         assert set(results[arm]["fusion_metrics"]) == {"EN", "SF", "SCD", "VIF", "Qabf", "SSIM"}
         downstream = results[arm]["downstream"]
         assert 0 <= downstream["mIoU"] <= 100 and "background" in downstream["per_class"]
@@ -336,9 +339,11 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     assert (out / "tdfusion" / "logs" / "meta.csv").is_file()  # the meta phase ran
     weights = results["tdfusion"]["weights_at"]
     assert all(0 <= weights[k] <= 1 for k in ("target_infrared", "marking_visible", "marking_brighter"))
-    assert "weights_at" not in results["fixed_half"]
+    assert "weights_at" not in results["fixed_half"] and "weights_at" not in results["fixed_infrared"]
     summary = (out / "summary.md").read_text()
     assert "Verdict" in summary and "fixed w = 1/2" in summary and f"{weights['target_infrared']:.2f}" in summary
+    assert f"| **mIoU** | **{results['tdfusion']['downstream']['mIoU']:.1f}** |" in summary
+    assert f"against {results['fixed_infrared']['downstream']['mIoU']:.1f} mIoU" in summary  # the infrared-only arm
     assert f"| the brighter source on markings | {weights['marking_brighter']:.2f} |" in summary
     assert "--virtual-step output" in summary  # the report says its meta-gradient is not the paper's
     assert "--generator" not in summary
@@ -381,6 +386,23 @@ def test_ablations_train(tmp_path: Path, ablation: str) -> None:
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["position"] == {"epoch": 1, "phase": "meta", "step": 0}
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["ablation"] == ablation
+
+
+def test_fixed_weights_train_on_the_chosen_source(tmp_path: Path) -> None:
+    """--ablation I --fixed-weights 1 0: the infrared-only baseline; its loss weighs infrared alone,
+    and the run's config.yaml repeats it."""
+    args = ["train", "--quiet", "--ablation", "I", "--fixed-weights", "1", "0", "--epochs", "1"]
+    args += ["--synthetic-train", "4", "--crop", "32", "--task-size", "32", "48"]
+    main([*args, "--out", str(tmp_path / "run")])
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["ablation"] == "I" and config["fixed_weights"] == [1.0, 0.0]
+    argv = expand_config(config_parser(), ["--config", str(tmp_path / "run" / "config.yaml")])
+    parsed = build_parser().parse_args(["train", *argv, "--out", str(tmp_path / "again")])
+    scene = torch.rand(1, 1, 8, 8)
+    weights = build_loss(parsed).weights([scene, scene])
+    assert weights[:, 0].eq(1).all() and weights[:, 1].eq(0).all()
+    default = build_loss(build_parser().parse_args(["train", "--ablation", "I", "--out", "x"])).weights([scene, scene])
+    assert default.eq(0.5).all()
 
 
 def test_a_global_generator_learns_one_weight_per_source(tmp_path: Path) -> None:

@@ -145,6 +145,33 @@ def test_fixed_weights_skip_the_meta_phase() -> None:
     assert trainer.global_step == 2 and trainer.outer_optimizer is None
 
 
+@pytest.mark.parametrize("weights", [None, (1.0, 0.0), (0.0, 1.0), (0.25, 0.75)])
+def test_constant_weights_weigh_each_source_as_given(weights: tuple[float, float] | None) -> None:
+    a, b, fused = torch.rand(2, 1, 6, 6), torch.rand(2, 1, 6, 6), torch.rand(2, 1, 6, 6)
+    w_a, w_b = weights or (0.5, 0.5)
+    loss = LearnableLoss(ConstantWeights(2, weights=weights), {"int": weighted_squared_error}, weights="given")
+    value = loss([a, b], fused).total
+    expected = (w_a * (fused - a) ** 2 + w_b * (fused - b) ** 2).mean()
+    torch.testing.assert_close(value, expected)
+
+
+@pytest.mark.parametrize(
+    ("num_sources", "weights", "message"),
+    [
+        (1, None, "num_sources"),
+        (2, (1.0,), "one entry per source"),
+        (2, (1.0, -0.5), "non-negative"),
+        (3, (0.5, float("nan"), 0.5), "finite"),
+        (2, (1.0, 1.0), "sum to 1"),
+    ],
+)
+def test_constant_weights_name_a_bad_argument(
+    num_sources: int, weights: tuple[float, ...] | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ConstantWeights(num_sources, weights=weights)
+
+
 def test_empty_and_wrong_data_are_named() -> None:
     fusion, task = SmallFusion(), SmallSegmenter()
     loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})

@@ -81,7 +81,8 @@ def _writable_folder_problem(path: Path) -> str | None:
 
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need several values or the file system: ``--out`` must be a writable folder (or
-    creatable), ``--warmup-epochs`` at most ``--epochs``, ``--bf16`` only with the torch backend.
+    creatable), ``--warmup-epochs`` at most ``--epochs``, ``--bf16`` only with the torch backend,
+    ``--fixed-weights`` only with ``--ablation I`` and summing to 1.
     Calls ``parser.error`` (exit 2)."""
     out = getattr(args, "out", None)
     if out and args.func.__name__ == "export":  # --out is a file
@@ -96,6 +97,11 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --out: {out} {problem}")
     if getattr(args, "bf16", False) and getattr(args, "backend", "torch") == "onnxruntime":
         parser.error("argument --bf16: applies to --backend torch; onnxruntime runs the exported float32 network")
+    fixed = getattr(args, "fixed_weights", None)
+    if fixed is not None and args.ablation != "I":
+        parser.error(f"argument --fixed-weights: applies to --ablation I, not --ablation {args.ablation}")
+    if fixed is not None and abs(sum(fixed) - 1.0) > 1e-6:
+        parser.error(f"argument --fixed-weights: the two weights must sum to 1, got {fixed[0]:g} + {fixed[1]:g}")
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > epochs:
         parser.error(f"argument --warmup-epochs: must be <= --epochs ({epochs}), got {warmup}")

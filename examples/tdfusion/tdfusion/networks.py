@@ -164,7 +164,8 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
     """
     alpha = 0.0 if args.ablation == "II" else args.alpha
     if args.ablation in ("I", "V"):
-        return tdfusion_loss(ConstantWeights(2), form=args.form, alpha=alpha)
+        fixed = getattr(args, "fixed_weights", None) if args.ablation == "I" else None
+        return tdfusion_loss(ConstantWeights(2, weights=fixed), form=args.form, alpha=alpha)
     if args.generator in _LOGIT_GENERATORS:
         return tdfusion_loss(_LOGIT_GENERATORS[args.generator](), form=args.form, alpha=alpha, weights="softmax")
     return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)

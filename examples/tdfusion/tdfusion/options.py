@@ -154,6 +154,16 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         help="; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
     )
     p.add_argument(
+        "--fixed-weights",
+        type=non_negative_float,
+        nargs=2,
+        default=None,
+        metavar=("W_INFRARED", "W_VISIBLE"),
+        help="with --ablation I: the fixed weights of the two sources, summing to 1 (default 0.5 0.5, the "
+        "paper's ablation); 1 0 trains the fusion network on the infrared intensities alone, the fixed "
+        "baseline the demo's scenes favour most (docs/learned-loss-study.md, section 12)",
+    )
+    p.add_argument(
         "--balanced-task-loss",
         action=argparse.BooleanOptionalAction,
         default=False,

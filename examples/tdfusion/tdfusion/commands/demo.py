@@ -1,5 +1,6 @@
-"""``run.py demo`` (the default command): TDFusion against the fixed ``w = 1/2`` loss on the embedded
-procedural scenes, each scored the paper's way; a report folder with the verdict."""
+"""``run.py demo`` (the default command): TDFusion against the fixed ``w = 1/2`` and infrared-only
+losses on the embedded procedural scenes, each scored the paper's way; a report folder with the
+verdict."""
 
 from __future__ import annotations
 
@@ -26,35 +27,48 @@ from ..study import OracleProbe, downstream_miou, fuse_scenes, weights_at
 from ..tasks import TASK_KINDS
 from .train import train
 
-__all__ = ["ARMS", "add_parser", "demo", "run_arms"]
+__all__ = ["ARMS", "DEMO_ARMS", "add_parser", "demo", "run_arms"]
 
-ARMS = (("tdfusion", "none"), ("fixed_half", "I"))
-"""The demo's two arms: the learned loss and the fixed ``w = 1/2`` loss (ablation I)."""
+ARMS: dict[str, tuple[str, tuple[float, float] | None]] = {
+    "tdfusion": ("none", None),
+    "fixed_half": ("I", None),
+    "fixed_infrared": ("I", (1.0, 0.0)),
+}
+"""The arms ``run_arms`` can train, each as its ``--ablation`` and ``--fixed-weights``: the learned
+loss, the fixed ``w = 1/2`` loss (ablation I, the paper's baseline) and the fixed infrared-only
+loss (the fixed loss these scenes favour most: docs/learned-loss-study.md, section 12)."""
+
+DEMO_ARMS = tuple(ARMS)
+"""The arms the demo runs and reports: all three."""
 
 
 def run_arms(
-    args: argparse.Namespace, out: Path, probe: bool = False, arms: Sequence[str] = ("tdfusion", "fixed_half")
+    args: argparse.Namespace, out: Path, probe: bool = False, arms: Sequence[str] = DEMO_ARMS
 ) -> dict[str, Any]:
-    """Train both arms on the procedural scenes and score each the paper's way (section 4.3).
+    """Train the chosen arms on the procedural scenes and score each the paper's way (section 4.3).
 
-    Per arm: train with Algorithm 1 (``--ablation I`` for the fixed arm), fuse the training and
-    test scenes, train a fresh task network on the fused training scenes and score it on the
-    fused test scenes; the six fusion metrics on the test scenes; for the learned arm, where its
-    loss puts its weight (``study.weights_at``) and, with ``probe``, the per-epoch
+    Per arm: train with Algorithm 1 (``--ablation I`` and its fixed weights for a fixed arm), fuse
+    the training and test scenes, train a fresh task network on the fused training scenes and
+    score it on the fused test scenes; the six fusion metrics on the test scenes; for the learned
+    arm, where its loss puts its weight (``study.weights_at``) and, with ``probe``, the per-epoch
     ``study.OracleProbe`` rows. ``arms`` picks the arms to run (by name, from ``ARMS``).
     """
-    unknown = set(arms) - {name for name, _ in ARMS}
+    unknown = set(arms) - set(ARMS)
     if unknown:
-        raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {[name for name, _ in ARMS]}")
+        raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {list(ARMS)}")
     train_scenes = load_scenes(args, "train", "seg")
     test_scenes = load_scenes(args, "test", "seg")
     results: dict[str, Any] = {}
-    for method, ablation in ARMS:
+    for method, (ablation, fixed_weights) in ARMS.items():
         if method not in arms:
             continue
         if not args.quiet:
-            print(f"[demo] training {method}: {ABLATIONS[ablation]}", flush=True)
-        run_args = argparse.Namespace(**{**vars(args), "ablation": ablation, "out": str(out / method), "resume": None})
+            what = ABLATIONS[ablation]
+            if fixed_weights:
+                what = f"fixed w_infrared = {fixed_weights[0]:g}, w_visible = {fixed_weights[1]:g}"
+            print(f"[demo] training {method}: {what}", flush=True)
+        overrides = {"ablation": ablation, "fixed_weights": fixed_weights, "out": str(out / method), "resume": None}
+        run_args = argparse.Namespace(**{**vars(args), **overrides})
         callbacks: list[Any] = []
         if probe and ablation == "none":
             callbacks.append(OracleProbe(_probe_pairs(run_args, train_scenes), test_scenes, out / method / "probe.csv"))
@@ -110,7 +124,7 @@ def _probe_pairs(args: argparse.Namespace, scenes: list[Scene] | SceneList) -> l
 
 
 def demo(args: argparse.Namespace) -> Path:
-    """Train TDFusion and the fixed-weight baseline on procedural scenes; score both; report."""
+    """Train TDFusion and the two fixed-weight baselines on procedural scenes; score each; report."""
     if TASK_KINDS[args.task_net] != "seg":
         raise SystemExit(f"--task-net {args.task_net}: the demo scores segmentation (segformer or unet)")
     if args.dataset != "synthetic":
