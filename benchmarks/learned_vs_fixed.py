@@ -131,10 +131,11 @@ def main() -> None:
     diff = [r["tdfusion"] - r[args.baseline] for r in rows]
     mean, low, high = paired_interval(diff)
     maps_ok = sum(r["target_infrared"] >= 0.7 and r["marking_visible"] >= 0.7 for r in rows)
+    interval = f"95% interval {low:+.1f} to {high:+.1f}" if len(rows) > 1 else "no interval from one seed"
     print(
         f"\nmean over {len(rows)} seeds: TDFusion {np.mean([r['tdfusion'] for r in rows]):.1f}, "
         f"{args.baseline} {np.mean([r[args.baseline] for r in rows]):.1f} mIoU; paired difference {mean:+.1f} "
-        f"(95% interval {low:+.1f} to {high:+.1f}); "
+        f"({interval}); "
         f"w_ir on targets {np.mean([r['target_infrared'] for r in rows]):.2f}, "
         f"w_vis on markings {np.mean([r['marking_visible'] for r in rows]):.2f}; weight bar met on {maps_ok} of "
         f"{len(rows)} seeds; {np.mean([r['seconds'] for r in rows]):.0f} s per seed"
