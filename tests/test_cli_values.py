@@ -28,6 +28,9 @@ BAD_VALUES = [
     (["train", "--fixed-weights", "1", "0"], "--fixed-weights"),  # without --ablation I
     (["train", "--ablation", "I", "--fixed-weights", "0.7", "0.7"], "--fixed-weights"),  # not summing to 1
     (["train", "--ablation", "I", "--fixed-weights", "-1", "2"], "--fixed-weights"),
+    (["train", "--ablation", "I", "--prior-weights", "0.9", "0.1"], "--prior-weights"),  # a fixed loss
+    (["train", "--prior-weights", "0.9", "0.2"], "--prior-weights"),
+    (["train", "--prior-weights", "1", "0"], "--prior-weights"),  # log(0)
 ]
 
 

@@ -18,7 +18,13 @@ from tdfusion.cli import build_parser, main
 from tdfusion.commands.train import config_parser
 from tdfusion.data import FusionDataset, SceneList, collate
 from tdfusion.datasets import msrs_files
-from tdfusion.networks import PerPixelPlusUnetGenerator, UnetLossGenerator, build_loss, load_fusion_network
+from tdfusion.networks import (
+    LogitPrior,
+    PerPixelPlusUnetGenerator,
+    UnetLossGenerator,
+    build_loss,
+    load_fusion_network,
+)
 from tdfusion.reports import write_demo_summary
 from tdfusion.run_config import expand_config
 from tdfusion.tasks import TaskName, build_task
@@ -435,6 +441,31 @@ def test_a_unet_generator_starts_at_one_half_and_weighs_each_scene_alone() -> No
     loss.eval()  # batch statistics would move these by far more than rounding
     assert torch.allclose(together[1:2], alone, atol=1e-4)
     assert torch.allclose(loss.weights([a, b]), together, atol=1e-4)
+
+
+@pytest.mark.parametrize("generator", ["per_pixel", "unet", "per_pixel+unet", "global"])
+def test_prior_weights_start_every_generator_near_them(generator: str, tmp_path: Path) -> None:
+    """--prior-weights 0.95 0.05: the generator's logits plus log(prior), so a generator whose
+    logits start equal (the U-Net's zero head, the global logits) starts at the prior exactly, and
+    the paper's network (alone or with the U-Net) at softmax(its logits + log prior); its
+    parameters get gradients through the prior."""
+    a, b = torch.rand(2, 1, 32, 48), torch.rand(2, 1, 32, 48)
+    argv = ["train", "--generator", generator, "--prior-weights", "0.95", "0.05", "--out", str(tmp_path)]
+    torch.manual_seed(0)
+    loss = build_loss(build_parser().parse_args(argv))
+    assert isinstance(loss.generator, LogitPrior)
+    w = loss.weights([a, b])
+    if generator.startswith("per_pixel"):  # the U-Net's logits start at zero: the paper's network's alone
+        torch.manual_seed(0)
+        z = LossGenerator().logits(a, b)
+        expected = torch.softmax(z + torch.tensor([0.95, 0.05]).log().view(1, 2, 1, 1), dim=1)
+        torch.testing.assert_close(w, expected, atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(w[:, 0], torch.full_like(w[:, 0], 0.95), atol=1e-6, rtol=0)
+    (w[:, 0] * a.squeeze(1)).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.generator.parameters())
+    with pytest.raises(ValueError, match="positive and sum to 1"):
+        LogitPrior(UnetLossGenerator(), (1.0, 0.0))
 
 
 def test_the_paper_generator_plus_a_unet_starts_as_the_paper_generator() -> None:

@@ -82,7 +82,8 @@ def _writable_folder_problem(path: Path) -> str | None:
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need several values or the file system: ``--out`` must be a writable folder (or
     creatable), ``--warmup-epochs`` at most ``--epochs``, ``--bf16`` only with the torch backend,
-    ``--fixed-weights`` only with ``--ablation I`` and summing to 1.
+    ``--fixed-weights`` only with ``--ablation I``, ``--prior-weights`` only with a learned loss, both
+    summing to 1.
     Calls ``parser.error`` (exit 2)."""
     out = getattr(args, "out", None)
     if out and args.func.__name__ == "export":  # --out is a file
@@ -102,6 +103,11 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"argument --fixed-weights: applies to --ablation I, not --ablation {args.ablation}")
     if fixed is not None and abs(sum(fixed) - 1.0) > 1e-6:
         parser.error(f"argument --fixed-weights: the two weights must sum to 1, got {fixed[0]:g} + {fixed[1]:g}")
+    prior = getattr(args, "prior_weights", None)
+    if prior is not None and args.ablation in ("I", "V"):
+        parser.error(f"argument --prior-weights: a fixed loss (--ablation {args.ablation}) has no generator to start")
+    if prior is not None and abs(sum(prior) - 1.0) > 1e-6:
+        parser.error(f"argument --prior-weights: the two weights must sum to 1, got {prior[0]:g} + {prior[1]:g}")
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > epochs:
         parser.error(f"argument --warmup-epochs: must be <= --epochs ({epochs}), got {warmup}")

@@ -17,6 +17,7 @@ from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfu
 __all__ = [
     "ABLATIONS",
     "GENERATORS",
+    "LogitPrior",
     "PerPixelPlusUnetGenerator",
     "UnetLossGenerator",
     "WeightedSumFusion",
@@ -131,6 +132,36 @@ class PerPixelPlusUnetGenerator(torch.nn.Module):
         return logits
 
 
+class LogitPrior(torch.nn.Module):
+    """A loss generator whose weights start near fixed prior weights: its logits plus their logarithms.
+
+    Returns ``z + log(prior)`` (use with ``weights="softmax"``), where ``z`` is the wrapped
+    generator's logits (``LossGenerator.logits`` for the paper's network, the output of a
+    generator that returns logits otherwise), so the weights are ``softmax(z + log prior)``: the
+    prior where ``z`` is equal across sources (a U-Net's zero head at first), moved from there by
+    what ``G`` learns. ``--prior-weights 0.95 0.05`` starts the learned loss near the fixed
+    infrared-only loss and lets it learn where to depart from it (docs/learned-loss-study.md,
+    section 12).
+
+    Args:
+        generator: the loss generator (``LossGenerator`` or one that returns logits).
+        prior: one positive weight per source, summing to 1.
+    """
+
+    def __init__(self, generator: torch.nn.Module, prior: tuple[float, ...]) -> None:
+        super().__init__()
+        if any(p <= 0 for p in prior) or abs(sum(prior) - 1.0) > 1e-6:
+            raise ValueError(f"prior weights must be positive and sum to 1, got {prior}")
+        self.generator = generator
+        self.log_prior: torch.Tensor
+        self.register_buffer("log_prior", torch.tensor(prior).log().view(1, -1, 1, 1))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        inner = self.generator
+        logits: torch.Tensor = inner.logits(a, b) if isinstance(inner, LossGenerator) else inner(a, b)
+        return logits + self.log_prior.to(logits.dtype)
+
+
 def _batch_norms_to_group_norms(module: torch.nn.Module, groups: int = 8) -> None:
     for name, child in module.named_children():
         if isinstance(child, torch.nn.BatchNorm2d):
@@ -166,8 +197,11 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
     if args.ablation in ("I", "V"):
         fixed = getattr(args, "fixed_weights", None) if args.ablation == "I" else None
         return tdfusion_loss(ConstantWeights(2, weights=fixed), form=args.form, alpha=alpha)
-    if args.generator in _LOGIT_GENERATORS:
-        return tdfusion_loss(_LOGIT_GENERATORS[args.generator](), form=args.form, alpha=alpha, weights="softmax")
+    prior = getattr(args, "prior_weights", None)
+    if args.generator in _LOGIT_GENERATORS or prior is not None:
+        generator = _LOGIT_GENERATORS[args.generator]() if args.generator in _LOGIT_GENERATORS else LossGenerator()
+        generator = LogitPrior(generator, tuple(prior)) if prior is not None else generator
+        return tdfusion_loss(generator, form=args.form, alpha=alpha, weights="softmax")
     return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)
 
 

@@ -154,6 +154,16 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         help="; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
     )
     p.add_argument(
+        "--prior-weights",
+        type=positive_float,
+        nargs=2,
+        default=None,
+        metavar=("W_INFRARED", "W_VISIBLE"),
+        help="start the learned loss near these weights (summing to 1): G's logits are added to their "
+        "logarithms (tdfusion.networks.LogitPrior); 0.95 0.05 starts near the fixed infrared-only loss "
+        "(default: none, G as the paper has it)",
+    )
+    p.add_argument(
         "--fixed-weights",
         type=non_negative_float,
         nargs=2,
