@@ -27,7 +27,7 @@ from ..study import OracleProbe, downstream_miou, fuse_scenes, weights_at
 from ..tasks import TASK_KINDS
 from .train import train
 
-__all__ = ["ARMS", "DEMO_ARMS", "add_parser", "demo", "run_arms"]
+__all__ = ["ARMS", "add_parser", "demo", "run_arms"]
 
 ARMS: dict[str, tuple[str, tuple[float, float] | None]] = {
     "tdfusion": ("none", None),
@@ -38,12 +38,9 @@ ARMS: dict[str, tuple[str, tuple[float, float] | None]] = {
 loss, the fixed ``w = 1/2`` loss (ablation I, the paper's baseline) and the fixed infrared-only
 loss (the fixed loss these scenes favour most: docs/learned-loss-study.md, section 12)."""
 
-DEMO_ARMS = tuple(ARMS)
-"""The arms the demo runs and reports: all three."""
-
 
 def run_arms(
-    args: argparse.Namespace, out: Path, probe: bool = False, arms: Sequence[str] = DEMO_ARMS
+    args: argparse.Namespace, out: Path, probe: bool = False, arms: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Train the chosen arms on the procedural scenes and score each the paper's way (section 4.3).
 
@@ -51,8 +48,10 @@ def run_arms(
     the training and test scenes, train a fresh task network on the fused training scenes and
     score it on the fused test scenes; the six fusion metrics on the test scenes; for the learned
     arm, where its loss puts its weight (``study.weights_at``) and, with ``probe``, the per-epoch
-    ``study.OracleProbe`` rows. ``arms`` picks the arms to run (by name, from ``ARMS``).
+    ``study.OracleProbe`` rows. ``arms`` picks the arms to run (by name, from ``ARMS``; ``None``:
+    all of them, as the demo runs).
     """
+    arms = list(ARMS) if arms is None else arms
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {list(ARMS)}")
