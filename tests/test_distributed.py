@@ -8,8 +8,8 @@ samples, and resume from a checkpoint bit for bit on every rank.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,35 +55,44 @@ def _spawn(fn: Callable[[int, str, str], None], tmp_path: Path, prefix: str) -> 
     return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(WORLD)]
 
 
-@contextlib.contextmanager
-def _process_group(rank: int, init_file: str) -> Iterator[None]:
-    """This rank in a gloo group of WORLD; on success every rank waits for the others before
-    the group is torn down (a rank leaving while gloo still talks to it aborts the process)."""
+def _in_process_group(rank: int, init_file: str, work: Callable[[], None]) -> None:
+    """Run ``work()`` as this rank of a gloo group of WORLD, then tear the group down cleanly.
+
+    Two orders matter at teardown: every rank waits at a barrier for the others before leaving (a
+    rank leaving while gloo still talks to it aborts the process), and ``work``'s objects, its
+    DistributedDataParallel wrappers with their reducers among them, are freed before the group
+    is destroyed, not at interpreter exit after it (one fresh-clone CI run aborted in a rank with
+    "terminate called without an active exception" while they outlived the group).
+    """
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        yield
+        work()
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
-    with _process_group(rank, init_file):
-        torch.set_num_threads(1)
-        fusion, loss, task = _parts()
-        meta = MetaStep(
-            DistributedDataParallel(fusion),
-            loss,
-            DistributedDataParallel(task),
-            seg_loss,
-            outer_optimizer=torch.optim.SGD(loss.parameters(), lr=OUTER_LR),
-            inner=InnerSGD(0.1),
-            task_inner=InnerSGD(0.1),
-        )
-        fusion_before = {k: v.clone() for k, v in fusion.state_dict().items()}
-        meta.step(_batch(10 + rank), _batch(20 + rank))
-        unchanged = all(torch.equal(v, fusion.state_dict()[k]) for k, v in fusion_before.items())
-        torch.save({"loss": loss.state_dict(), "fusion_unchanged": unchanged}, Path(out_dir) / f"rank{rank}.pt")
+    _in_process_group(rank, init_file, lambda: _meta_step_work(rank, out_dir))
+
+
+def _meta_step_work(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    fusion, loss, task = _parts()
+    meta = MetaStep(
+        DistributedDataParallel(fusion),
+        loss,
+        DistributedDataParallel(task),
+        seg_loss,
+        outer_optimizer=torch.optim.SGD(loss.parameters(), lr=OUTER_LR),
+        inner=InnerSGD(0.1),
+        task_inner=InnerSGD(0.1),
+    )
+    fusion_before = {k: v.clone() for k, v in fusion.state_dict().items()}
+    meta.step(_batch(10 + rank), _batch(20 + rank))
+    unchanged = all(torch.equal(v, fusion.state_dict()[k]) for k, v in fusion_before.items())
+    torch.save({"loss": loss.state_dict(), "fusion_unchanged": unchanged}, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
@@ -130,21 +139,24 @@ def _state(trainer: MetaTrainer) -> dict[str, Tensor]:
 
 
 def _trainer_rank(rank: int, init_file: str, out_dir: str) -> None:
-    with _process_group(rank, init_file):
-        torch.set_num_threads(1)
-        out = Path(out_dir)
-        full = _ddp_trainer(out / "full")
-        full.fit()
-        cut = _ddp_trainer(out / "cut")
-        cut.fit(max_steps=5)  # mid meta phase of the second epoch
-        torch.manual_seed(100 + rank)  # the resumed processes start from other RNG states
-        resumed = _ddp_trainer(out / "cut")
-        resumed.fit(resume=out / "cut" / "last.pt")
-        meta_train, meta_test, order = full._orders(0)
-        torch.save(
-            {"full": _state(full), "resumed": _state(resumed), "orders": (meta_train, meta_test, order)},
-            out / f"trainer{rank}.pt",
-        )
+    _in_process_group(rank, init_file, lambda: _trainer_work(rank, out_dir))
+
+
+def _trainer_work(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    full = _ddp_trainer(out / "full")
+    full.fit()
+    cut = _ddp_trainer(out / "cut")
+    cut.fit(max_steps=5)  # mid meta phase of the second epoch
+    torch.manual_seed(100 + rank)  # the resumed processes start from other RNG states
+    resumed = _ddp_trainer(out / "cut")
+    resumed.fit(resume=out / "cut" / "last.pt")
+    meta_train, meta_test, order = full._orders(0)
+    torch.save(
+        {"full": _state(full), "resumed": _state(resumed), "orders": (meta_train, meta_test, order)},
+        out / f"trainer{rank}.pt",
+    )
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
