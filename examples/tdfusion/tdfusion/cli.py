@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .cli_values import check_paths
 from .commands import COMMANDS
-from .commands.train import config_parser
+from .commands.train import config_parser, leave_process_group
 from .run_config import expand_config
 
 __all__ = ["build_parser", "main"]
@@ -48,3 +48,5 @@ def main(argv: list[str] | None = None) -> None:
     result = args.func(args)
     if isinstance(result, Path):
         print(result.resolve())
+    del result  # a trainer's DDP wrappers go before the process group they talk through
+    leave_process_group()
