@@ -98,16 +98,15 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --out: {out} {problem}")
     if getattr(args, "bf16", False) and getattr(args, "backend", "torch") == "onnxruntime":
         parser.error("argument --bf16: applies to --backend torch; onnxruntime runs the exported float32 network")
-    fixed = getattr(args, "fixed_weights", None)
-    if fixed is not None and args.ablation != "I":
+    if getattr(args, "fixed_weights", None) is not None and args.ablation != "I":
         parser.error(f"argument --fixed-weights: applies to --ablation I, not --ablation {args.ablation}")
-    if fixed is not None and abs(sum(fixed) - 1.0) > 1e-6:
-        parser.error(f"argument --fixed-weights: the two weights must sum to 1, got {fixed[0]:g} + {fixed[1]:g}")
-    prior = getattr(args, "prior_weights", None)
-    if prior is not None and args.ablation in ("I", "V"):
+    if getattr(args, "prior_weights", None) is not None and args.ablation in ("I", "V"):
         parser.error(f"argument --prior-weights: a fixed loss (--ablation {args.ablation}) has no generator to start")
-    if prior is not None and abs(sum(prior) - 1.0) > 1e-6:
-        parser.error(f"argument --prior-weights: the two weights must sum to 1, got {prior[0]:g} + {prior[1]:g}")
+    for dest in ("fixed_weights", "prior_weights"):
+        pair = getattr(args, dest, None)
+        if pair is not None and abs(sum(pair) - 1.0) > 1e-6:
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"argument {flag}: the two weights must sum to 1, got {pair[0]:g} + {pair[1]:g}")
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > epochs:
         parser.error(f"argument --warmup-epochs: must be <= --epochs ({epochs}), got {warmup}")

@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable
+from typing import Literal
 
 import segmentation_models_pytorch as smp
 import torch
@@ -197,12 +198,16 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
     if args.ablation in ("I", "V"):
         fixed = getattr(args, "fixed_weights", None) if args.ablation == "I" else None
         return tdfusion_loss(ConstantWeights(2, weights=fixed), form=args.form, alpha=alpha)
+    generator: torch.nn.Module
+    weights: Literal["softmax", "given"]
+    if args.generator in _LOGIT_GENERATORS:
+        generator, weights = _LOGIT_GENERATORS[args.generator](), "softmax"
+    else:
+        generator, weights = LossGenerator(), "given"
     prior = getattr(args, "prior_weights", None)
-    if args.generator in _LOGIT_GENERATORS or prior is not None:
-        generator = _LOGIT_GENERATORS[args.generator]() if args.generator in _LOGIT_GENERATORS else LossGenerator()
-        generator = LogitPrior(generator, tuple(prior)) if prior is not None else generator
-        return tdfusion_loss(generator, form=args.form, alpha=alpha, weights="softmax")
-    return tdfusion_loss(LossGenerator(), form=args.form, alpha=alpha)
+    if prior is not None:
+        generator, weights = LogitPrior(generator, tuple(prior)), "softmax"
+    return tdfusion_loss(generator, form=args.form, alpha=alpha, weights=weights)
 
 
 def load_fusion_network(path: str | os.PathLike[str]) -> torch.nn.Module:
