@@ -5,6 +5,7 @@ The core never requires a process group: with none initialised every helper is t
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["all_gather_objects", "all_reduce_mean", "rank_and_world_size", "unwrap"]
+__all__ = ["all_gather_objects", "all_reduce_mean", "leave_process_group", "rank_and_world_size", "unwrap"]
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -69,3 +70,21 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def leave_process_group() -> None:
+    """The end of a distributed run: every rank waits for the others, then leaves the group
+    (nothing without a process group).
+
+    Call it once your DistributedDataParallel wrappers are dropped: what is no longer reachable
+    is collected first, so their reducers are freed before the group they talk through rather
+    than at interpreter exit after it, and no rank exits while gloo's threads still talk to it
+    (either order aborted a gloo rank at exit: "terminate called without an active exception").
+
+    Examples:
+        >>> leave_process_group()  # one process, no group: nothing to leave
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()

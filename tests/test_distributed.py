@@ -8,7 +8,6 @@ samples, and resume from a checkpoint bit for bit on every rank.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from metaloss import InnerSGD, LearnableLoss, MetaStep, MetaTrainer, MetaTrainerConfig
-from metaloss.distributed import unwrap
+from metaloss.distributed import leave_process_group, unwrap
 from tests.toy import (
     InformativeSource,
     SmallFusion,
@@ -56,21 +55,16 @@ def _spawn(fn: Callable[[int, str, str], None], tmp_path: Path, prefix: str) -> 
 
 
 def _in_process_group(rank: int, init_file: str, work: Callable[[], None]) -> None:
-    """Run ``work()`` as this rank of a gloo group of WORLD, then tear the group down cleanly.
-
-    Two orders matter at teardown: every rank waits at a barrier for the others before leaving (a
-    rank leaving while gloo still talks to it aborts the process), and ``work``'s objects, its
-    DistributedDataParallel wrappers with their reducers among them, are freed before the group
-    is destroyed, not at interpreter exit after it (one fresh-clone CI run aborted in a rank with
-    "terminate called without an active exception" while they outlived the group).
-    """
+    """Run ``work()`` as this rank of a gloo group of WORLD, then leave the group cleanly
+    (``leave_process_group``) once ``work``'s objects, its DistributedDataParallel wrappers among
+    them, are out of scope; on a failure, destroy the group without waiting for the others."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         work()
-        gc.collect()
-        dist.barrier()
+        leave_process_group()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _rank(rank: int, init_file: str, out_dir: str) -> None:

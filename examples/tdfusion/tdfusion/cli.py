@@ -13,9 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+from metaloss.distributed import leave_process_group
+
 from .cli_values import check_paths
 from .commands import COMMANDS
-from .commands.train import config_parser, leave_process_group
+from .commands.train import config_parser
 from .run_config import expand_config
 
 __all__ = ["build_parser", "main"]

@@ -4,7 +4,6 @@ every rank trains its shard with F and T in DistributedDataParallel."""
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from ..run_config import write_config
 from ..tasks import TASK_KINDS, StandardizedInput, build_task, median_frequency_weights
 from .check_data import check_training_data
 
-__all__ = ["add_parser", "build_trainer", "config_parser", "leave_process_group", "train"]
+__all__ = ["add_parser", "build_trainer", "config_parser", "train"]
 
 
 def _join_process_group(device: torch.device) -> torch.device:
@@ -175,21 +174,6 @@ def train(args: argparse.Namespace, callbacks: list[Any] | None = None) -> MetaT
         if args.func is train:
             print(f"trained {steps} steps; wrote {out / 'last.pt'}, {out / 'fusion.safetensors'} and {out / 'logs'}")
     return trainer
-
-
-def leave_process_group() -> None:
-    """The end of a command run under ``torchrun``: every rank waits for the others, then leaves
-    the group (nothing outside one).
-
-    Call it once the trainer is dropped: its DistributedDataParallel wrappers are then freed
-    before the group they talk through, not at interpreter exit after it, and no rank exits while
-    gloo's threads still talk to it (either aborted a gloo rank at exit: "terminate called without
-    an active exception").
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gc.collect()
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
