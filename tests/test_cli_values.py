@@ -64,11 +64,3 @@ def test_an_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.Capture
         assert exit_info.value.code == 2
         assert "--out" in capsys.readouterr().err
     assert target.read_text() == "keep me"
-
-
-@pytest.mark.parametrize("command", ["demo", "train", "fuse", "evaluate", "downstream", "check-data"])
-def test_every_command_explains_itself(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
-    assert exit_info.value.code == 0
-    assert "usage:" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -319,7 +320,14 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "--out" in text and len(text.splitlines()) > 5
+    assert text.startswith("usage:") and "--out" in text and len(text.splitlines()) > 5
+    # Each option's entry (its first line starts "  -", its help continues indented) names its
+    # default once at most, and never as None.
+    entries = re.split(r"\n(?=  -)", text.split("options:", 1)[1])
+    for entry in entries:
+        flat = " ".join(entry.split())
+        assert "(default: None)" not in flat, flat
+        assert flat.count("default") <= 1 or "(default:" not in flat, flat
 
 
 def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,17 @@ from .run_config import expand_config
 __all__ = ["build_parser", "main"]
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help, unless its help already names its default
+    or it has none (``None``: the help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (``commands.COMMANDS``), each showing its defaults in ``--help``."""
     parser = argparse.ArgumentParser(
@@ -30,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     for command in COMMANDS:
-        command.add_parser(sub).formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        command.add_parser(sub).formatter_class = _DefaultsHelpFormatter
     return parser
 
 
