@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from timing import median_seconds  # noqa: E402
 
 from metaloss import InnerSGD, MetaStep, MetaTrainer, MetaTrainerConfig, SourcesAdapter  # noqa: E402
 from metaloss.fusion import LossGenerator, ReFusion, tdfusion_loss  # noqa: E402
-from metaloss.meta_step import SECOND_ORDERS, VIRTUAL_STEPS  # noqa: E402
+from metaloss.meta_step import META_STEP_STAGES, SECOND_ORDERS, VIRTUAL_STEPS  # noqa: E402
 
 
 def main() -> None:
@@ -68,6 +69,13 @@ def main() -> None:
         help="compile the loss generator in place (nn.Module.compile) for both iterations, as a user may",
     )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops of one meta step")
+    p.add_argument(
+        "--stages",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile N more meta steps and print the time of each named stage a step (META_STEP_STAGES)",
+    )
     p.add_argument(
         "--trace-memory",
         action="store_true",
@@ -152,6 +160,8 @@ def main() -> None:
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
         print(f"peak RSS         {peak_rss_gib():.2f} GiB")
+    if args.stages:
+        print_stages(meta, batch, args.stages, t_meta, device)
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -162,6 +172,30 @@ def main() -> None:
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60))
+
+
+def print_stages(meta: MetaStep, batch: Any, steps: int, t_meta: float, device: torch.device) -> None:
+    """The time of each named stage of a meta step (``torch.profiler`` ranges), averaged over
+    ``steps`` profiled steps, and its share of a profiled step (``t_meta``: the unprofiled one)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            meta.step(batch, batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        profiled = (time.perf_counter() - started) / steps
+    seconds = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages() if e.key in META_STEP_STAGES}
+    print(
+        f"\nprofiled meta step {profiled:.3f} s ({profiled / t_meta:.2f}x the timed one: the profiler's overhead)\n"
+        "| stage | seconds a profiled step | share of it | what it holds |\n|---|---|---|---|"
+    )
+    for name, what in META_STEP_STAGES.items():
+        if name in seconds:
+            print(f"| {name} | {seconds[name]:.3f} | {seconds[name] / profiled:.0%} | {what} |")
+    print("(forward_product is inside second_order; on a GPU the times are the host's, launch to return)")
 
 
 def trace_memory(meta: MetaStep, model: torch.nn.Module, loss: Any, task_model: torch.nn.Module, batch: Any) -> None:

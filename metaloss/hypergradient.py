@@ -37,6 +37,11 @@ k times on the same inner loss and back-propagate through all of them (Finn et a
 graph of every step stays alive until the outer backward, so time and activation memory grow
 about linearly with k.
 
+Each hypergradient labels its stages for ``torch.profiler`` (``HYPERGRADIENT_STAGES``:
+``record_function`` ranges, which cost nothing measurable when no profiler runs), so a profile or
+a trace of a meta step shows where its time goes (``MetaStep`` adds its own two,
+``meta_step.META_STEP_STAGES``; ``python benchmarks/meta_iteration.py --stages 3`` prints them).
+
 References:
     Liu, Simonyan, Yang, "DARTS: Differentiable Architecture Search", ICLR 2019, eq. (7)-(8).
     Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019.
@@ -58,17 +63,31 @@ import torch.autograd.forward_ad as forward_ad
 import torchopt
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import record_function
 
 __all__ = [
     "HypergradientMode",
     "HypergradientResult",
     "NonFiniteHypergradientError",
+    "HYPERGRADIENT_STAGES",
     "hypergradient",
     "hypergradient_jvp",
 ]
 
 Params = tuple[Tensor, ...]
 HypergradientMode = Literal["exact", "finite_difference", "implicit"]
+
+HYPERGRADIENT_STAGES = {
+    "metaloss.inner_loss": "the inner loss at theta: the model's forward and the learnable loss",
+    "metaloss.inner_gradient": "g = dL_in/dtheta (a backward through the model) and the update to theta'",
+    "metaloss.outer_loss": "L_out(theta'): the updated model and the task model, forward",
+    "metaloss.outer_gradient": "dL_out/dtheta' (a backward through both) and its pull-back through the update",
+    "metaloss.second_order": "the outer gradient carried into the generator (jvp: a forward-mode product "
+    "and a double backward of the loss; exact: a backward through g's graph; finite difference: two "
+    "perturbed inner losses; implicit: conjugate gradients)",
+    "metaloss.forward_product": "the forward-mode product J w of the model (jvp; inside second_order)",
+}
+"""The ``torch.profiler`` ranges a hypergradient records, by name, with what each holds."""
 
 
 class NonFiniteHypergradientError(FloatingPointError):
@@ -201,11 +220,15 @@ def hypergradient(
     if mode == "exact":
         losses, new_params = [], params
         for _ in range(steps):
-            losses.append(inner_loss(new_params))
-            new_params = update(new_params, _grad(losses[-1], new_params, create_graph=True))
+            with record_function("metaloss.inner_loss"):
+                losses.append(inner_loss(new_params))
+            with record_function("metaloss.inner_gradient"):
+                new_params = update(new_params, _grad(losses[-1], new_params, create_graph=True))
         l_in = losses[0]
-        l_out = outer_loss(new_params)
-        grads = _grad(l_out, wrt)
+        with record_function("metaloss.outer_loss"):
+            l_out = outer_loss(new_params)
+        with record_function("metaloss.second_order"):  # dL_out/dtheta' and on through g's graph
+            grads = _grad(l_out, wrt)
         return HypergradientResult(grads, l_in.detach(), l_out.detach())
     if mode == "implicit":
         return _implicit(inner_loss, update, outer_loss, params, wrt, steps, cg_iterations, ridge)
@@ -216,7 +239,8 @@ def hypergradient(
     if fd_eps <= 0:
         raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
 
-    l_in_graph = inner_loss(params)
+    with record_function("metaloss.inner_loss"):
+        l_in_graph = inner_loss(params)
     l_in = l_in_graph.detach()
     # retain_graph: the weight map's graph to ``wrt`` is shared with the two perturbed losses.
     l_out, w = _update_direction(l_in_graph, params, update, outer_loss, retain_graph=True)
@@ -234,8 +258,9 @@ def hypergradient(
     with torch.no_grad():
         plus = tuple(p.detach() + e * d for p, d in zip(params, w, strict=True))
         minus = tuple(p.detach() - e * d for p, d in zip(params, w, strict=True))
-    difference = (inner_loss(plus) - inner_loss(minus)) / (2 * e)
-    grads = _grad(difference, wrt)
+    with record_function("metaloss.second_order"):
+        difference = (inner_loss(plus) - inner_loss(minus)) / (2 * e)
+        grads = _grad(difference, wrt)
     return HypergradientResult(grads, l_in.detach(), l_out.detach())
 
 
@@ -252,13 +277,16 @@ def _update_direction(
     outer pass. Without it, the graph to ``wrt`` (which ``g`` does not pass through) still
     survives, so a loss built again from the same weight map reaches ``wrt``.
     """
-    g = tuple(x.detach().requires_grad_(True) for x in _grad(l_in, params, retain_graph=retain_graph))
-    with torch.enable_grad():
-        new_params = update(tuple(p.detach() for p in params), g)
+    with record_function("metaloss.inner_gradient"):
+        g = tuple(x.detach().requires_grad_(True) for x in _grad(l_in, params, retain_graph=retain_graph))
+        with torch.enable_grad():
+            new_params = update(tuple(p.detach() for p in params), g)
     theta_new = tuple(p.detach().requires_grad_(True) for p in new_params)
-    l_out = outer_loss(theta_new)
-    v = _grad(l_out, theta_new)
-    return l_out.detach(), _grad(_dot(new_params, v), g)
+    with record_function("metaloss.outer_loss"):
+        l_out = outer_loss(theta_new)
+    with record_function("metaloss.outer_gradient"):
+        v = _grad(l_out, theta_new)
+        return l_out.detach(), _grad(_dot(new_params, v), g)
 
 
 def hypergradient_jvp(
@@ -324,17 +352,31 @@ def hypergradient_jvp(
     """
     wrt = tuple(wrt)
     draws = _RandomDraws(params)
-    y = model(params)
-    l_in_graph = output_loss(y)
+    with record_function("metaloss.inner_loss"):
+        y = model(params)
+        l_in_graph = output_loss(y)
     l_in, y = l_in_graph.detach(), y.detach()
     l_out, w = _update_direction(l_in_graph, params, update, outer_loss, retain_graph=False)
     del l_in_graph
     jacobian_times = product if product is not None else functools.partial(forward_product, model)
+    with record_function("metaloss.second_order"):
+        u = _jacobian_times(jacobian_times, params, w, draws)
+        y.requires_grad_(True)
+        (e,) = torch.autograd.grad(output_loss(y), y, create_graph=True)
+        grads = _grad((e * u.to(e.dtype)).sum(), wrt)
+    return HypergradientResult(grads, l_in, l_out)
+
+
+def _jacobian_times(
+    jacobian_times: Callable[[Params, Params], Tensor], params: Params, w: Params, draws: _RandomDraws
+) -> Tensor:
+    """``jacobian_times(theta, w)`` under the first evaluation's random draws, without a graph."""
     try:  # fused attention kernels have no forward-mode derivative; the composite one has
-        with draws.replayed(), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            with warnings.catch_warnings():  # PyTorch scripts its jvp decompositions on first use
+        with record_function("metaloss.forward_product"), draws.replayed(), torch.no_grad():
+            with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+                # PyTorch scripts its jvp decompositions on first use
                 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-                u = jacobian_times(tuple(p.detach() for p in params), w)
+                return jacobian_times(tuple(p.detach() for p in params), w)
     except (NotImplementedError, RuntimeError) as error:
         if "forward" not in str(error).lower() and "jvp" not in str(error).lower():
             raise
@@ -342,10 +384,6 @@ def hypergradient_jvp(
             f"the model has an operation without a forward-mode derivative ({error}); use the double "
             "backward instead: MetaStep(second_order='double_backward'), or hypergradient(mode='exact')"
         ) from error
-    y.requires_grad_(True)
-    (e,) = torch.autograd.grad(output_loss(y), y, create_graph=True)
-    grads = _grad((e * u.to(e.dtype)).sum(), wrt)
-    return HypergradientResult(grads, l_in, l_out)
 
 
 def forward_product(model: Callable[[Params], Tensor], params: Params, tangents: Params) -> Tensor:
@@ -403,21 +441,26 @@ def _implicit(
     theta = params
     l_in = None
     for _ in range(steps):
-        loss = inner_loss(theta)
+        with record_function("metaloss.inner_loss"):
+            loss = inner_loss(theta)
         l_in = loss.detach() if l_in is None else l_in
-        grads = _grad(loss, theta)
-        with torch.no_grad():
-            theta = tuple(t.detach() for t in update(tuple(x.detach() for x in theta), grads))
+        with record_function("metaloss.inner_gradient"):
+            grads = _grad(loss, theta)
+            with torch.no_grad():
+                theta = tuple(t.detach() for t in update(tuple(x.detach() for x in theta), grads))
         theta = tuple(t.requires_grad_(True) for t in theta)
-    l_out = outer_loss(theta)
-    v = _grad(l_out, theta)
-    g = _grad(inner_loss(theta), theta, create_graph=True)  # its graph reaches wrt through the loss
+    with record_function("metaloss.outer_loss"):
+        l_out = outer_loss(theta)
+    with record_function("metaloss.outer_gradient"):
+        v = _grad(l_out, theta)
+    with record_function("metaloss.second_order"):  # the inner Hessian's solve, then into wrt
+        g = _grad(inner_loss(theta), theta, create_graph=True)  # its graph reaches wrt through the loss
 
-    def hessian_vector(x: Params) -> Params:
-        return _grad(_dot(g, x), theta, retain_graph=True)
+        def hessian_vector(x: Params) -> Params:
+            return _grad(_dot(g, x), theta, retain_graph=True)
 
-    solve = torchopt.linear_solve.solve_cg(ridge=ridge or None, maxiter=cg_iterations)
-    x = tuple(t.detach() for t in solve(hessian_vector, v))
-    grads = tuple(-d for d in _grad(_dot(g, x), wrt))
+        solve = torchopt.linear_solve.solve_cg(ridge=ridge or None, maxiter=cg_iterations)
+        x = tuple(t.detach() for t in solve(hessian_vector, v))
+        grads = tuple(-d for d in _grad(_dot(g, x), wrt))
     assert l_in is not None
     return HypergradientResult(grads, l_in, l_out.detach())

@@ -29,11 +29,13 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import record_function
 
 from metaloss.batch import BatchAdapter, SourcesAdapter
 from metaloss.distributed import all_reduce_mean, rank_and_world_size, unwrap
 from metaloss.grouped_conv import FastGroupedConv
 from metaloss.hypergradient import (
+    HYPERGRADIENT_STAGES,
     HypergradientMode,
     HypergradientResult,
     NonFiniteHypergradientError,
@@ -47,6 +49,7 @@ from metaloss.learnable_loss import LearnableLoss, check_sources, weight_statist
 from metaloss.map_gradient import MAP_GRADIENTS, MapGradient, remove_component, shift_direction
 
 __all__ = [
+    "META_STEP_STAGES",
     "SECOND_ORDERS",
     "VIRTUAL_STEPS",
     "MetaStep",
@@ -68,6 +71,14 @@ SecondOrder = Literal["jvp", "compiled_jvp", "double_backward"]
 backward."""
 SECOND_ORDERS: tuple[SecondOrder, ...] = ("jvp", "compiled_jvp", "double_backward")
 """The ``second_order`` options of ``MetaStep`` and ``MetaTrainerConfig``."""
+
+META_STEP_STAGES = {
+    "metaloss.task_virtual_step": "T' from an ordinary step of the task model on the model's output (eq. 5)",
+    "metaloss.loss_weights": "the loss generator's weight maps of the meta-train sources",
+    **HYPERGRADIENT_STAGES,
+}
+"""The ``torch.profiler`` ranges of a ``MetaStep.hypergradient``, by name, with what each holds:
+its own two and the hypergradient's (``hypergradient.HYPERGRADIENT_STAGES``)."""
 
 TaskLoss = Callable[[Any, Any], Tensor]
 """``task_loss(task_output, batch) -> scalar tensor``: the task model's output and the whole
@@ -451,10 +462,11 @@ class MetaStep:
 
     def _weights(self, sources: Sequence[Tensor]) -> Tensor:
         """The generator's weight map, its activations recomputed in backward if asked."""
-        if not self.activation_checkpointing:
-            return self.loss.weights(sources)
-        weights: Tensor = torch.utils.checkpoint.checkpoint(self.loss.weights, sources, use_reentrant=False)
-        return weights
+        with record_function("metaloss.loss_weights"):
+            if not self.activation_checkpointing:
+                return self.loss.weights(sources)
+            weights: Tensor = torch.utils.checkpoint.checkpoint(self.loss.weights, sources, use_reentrant=False)
+            return weights
 
     def _task_step(self, prediction: Tensor, batch: Any, differentiable: bool) -> tuple[tuple[Tensor, ...], Tensor]:
         """``T'`` from one virtual step of ``T`` on ``prediction`` (``F``'s task view of ``batch``),
@@ -475,10 +487,11 @@ class MetaStep:
     def _task_virtual_step(self, batch: Any) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
         """Step 1: ``T'`` from one ordinary (non-differentiable) step on ``F(batch)``; also returns
         ``T``'s loss before the step and ``F(batch)`` (the task view, detached)."""
-        with torch.no_grad(), self._autocast():
-            # Through the stateless view: a plain call in train mode would update F's buffers.
-            prediction = self._model_view(self._model_view.snapshot(False), *self.adapter.task_model_args(batch))
-        params, value = self._task_step(prediction.detach(), batch, differentiable=False)
+        with record_function("metaloss.task_virtual_step"):
+            with torch.no_grad(), self._autocast():
+                # Through the stateless view: a plain call in train mode would update F's buffers.
+                prediction = self._model_view(self._model_view.snapshot(False), *self.adapter.task_model_args(batch))
+            params, value = self._task_step(prediction.detach(), batch, differentiable=False)
         return params, value, prediction.detach()
 
     def _task_adapted_to(self, theta_new: tuple[Tensor, ...], batch: Any) -> tuple[tuple[Tensor, ...], Tensor]:

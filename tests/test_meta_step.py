@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from metaloss import (
     NonFiniteHypergradientError,
 )
 from metaloss.map_gradient import MAP_GRADIENTS, shift_direction
+from metaloss.meta_step import META_STEP_STAGES
 from tests.toy import SmallFusion, SmallGenerator, SmallSegmenter, seg_loss, weighted_squared_error
 
 
@@ -503,3 +505,39 @@ def test_output_virtual_step_rejects_what_it_cannot_do() -> None:
     )
     with pytest.raises(ValueError, match="task_sources"):
         meta.hypergradient(_batch(1), _batch(2))
+
+
+_FIRST_ORDER = {"metaloss.inner_loss", "metaloss.inner_gradient", "metaloss.outer_loss", "metaloss.outer_gradient"}
+
+
+@pytest.mark.parametrize(
+    ("options", "stages"),
+    [
+        ({}, _FIRST_ORDER | {"metaloss.second_order", "metaloss.forward_product"}),
+        ({"second_order": "double_backward"}, _FIRST_ORDER - {"metaloss.outer_gradient"} | {"metaloss.second_order"}),
+        ({"mode": "finite_difference"}, _FIRST_ORDER | {"metaloss.second_order"}),
+        ({"mode": "implicit"}, _FIRST_ORDER | {"metaloss.second_order"}),
+        ({"virtual_step": "output"}, _FIRST_ORDER - {"metaloss.outer_gradient"} | {"metaloss.second_order"}),
+    ],
+    ids=["jvp", "double_backward", "finite_difference", "implicit", "output"],
+)
+def test_a_profiled_meta_step_names_its_stages(options: dict[str, Any], stages: set[str]) -> None:
+    """``torch.profiler`` shows each stage of the meta step as a named range (``META_STEP_STAGES``)."""
+    torch.manual_seed(0)
+    fusion, task = SmallFusion(), SmallSegmenter()
+    loss = LearnableLoss(SmallGenerator(), {"int": weighted_squared_error})
+    meta = MetaStep(
+        fusion,
+        loss,
+        task,
+        seg_loss,
+        outer_optimizer=torch.optim.Adam(loss.parameters(), lr=1e-2),
+        inner=InnerSGD(lr=0.1),
+        task_inner=InnerSGD(lr=0.1),
+        **options,
+    )
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        meta.step(_batch(1), _batch(2))
+    names = {event.key for event in profile.key_averages() if event.key.startswith("metaloss.")}
+    assert names == stages | {"metaloss.task_virtual_step", "metaloss.loss_weights"}
+    assert names <= set(META_STEP_STAGES)
