@@ -18,6 +18,7 @@ Options after ``--`` go to the demo (``run.py demo --help``), so every setting c
     python benchmarks/learned_vs_fixed.py --seeds 5 -- --virtual-step model   # the paper's meta-gradient
     python benchmarks/learned_vs_fixed.py --seeds 5 -- --alpha 1 --warmup-epochs 0 --meta-accumulation 1
     python benchmarks/learned_vs_fixed.py --seeds 5 --baseline fixed_infrared   # the fixed loss these scenes favour
+    python benchmarks/learned_vs_fixed.py --seeds 5 --arm fixed --fixed-weights 0.75 0.25   # any fixed weights
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import torch  # noqa: E402
 from tdfusion.cli import build_parser  # noqa: E402
 from tdfusion.commands.demo import ARMS, run_arms  # noqa: E402
 from tdfusion.study import paired_interval  # noqa: E402
+
+from metaloss import ConstantWeights  # noqa: E402
 
 
 def _weight_cells(weights: dict[str, float]) -> str:
@@ -64,21 +67,42 @@ def main() -> None:
     p.add_argument(
         "--baseline",
         choices=fixed_arms,
-        default="fixed_half",
-        help="the fixed loss to compare with: w = 1/2 (the paper's ablation I) or infrared only",
+        help="the fixed loss to compare with: w = 1/2 (the paper's ablation I, the default) or infrared only",
+    )
+    p.add_argument(
+        "--fixed-weights",
+        type=float,
+        nargs=2,
+        metavar=("W_INFRARED", "W_VISIBLE"),
+        help="the fixed loss to compare with, as the weights of the two sources at every pixel (summing to 1; "
+        "in place of --baseline; the arm is named fixed_W_INFRARED_W_VISIBLE)",
     )
     p.add_argument(
         "--arm",
-        choices=("both", *ARMS),
+        choices=("both", *ARMS, "fixed"),
         default="both",
-        help="run one arm only (several option sets can then share one fixed-arm run per seed; no difference printed)",
+        help="run one arm only (several option sets can then share one fixed-arm run per seed; no difference "
+        "printed); fixed: the baseline alone",
     )
     p.add_argument("demo_options", nargs=argparse.REMAINDER, help="after --: options of run.py demo")
     args = p.parse_args()
+    specs = dict(ARMS)
+    if args.fixed_weights is None:
+        args.baseline = args.baseline or "fixed_half"
+    else:
+        if args.baseline is not None or args.arm in fixed_arms:
+            p.error("--fixed-weights names the fixed arm: give --arm fixed or both, and no --baseline")
+        try:
+            ConstantWeights(2, weights=args.fixed_weights)
+        except ValueError as error:
+            p.error(f"--fixed-weights: {error}")
+        args.baseline = "fixed_{:g}_{:g}".format(*args.fixed_weights)
+        specs[args.baseline] = ("I", tuple(args.fixed_weights))
     torch.set_num_threads(args.threads)
     extra = [a for a in args.demo_options if a != "--"]
     out = Path(args.out or tempfile.mkdtemp(prefix="learned_vs_fixed-"))
-    fixed_arm = args.arm if args.arm in fixed_arms else args.baseline
+    arm = args.baseline if args.arm == "fixed" else args.arm
+    fixed_arm = arm if arm not in ("both", "tdfusion") else args.baseline
     print(f"demo options: {' '.join(extra) or '(defaults)'}; fixed arm: {fixed_arm}; runs in {out}")
     print(
         "\n| seed | TDFusion mIoU | fixed mIoU | difference | w_ir on targets | w_vis on markings "
@@ -90,14 +114,14 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])
         started = time.time()
-        arms = ("tdfusion", args.baseline) if args.arm == "both" else (args.arm,)
-        results = run_arms(demo_args, out / f"seed{seed}", probe=args.probe, arms=arms)
-        if args.arm != "both":
-            arm = results[args.arm]
-            miou = f"{arm['downstream']['mIoU']:.1f}"
-            cells = (miou, "-") if args.arm == "tdfusion" else ("-", miou)
+        names = ("tdfusion", args.baseline) if arm == "both" else (arm,)
+        results = run_arms(demo_args, out / f"seed{seed}", probe=args.probe, arms={n: specs[n] for n in names})
+        if arm != "both":
+            alone = results[arm]
+            miou = f"{alone['downstream']['mIoU']:.1f}"
+            cells = (miou, "-") if arm == "tdfusion" else ("-", miou)
             print(
-                f"| {seed} | {cells[0]} | {cells[1]} | - | {_weight_cells(arm.get('weights_at', {}))} | "
+                f"| {seed} | {cells[0]} | {cells[1]} | - | {_weight_cells(alone.get('weights_at', {}))} | "
                 f"{time.time() - started:.0f} |",
                 flush=True,
             )
@@ -126,7 +150,7 @@ def main() -> None:
             print("    probe " + ", ".join(f"{k} {v:.3f}" for k, v in probe_row.items()), flush=True)
     summary = {"demo_options": extra, "baseline": args.baseline, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
-    if args.arm != "both":
+    if arm != "both":
         return
     diff = [r["tdfusion"] - r[args.baseline] for r in rows]
     mean, low, high = paired_interval(diff)

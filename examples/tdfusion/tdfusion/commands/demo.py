@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,12 @@ from ..study import OracleProbe, downstream_miou, fuse_scenes, weights_at
 from ..tasks import TASK_KINDS
 from .train import train
 
-__all__ = ["ARMS", "add_parser", "demo", "run_arms"]
+__all__ = ["ARMS", "ArmSpec", "add_parser", "demo", "run_arms"]
 
-ARMS: dict[str, tuple[str, tuple[float, float] | None]] = {
+ArmSpec = tuple[str, tuple[float, float] | None]
+"""An arm as its ``--ablation`` and its ``--fixed-weights`` (``None``: the ablation's own)."""
+
+ARMS: dict[str, ArmSpec] = {
     "tdfusion": ("none", None),
     "fixed_half": ("I", None),
     "fixed_infrared": ("I", (1.0, 0.0)),
@@ -40,7 +43,7 @@ loss (the fixed loss these scenes favour most: docs/learned-loss-study.md, secti
 
 
 def run_arms(
-    args: argparse.Namespace, out: Path, probe: bool = False, arms: Sequence[str] | None = None
+    args: argparse.Namespace, out: Path, probe: bool = False, arms: Mapping[str, ArmSpec] | None = None
 ) -> dict[str, Any]:
     """Train the chosen arms on the procedural scenes and score each the paper's way (section 4.3).
 
@@ -48,19 +51,14 @@ def run_arms(
     the training and test scenes, train a fresh task network on the fused training scenes and
     score it on the fused test scenes; the six fusion metrics on the test scenes; for the learned
     arm, where its loss puts its weight (``study.weights_at``) and, with ``probe``, the per-epoch
-    ``study.OracleProbe`` rows. ``arms`` picks the arms to run (by name, from ``ARMS``; ``None``:
-    all of them, as the demo runs).
+    ``study.OracleProbe`` rows. ``arms``: the arms to run, by name (``None``: ``ARMS``, as the
+    demo runs; a subset of it, or a fixed arm of other weights, for the benchmarks).
     """
-    arms = list(ARMS) if arms is None else arms
-    unknown = set(arms) - set(ARMS)
-    if unknown:
-        raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {list(ARMS)}")
+    arms = ARMS if arms is None else arms
     train_scenes = load_scenes(args, "train", "seg")
     test_scenes = load_scenes(args, "test", "seg")
     results: dict[str, Any] = {}
-    for method, (ablation, fixed_weights) in ARMS.items():
-        if method not in arms:
-            continue
+    for method, (ablation, fixed_weights) in arms.items():
         if not args.quiet:
             what = ABLATIONS[ablation]
             if fixed_weights:
