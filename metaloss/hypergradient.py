@@ -66,10 +66,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
 __all__ = [
+    "HYPERGRADIENT_STAGES",
     "HypergradientMode",
     "HypergradientResult",
     "NonFiniteHypergradientError",
-    "HYPERGRADIENT_STAGES",
     "hypergradient",
     "hypergradient_jvp",
 ]
