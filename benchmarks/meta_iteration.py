@@ -163,20 +163,16 @@ def main() -> None:
     if args.stages:
         print_stages(meta, batch, args.stages, t_meta, device)
     if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            meta.step(batch, batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        prof, _ = profiled_steps(meta, batch, 1, device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60))
 
 
-def print_stages(meta: MetaStep, batch: Any, steps: int, t_meta: float, device: torch.device) -> None:
-    """The time of each named stage of a meta step (``torch.profiler`` ranges), averaged over
-    ``steps`` profiled steps, and its share of a profiled step (``t_meta``: the unprofiled one)."""
+def profiled_steps(
+    meta: MetaStep, batch: Any, steps: int, device: torch.device
+) -> tuple[torch.profiler.profile, float]:
+    """``steps`` meta steps under ``torch.profiler`` (CPU, and CUDA on a GPU); the profile and the
+    seconds a profiled step took."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -186,7 +182,14 @@ def print_stages(meta: MetaStep, batch: Any, steps: int, t_meta: float, device: 
             meta.step(batch, batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        profiled = (time.perf_counter() - started) / steps
+        seconds = (time.perf_counter() - started) / steps
+    return prof, seconds
+
+
+def print_stages(meta: MetaStep, batch: Any, steps: int, t_meta: float, device: torch.device) -> None:
+    """The time of each named stage of a meta step (``torch.profiler`` ranges), averaged over
+    ``steps`` profiled steps, and its share of a profiled step (``t_meta``: the unprofiled one)."""
+    prof, profiled = profiled_steps(meta, batch, steps, device)
     seconds = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages() if e.key in META_STEP_STAGES}
     print(
         f"\nprofiled meta step {profiled:.3f} s ({profiled / t_meta:.2f}x the timed one: the profiler's overhead)\n"
