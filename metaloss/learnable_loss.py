@@ -25,6 +25,7 @@ __all__ = [
     "LearnableLoss",
     "LossOutput",
     "LossTerm",
+    "check_source_weights",
     "check_sources",
     "check_weight_map",
     "weight_statistics",
@@ -141,6 +142,42 @@ def check_weight_map(weights: Tensor, sources: Sequence[Tensor], atol: float | N
             )
 
 
+def check_source_weights(
+    weights: Sequence[float], num_sources: int | None = None, *, positive: bool = False, name: str = "weights"
+) -> tuple[float, ...]:
+    """Check fixed per-source weights (one number per source, as a weight map holds at a pixel).
+
+    Args:
+        weights: one weight per source.
+        num_sources: K, if the count is known; ``None`` checks no count.
+        positive: ask for weights above 0 (a logarithm is taken of them) rather than at least 0.
+        name: what the error calls the weights.
+
+    Returns:
+        The weights as a tuple of floats.
+
+    Raises:
+        ValueError: if there are not ``num_sources`` of them, one is not finite, is negative (or
+            not positive, with ``positive``), or they do not sum to 1 (within 1e-6).
+
+    Examples:
+        >>> check_source_weights([0.75, 0.25])
+        (0.75, 0.25)
+        >>> check_source_weights([0.7, 0.7])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: weights must sum to 1 (a weight map does), got (0.7, 0.7) (sum 1.4)
+    """
+    values = tuple(float(w) for w in weights)
+    if num_sources is not None and len(values) != num_sources:
+        raise ValueError(f"{name} must have one entry per source ({num_sources}), got {len(values)}: {values}")
+    if not all(math.isfinite(w) and (w > 0 if positive else w >= 0) for w in values):
+        raise ValueError(f"{name} must be finite and {'positive' if positive else 'non-negative'}, got {values}")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"{name} must sum to 1 (a weight map does), got {values} (sum {sum(values):g})")
+    return values
+
+
 def weight_statistics(weights: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and standard deviation of each source's weight over a ``(B, K, ...)`` weight map.
 
@@ -164,7 +201,7 @@ class ConstantWeights(nn.Module):
     Args:
         num_sources: K.
         weights: one non-negative weight per source, the same at every pixel, summing to 1 as
-            every weight map does (``check_weight_map``); ``None``: ``1/K`` each.
+            every weight map does (``check_source_weights``); ``None``: ``1/K`` each.
 
     Raises:
         ValueError: if ``num_sources < 2``, or ``weights`` has not K entries, has a negative or
@@ -184,15 +221,8 @@ class ConstantWeights(nn.Module):
             raise ValueError(f"num_sources must be >= 2, got {num_sources}")
         if weights is None:
             weights = (1.0 / num_sources,) * num_sources
-        weights = tuple(float(w) for w in weights)
-        if len(weights) != num_sources:
-            raise ValueError(f"weights must have one entry per source ({num_sources}), got {len(weights)}: {weights}")
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"weights must be finite and non-negative, got {weights}")
-        if abs(sum(weights) - 1.0) > 1e-6:
-            raise ValueError(f"weights must sum to 1 (a weight map does), got {weights} (sum {sum(weights)})")
         self.num_sources = num_sources
-        self.weights = weights
+        self.weights = check_source_weights(weights, num_sources)
 
     def forward(self, *sources: Tensor) -> Tensor:
         """Return ``(B, K, *spatial)`` with channel ``k`` filled with ``weights[k]``."""

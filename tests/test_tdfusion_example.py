@@ -472,7 +472,7 @@ def test_prior_weights_start_every_generator_near_them(generator: str, tmp_path:
         torch.testing.assert_close(w[:, 0], torch.full_like(w[:, 0], 0.95), atol=1e-6, rtol=0)
     (w[:, 0] * a.squeeze(1)).mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.generator.parameters())
-    with pytest.raises(ValueError, match="positive and sum to 1"):
+    with pytest.raises(ValueError, match="prior weights must be finite and positive"):
         LogitPrior(UnetLossGenerator(), (1.0, 0.0))
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from metaloss.learnable_loss import check_source_weights
+
 __all__ = ["at_least", "check_paths", "device", "positive_float", "non_negative_float"]
 
 
@@ -102,11 +104,13 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"argument --fixed-weights: applies to --ablation I, not --ablation {args.ablation}")
     if getattr(args, "prior_weights", None) is not None and args.ablation in ("I", "V"):
         parser.error(f"argument --prior-weights: a fixed loss (--ablation {args.ablation}) has no generator to start")
-    for dest in ("fixed_weights", "prior_weights"):
+    for dest, positive in (("fixed_weights", False), ("prior_weights", True)):
         pair = getattr(args, dest, None)
-        if pair is not None and abs(sum(pair) - 1.0) > 1e-6:
-            flag = "--" + dest.replace("_", "-")
-            parser.error(f"argument {flag}: the two weights must sum to 1, got {pair[0]:g} + {pair[1]:g}")
+        if pair is not None:
+            try:
+                check_source_weights(pair, 2, positive=positive, name="the two weights")
+            except ValueError as error:
+                parser.error(f"argument --{dest.replace('_', '-')}: {error}")
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > epochs:
         parser.error(f"argument --warmup-epochs: must be <= --epochs ({epochs}), got {warmup}")

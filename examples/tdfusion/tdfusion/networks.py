@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from metaloss import ConstantWeights, GlobalWeights, LearnableLoss, checkpointed_call
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss
+from metaloss.learnable_loss import check_source_weights
 
 __all__ = [
     "ABLATIONS",
@@ -151,8 +152,7 @@ class LogitPrior(torch.nn.Module):
 
     def __init__(self, generator: torch.nn.Module, prior: tuple[float, ...]) -> None:
         super().__init__()
-        if any(p <= 0 for p in prior) or abs(sum(prior) - 1.0) > 1e-6:
-            raise ValueError(f"prior weights must be positive and sum to 1, got {prior}")
+        prior = check_source_weights(prior, positive=True, name="prior weights")
         self.generator = generator
         self.log_prior: torch.Tensor
         self.register_buffer("log_prior", torch.tensor(prior).log().view(1, -1, 1, 1))
