@@ -254,6 +254,54 @@ def test_refusion_under_bf16_autocast_uses_dense_gates(monkeypatch: pytest.Monke
     assert torch.equal(ours, reference)
 
 
+def test_channel_major_copy_of_qkv_is_the_same_map() -> None:
+    """The graph path's channel-major copy of a channels-last ``qkv`` map: the same values,
+    contiguous, and gradients and tangents passed through as ``Tensor.contiguous`` passes them
+    (first and second order); a map without a graph, or already channel-major, is left as it is."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 61, 67, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert networks._channel_major_where_recorded(x) is x  # no graph recorded
+    x.requires_grad_(True)
+    y = networks._channel_major_where_recorded(x)
+    assert y is not x and y.is_contiguous() and torch.equal(y, x)
+    assert networks._channel_major_where_recorded(y) is y  # already channel-major
+    small = x.detach()[:, :3, :5, :4].contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    squared = lambda t: networks._channel_major_where_recorded(t) ** 2  # noqa: E731
+    assert torch.autograd.gradcheck(squared, (small,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(squared, (small,))
+
+
+@pytest.mark.parametrize("network", ["ReFusion", "LossGenerator"])
+def test_channel_major_qkv_leaves_training_bit_for_bit(network: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a graph recorded, the attention's ``qkv`` maps are copied channel-major whole (a speed
+    choice): the outputs and every parameter's gradient are those of the per-head copies, to the bit."""
+    torch.manual_seed(5)
+    model = ReFusion() if network == "ReFusion" else LossGenerator()
+    a, b = torch.rand(2, 1, 40, 48), torch.rand(2, 1, 40, 48)
+    inputs = (torch.cat([a, b], 1),) if network == "ReFusion" else (a, b)
+    copied: list[bool] = []
+    transpose = networks._ChannelMajor.apply
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        copied.append(True)
+        out: torch.Tensor = transpose(x)
+        return out
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = model(*inputs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    monkeypatch.setattr(networks._ChannelMajor, "apply", recording)
+    ours = step()
+    monkeypatch.setattr(networks, "_channel_major_where_recorded", lambda qkv: qkv)
+    reference = step()
+    assert copied  # the copy ran
+    assert torch.equal(ours[0], reference[0])
+    assert len(ours[1]) == len(reference[1]) and all(torch.equal(x, y) for x, y in zip(*[ours[1], reference[1]]))
+
+
 @pytest.mark.parametrize("band_rows", [None, 7], ids=["one-band", "bands-of-7-rows"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 def test_refusion_infers_what_it_trains_on(

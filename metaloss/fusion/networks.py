@@ -51,6 +51,61 @@ class ChannelLayerNorm(nn.Module):
         return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _records_graph(*tensors: Tensor) -> bool:
+    """Whether an operation on ``tensors`` is recorded for a backward pass."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _channel_major_where_recorded(qkv: Tensor) -> Tensor:
+    """``qkv`` laid out channel-major where a graph is recorded and it is a channels-last map on
+    the CPU; otherwise ``qkv`` itself. The values are the same to the bit.
+
+    The attention's textbook order (the graph path) reads ``q``, ``k`` and ``v`` channel-major.
+    Copied one by one from a channels-last ``qkv`` map, each gathers one value per cache line;
+    copied whole, image by image as 2-D matrix transposes, PyTorch copies in cache-sized blocks:
+    3x less time at 2 x 96 x 256^2 (2 CPU threads; ``docs/benchmarks.md``). Not while
+    ``torch.compile`` traces (inductor picks its own layouts).
+    """
+    if (
+        torch.compiler.is_compiling()
+        or qkv.device.type != "cpu"
+        or qkv.is_contiguous()
+        or not qkv.is_contiguous(memory_format=torch.channels_last)
+        or not _records_graph(qkv)
+    ):
+        return qkv
+    out: Tensor = _ChannelMajor.apply(qkv)
+    return out
+
+
+class _ChannelMajor(torch.autograd.Function):
+    """A channels-last ``(B, C, H, W)`` map copied channel-major, each image as one 2-D transpose
+    (``(H*W, C)`` to ``(C, H*W)``, which ``Tensor.copy_`` runs in cache blocks). Index for index
+    the values are the same, so gradients and tangents pass through unchanged, as for
+    ``Tensor.contiguous``."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        out = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device)
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of a channels-last map
+        for image in range(b):
+            out[image].view(c, h * w).copy_(rows[image].t())
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return tangent
+
+
 def _transposed_attention(
     q: Tensor, k: Tensor, v: Tensor, heads: int, temperature: Tensor, precise: bool = True
 ) -> Tensor:
@@ -67,11 +122,13 @@ def _transposed_attention(
     wide = torch.float64 if dtype == torch.float32 else torch.promote_types(dtype, torch.float32)
     wide = wide if precise else dtype
     q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=heads) for t in (q, k, v))
-    # Channel-major copies: q and k are views into a channels-last qkv map (a pixel's channels
-    # 3C apart), which every product and sum below (and their backward and forward-mode
+    # Channel-major copies: q and k may be views into a channels-last qkv map (a pixel's
+    # channels 3C apart), which every product and sum below (and their backward and forward-mode
     # derivatives) would otherwise read strided or copy again, in float32 and float64. The
     # values are the same to the bit; measured at 2 x 256^2 on a 2-core CPU: a meta step 13-14%
-    # and a plain one 9-11% faster (docs/benchmarks.md).
+    # and a plain one 9-11% faster (docs/benchmarks.md). Where a graph is recorded on the CPU,
+    # the attention modules hand over q, k and v already channel-major
+    # (_channel_major_where_recorded), and these copies only make each batch entry adjacent.
     if not torch.compiler.is_compiling():  # inductor picks its own layouts
         q, k = q.contiguous(), k.contiguous()
     attn = (_cosine_gram(q, k, wide).to(dtype) * temperature).softmax(dim=-1)
@@ -94,8 +151,7 @@ def _projected_attention(
     Where a graph is recorded, exactly that. Where none is (inference), ``_banded_attention``:
     the same value by another order of operations, within float32 rounding of it.
     """
-    tensors = (q, k, v, temperature, weight, residual)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _records_graph(q, k, v, temperature, weight, residual):
         return residual + F.conv2d(_transposed_attention(q, k, v, heads, temperature, precise), weight)
     return _banded_attention(q, k, v, heads, temperature, weight, residual, precise)
 
@@ -246,7 +302,7 @@ def _in_bands(module: nn.Module, *inputs: Tensor) -> bool:
     if torch.compiler.is_compiling() or not worth_banding(inputs[0]):
         return False
     tensors = (*inputs, *module.parameters())
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _records_graph(*tensors):
         return False
     return all(forward_ad.unpack_dual(t).tangent is None for t in tensors)
 
@@ -266,8 +322,7 @@ class TransposedAttention(nn.Module):
     def qkv_of(self, x: Tensor, rows: slice = _ALL) -> Tensor:
         """Queries, keys and values of ``x`` stacked on channels, at its ``rows`` (a band's own
         rows within its halo)."""
-        qkv: Tensor = self.qkv_dwconv(self.qkv(x))[:, :, rows]
-        return qkv
+        return _channel_major_where_recorded(self.qkv_dwconv(self.qkv(x))[:, :, rows])
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + attention(x)``: the residual is added in the same pass at inference."""
@@ -396,8 +451,8 @@ class AdaptiveFusion(nn.Module):
 
     def _qkv_of(self, x1: Tensor, x2: Tensor, rows: slice = _ALL) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Each stream's queries, keys and values, at ``rows`` (a band's own rows within its halo)."""
-        qkv1 = self.qkv1_dwconv(self.qkv1(x1))[:, :, rows].chunk(3, dim=1)
-        qkv2 = self.qkv2_dwconv(self.qkv2(x2))[:, :, rows].chunk(3, dim=1)
+        qkv1 = _channel_major_where_recorded(self.qkv1_dwconv(self.qkv1(x1))[:, :, rows]).chunk(3, dim=1)
+        qkv2 = _channel_major_where_recorded(self.qkv2_dwconv(self.qkv2(x2))[:, :, rows]).chunk(3, dim=1)
         return qkv1, qkv2
 
     def _merge_terms(self, x1: Tensor, x2: Tensor, rows: slice = _ALL) -> tuple[Tensor, Tensor]:
