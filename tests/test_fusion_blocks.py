@@ -299,7 +299,7 @@ def test_channel_major_qkv_leaves_training_bit_for_bit(network: str, monkeypatch
     reference = step()
     assert copied  # the copy ran
     assert torch.equal(ours[0], reference[0])
-    assert len(ours[1]) == len(reference[1]) and all(torch.equal(x, y) for x, y in zip(*[ours[1], reference[1]]))
+    assert all(torch.equal(x, y) for x, y in zip(ours[1], reference[1], strict=True))
 
 
 @pytest.mark.parametrize("band_rows", [None, 7], ids=["one-band", "bands-of-7-rows"])
