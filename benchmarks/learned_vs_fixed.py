@@ -41,7 +41,7 @@ from tdfusion.cli import build_parser  # noqa: E402
 from tdfusion.commands.demo import ARMS, run_arms  # noqa: E402
 from tdfusion.study import paired_interval  # noqa: E402
 
-from metaloss import ConstantWeights  # noqa: E402
+from metaloss.learnable_loss import check_source_weights  # noqa: E402
 
 
 def _weight_cells(weights: dict[str, float]) -> str:
@@ -93,7 +93,7 @@ def main() -> None:
         if args.baseline is not None or args.arm in fixed_arms:
             p.error("--fixed-weights names the fixed arm: give --arm fixed or both, and no --baseline")
         try:
-            ConstantWeights(2, weights=args.fixed_weights)
+            check_source_weights(args.fixed_weights, 2)
         except ValueError as error:
             p.error(f"--fixed-weights: {error}")
         args.baseline = "fixed_{:g}_{:g}".format(*args.fixed_weights)
