@@ -41,11 +41,14 @@ from tdfusion.cli import build_parser  # noqa: E402
 from tdfusion.commands.demo import ARMS, run_arms  # noqa: E402
 from tdfusion.study import paired_interval  # noqa: E402
 
+from metaloss.checkpoint import atomic_path  # noqa: E402
 from metaloss.learnable_loss import check_source_weights  # noqa: E402
 
 
 def _weight_cells(weights: dict[str, float]) -> str:
-    """The table's cells of where the learned loss puts its weight (NaN for an arm without maps)."""
+    """The table's cells of where the learned loss puts its weight ("-" for an arm without maps)."""
+    if not weights:
+        return " | ".join(["-"] * 6)
     nan = float("nan")
     names = ("target_infrared", "marking_visible", "marking_brighter", "marking_surround_visible")
     cells = [f"{weights.get(name, nan):.2f}" for name in names]
@@ -54,6 +57,13 @@ def _weight_cells(weights: dict[str, float]) -> str:
     marking, lookalike = (weights.get(name, nan) for name in ("marking_visible_day", "cold_lookalike_visible_day"))
     cells.append(f"{marking:.2f} / {lookalike:.2f}")
     return " | ".join(cells)
+
+
+def _save(path: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary`` to ``path`` whole or not at all (rewritten after every seed, so an
+    interrupted run keeps the seeds it finished)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2, default=float))
 
 
 def main() -> None:
@@ -111,6 +121,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, Any]] = []
+    summary = {"demo_options": extra, "baseline": args.baseline, "rows": rows}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         demo_args = build_parser().parse_args(["demo", *extra, "--seed", str(seed), "--quiet"])
         started = time.time()
@@ -126,6 +137,7 @@ def main() -> None:
                 flush=True,
             )
             rows.append({"seed": seed, "results": results})
+            _save(out / "results.json", summary)
             continue
         ours, base = results["tdfusion"], results[args.baseline]
         row = {
@@ -140,6 +152,7 @@ def main() -> None:
             "results": results,
         }
         rows.append(row)
+        _save(out / "results.json", summary)
         ours_miou, base_miou = row["tdfusion"], row[args.baseline]
         print(
             f"| {seed} | {ours_miou:.1f} | {base_miou:.1f} | {ours_miou - base_miou:+.1f} "
@@ -148,8 +161,6 @@ def main() -> None:
         )
         for probe_row in ours.get("probe", []):
             print("    probe " + ", ".join(f"{k} {v:.3f}" for k, v in probe_row.items()), flush=True)
-    summary = {"demo_options": extra, "baseline": args.baseline, "rows": rows}
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     if arm != "both":
         return
     diff = [r["tdfusion"] - r[args.baseline] for r in rows]

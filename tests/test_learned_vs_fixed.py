@@ -1,0 +1,70 @@
+"""The seed study (benchmarks/learned_vs_fixed.py), run on tiny demos: its table, its results.json
+and its summary line say the same thing, and a wrong option is refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_vs_fixed.py"
+TINY_DEMO = (
+    "--",
+    *("--epochs", "2", "--warmup-epochs", "1", "--meta-iterations", "1"),
+    *("--synthetic-train", "4", "--synthetic-test", "2", "--task-epochs", "1"),
+    *("--crop", "32", "--task-size", "32", "32"),
+)
+
+
+def _run(*options: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--threads", "1", *options], capture_output=True, text=True, env=env
+    )
+
+
+def _rows(output: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in output.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
+
+
+def test_each_seed_is_a_row_and_results_json_pairs_the_two_arms(tmp_path: Path) -> None:
+    done = _run("--seeds", "2", "--first-seed", "3", "--out", str(tmp_path), *TINY_DEMO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(done.stdout)
+    assert [row[0] for row in rows] == ["3", "4"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["baseline"] == "fixed_half" and "--epochs" in saved["demo_options"]
+    for row, record in zip(rows, saved["rows"], strict=True):
+        ours, fixed, difference = float(row[1]), float(row[2]), float(row[3])
+        assert 0 <= ours <= 100 and 0 <= fixed <= 100
+        assert ours == pytest.approx(record["tdfusion"], abs=0.05)
+        assert fixed == pytest.approx(record["fixed_half"], abs=0.05)
+        assert difference == pytest.approx(record["tdfusion"] - record["fixed_half"], abs=0.05)
+        assert 0 <= float(row[4]) <= 1  # w_ir on targets, from the learned maps
+        assert record["results"]["tdfusion"]["downstream"]["mIoU"] == record["tdfusion"]
+    mean = sum(r["tdfusion"] - r["fixed_half"] for r in saved["rows"]) / 2
+    assert f"paired difference {mean:+.1f} (95% interval" in done.stdout
+
+
+def test_one_arm_alone_leaves_the_weight_cells_empty_and_keeps_its_seeds(tmp_path: Path) -> None:
+    done = _run("--arm", "fixed", "--seeds", "1", "--out", str(tmp_path), *TINY_DEMO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = _rows(done.stdout)
+    assert row[1] == "-" and 0 <= float(row[2]) <= 100 and row[3:9] == ["-"] * 6
+    assert "nan" not in done.stdout
+    (record,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert list(record["results"]) == ["fixed_half"]
+
+
+def test_fixed_weights_that_do_not_sum_to_one_are_refused_by_name() -> None:
+    done = _run("--fixed-weights", "0.6", "0.6")
+    assert done.returncode == 2
+    assert "--fixed-weights:" in done.stderr and "0.6" in done.stderr
