@@ -19,6 +19,13 @@ Options after ``--`` go to the demo (``run.py demo --help``), so every setting c
     python benchmarks/learned_vs_fixed.py --seeds 5 -- --alpha 1 --warmup-epochs 0 --meta-accumulation 1
     python benchmarks/learned_vs_fixed.py --seeds 5 --baseline fixed_infrared   # the fixed loss these scenes favour
     python benchmarks/learned_vs_fixed.py --seeds 5 --arm fixed --fixed-weights 0.75 0.25   # any fixed weights
+
+Runs saved with ``--out`` pair up later, seed by seed, without running anything: ``--compare A B``
+prints run A's arm minus run B's over their common seeds (``DIR:ARM`` picks an arm; by default the
+learned one, or a one-arm run's only arm):
+
+    python benchmarks/learned_vs_fixed.py --compare runs/epochs10 runs/default
+    python benchmarks/learned_vs_fixed.py --compare runs/epochs10 runs/default:fixed_infrared
 """
 
 from __future__ import annotations
@@ -66,6 +73,46 @@ def _save(path: Path, summary: dict[str, Any]) -> None:
         Path(tmp).write_text(json.dumps(summary, indent=2, default=float))
 
 
+def _saved_arm(spec: str) -> tuple[str, dict[int, float]]:
+    """``DIR[:ARM]`` (``DIR`` a ``--out`` folder or its ``results.json``): a label and the arm's
+    downstream mIoU by seed. Raises ``ValueError`` naming the file or the arm that is missing."""
+    folder, _, arm = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    path = Path(folder)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"{spec}: no results.json at {path} (a folder this script wrote with --out)")
+    rows = json.loads(path.read_text())["rows"]
+    arms = sorted({name for row in rows for name in row["results"]})
+    if not arm:
+        arm = "tdfusion" if "tdfusion" in arms or len(arms) != 1 else arms[0]
+    if arm not in arms:
+        raise ValueError(f"{spec}: {path} holds no arm {arm!r}; it holds {arms}")
+    scores = {
+        int(row["seed"]): float(row["results"][arm]["downstream"]["mIoU"]) for row in rows if arm in row["results"]
+    }
+    return f"{folder}:{arm}", scores
+
+
+def compare(first: str, second: str) -> None:
+    """Print ``first``'s arm minus ``second``'s, seed by seed over their common seeds, then the
+    mean difference with its 95% interval and how many seeds are above 0."""
+    (label_a, a), (label_b, b) = _saved_arm(first), _saved_arm(second)
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds:
+        raise ValueError(f"{first} and {second} share no seed (seeds {sorted(a)} and {sorted(b)})")
+    print(f"A = {label_a}, B = {label_b}\n\n| seed | A mIoU | B mIoU | A - B |\n|---|---|---|---|")
+    for seed in seeds:
+        print(f"| {seed} | {a[seed]:.1f} | {b[seed]:.1f} | {a[seed] - b[seed]:+.1f} |")
+    diff = [a[seed] - b[seed] for seed in seeds]
+    mean, low, high = paired_interval(diff)
+    interval = f"95% interval {low:+.1f} to {high:+.1f}" if len(seeds) > 1 else "no interval from one seed"
+    mean_a, mean_b = np.mean([a[seed] for seed in seeds]), np.mean([b[seed] for seed in seeds])
+    print(
+        f"\nover {len(seeds)} common seeds: A {mean_a:.1f}, B {mean_b:.1f} "
+        f"mIoU; paired difference {mean:+.1f} ({interval}); {sum(d > 0 for d in diff)} of {len(seeds)} seeds above 0"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (scenes, networks, sample orders)")
@@ -94,8 +141,20 @@ def main() -> None:
         help="run one arm only (several option sets can then share one fixed-arm run per seed; no difference "
         "printed); fixed: the baseline alone",
     )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="run nothing: pair two saved runs (--out folders, DIR:ARM to pick an arm) by seed and print A - B",
+    )
     p.add_argument("demo_options", nargs=argparse.REMAINDER, help="after --: options of run.py demo")
     args = p.parse_args()
+    if args.compare:
+        try:
+            compare(*args.compare)
+        except ValueError as error:
+            p.error(f"--compare: {error}")
+        return
     specs = dict(ARMS)
     if args.fixed_weights is None:
         args.baseline = args.baseline or "fixed_half"

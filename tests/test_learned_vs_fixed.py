@@ -53,6 +53,14 @@ def test_each_seed_is_a_row_and_results_json_pairs_the_two_arms(tmp_path: Path) 
     mean = sum(r["tdfusion"] - r["fixed_half"] for r in saved["rows"]) / 2
     assert f"paired difference {mean:+.1f} (95% interval" in done.stdout
 
+    # --compare pairs saved arms by seed and says what the run itself said
+    compared = _run("--compare", f"{tmp_path}:tdfusion", f"{tmp_path}:fixed_half")
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert [row[:4] for row in _rows(compared.stdout)] == [row[:4] for row in rows]
+    assert f"paired difference {mean:+.1f} (95% interval" in compared.stdout
+    missing = _run("--compare", str(tmp_path), f"{tmp_path}:fixed_infrared")
+    assert missing.returncode == 2 and "no arm 'fixed_infrared'" in missing.stderr and "fixed_half" in missing.stderr
+
 
 def test_one_arm_alone_leaves_the_weight_cells_empty_and_keeps_its_seeds(tmp_path: Path) -> None:
     done = _run("--arm", "fixed", "--seeds", "1", "--out", str(tmp_path), *TINY_DEMO)
