@@ -22,7 +22,7 @@ Options after ``--`` go to the demo (``run.py demo --help``), so every setting c
 
 Runs saved with ``--out`` pair up later, seed by seed, without running anything: ``--compare A B``
 prints run A's arm minus run B's over their common seeds (``DIR:ARM`` picks an arm; by default the
-learned one, or a one-arm run's only arm):
+learned one, or a one-arm run's only arm; ``DIR1,DIR2`` joins the seeds of several runs):
 
     python benchmarks/learned_vs_fixed.py --compare runs/epochs10 runs/default
     python benchmarks/learned_vs_fixed.py --compare runs/epochs10 runs/default:fixed_infrared
@@ -74,23 +74,29 @@ def _save(path: Path, summary: dict[str, Any]) -> None:
 
 
 def _saved_arm(spec: str) -> tuple[str, dict[int, float]]:
-    """``DIR[:ARM]`` (``DIR`` a ``--out`` folder or its ``results.json``): a label and the arm's
-    downstream mIoU by seed. Raises ``ValueError`` naming the file or the arm that is missing."""
-    folder, _, arm = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    path = Path(folder)
-    path = path / "results.json" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"{spec}: no results.json at {path} (a folder this script wrote with --out)")
-    rows = json.loads(path.read_text())["rows"]
-    arms = sorted({name for row in rows for name in row["results"]})
+    """``DIR[,DIR...][:ARM]`` (each ``DIR`` a ``--out`` folder or its ``results.json``; several
+    folders join their seeds): a label and the arm's downstream mIoU by seed. Raises
+    ``ValueError`` naming the file, the arm or the seed that is wrong."""
+    folders, _, arm = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    rows: list[tuple[Path, dict[str, Any]]] = []
+    for folder in folders.split(","):
+        path = Path(folder)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"{spec}: no results.json at {path} (a folder this script wrote with --out)")
+        rows += [(path, row) for row in json.loads(path.read_text())["rows"]]
+    arms = sorted({name for _, row in rows for name in row["results"]})
     if not arm:
         arm = "tdfusion" if "tdfusion" in arms or len(arms) != 1 else arms[0]
     if arm not in arms:
-        raise ValueError(f"{spec}: {path} holds no arm {arm!r}; it holds {arms}")
-    scores = {
-        int(row["seed"]): float(row["results"][arm]["downstream"]["mIoU"]) for row in rows if arm in row["results"]
-    }
-    return f"{folder}:{arm}", scores
+        raise ValueError(f"{spec}: no run there holds an arm {arm!r}; they hold {arms}")
+    scores: dict[int, float] = {}
+    for path, row in rows:
+        if arm in row["results"]:
+            if int(row["seed"]) in scores:
+                raise ValueError(f"{spec}: seed {row['seed']} is there twice (again in {path})")
+            scores[int(row["seed"])] = float(row["results"][arm]["downstream"]["mIoU"])
+    return f"{folders}:{arm}", scores
 
 
 def compare(first: str, second: str) -> None:
@@ -145,7 +151,8 @@ def main() -> None:
         "--compare",
         nargs=2,
         metavar=("A", "B"),
-        help="run nothing: pair two saved runs (--out folders, DIR:ARM to pick an arm) by seed and print A - B",
+        help="run nothing: pair two saved runs (--out folders; DIR:ARM picks an arm, DIR1,DIR2 joins runs' seeds) "
+        "by seed and print A - B",
     )
     p.add_argument("demo_options", nargs=argparse.REMAINDER, help="after --: options of run.py demo")
     args = p.parse_args()

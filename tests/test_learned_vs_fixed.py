@@ -59,7 +59,9 @@ def test_each_seed_is_a_row_and_results_json_pairs_the_two_arms(tmp_path: Path) 
     assert [row[:4] for row in _rows(compared.stdout)] == [row[:4] for row in rows]
     assert f"paired difference {mean:+.1f} (95% interval" in compared.stdout
     missing = _run("--compare", str(tmp_path), f"{tmp_path}:fixed_infrared")
-    assert missing.returncode == 2 and "no arm 'fixed_infrared'" in missing.stderr and "fixed_half" in missing.stderr
+    assert missing.returncode == 2 and "an arm 'fixed_infrared'" in missing.stderr and "fixed_half" in missing.stderr
+    twice = _run("--compare", f"{tmp_path},{tmp_path}", str(tmp_path))  # joined runs must not repeat a seed
+    assert twice.returncode == 2 and "seed 3 is there twice" in twice.stderr
 
 
 def test_one_arm_alone_leaves_the_weight_cells_empty_and_keeps_its_seeds(tmp_path: Path) -> None:
