@@ -84,7 +84,10 @@ def _saved_arm(spec: str) -> tuple[str, dict[int, float]]:
         path = path / "results.json" if path.is_dir() else path
         if not path.is_file():
             raise ValueError(f"{spec}: no results.json at {path} (a folder this script wrote with --out)")
-        rows += [(path, row) for row in json.loads(path.read_text())["rows"]]
+        try:
+            rows += [(path, row) for row in json.loads(path.read_text())["rows"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{spec}: {path} is not a results.json of this script ({error!r})") from error
     arms = sorted({name for _, row in rows for name in row["results"]})
     if not arm:
         arm = "tdfusion" if "tdfusion" in arms or len(arms) != 1 else arms[0]
