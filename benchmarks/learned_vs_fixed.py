@@ -73,6 +73,13 @@ def _save(path: Path, summary: dict[str, Any]) -> None:
         Path(tmp).write_text(json.dumps(summary, indent=2, default=float))
 
 
+def _paired_difference(diff: list[float]) -> str:
+    """``paired difference M (95% interval L to H)`` of per-seed differences, as both tables end."""
+    mean, low, high = paired_interval(diff)
+    interval = f"95% interval {low:+.1f} to {high:+.1f}" if len(diff) > 1 else "no interval from one seed"
+    return f"paired difference {mean:+.1f} ({interval})"
+
+
 def _saved_arm(spec: str) -> tuple[str, dict[int, float]]:
     """``DIR[,DIR...][:ARM]`` (each ``DIR`` a ``--out`` folder or its ``results.json``; several
     folders join their seeds): a label and the arm's downstream mIoU by seed. Raises
@@ -113,12 +120,10 @@ def compare(first: str, second: str) -> None:
     for seed in seeds:
         print(f"| {seed} | {a[seed]:.1f} | {b[seed]:.1f} | {a[seed] - b[seed]:+.1f} |")
     diff = [a[seed] - b[seed] for seed in seeds]
-    mean, low, high = paired_interval(diff)
-    interval = f"95% interval {low:+.1f} to {high:+.1f}" if len(seeds) > 1 else "no interval from one seed"
     mean_a, mean_b = np.mean([a[seed] for seed in seeds]), np.mean([b[seed] for seed in seeds])
     print(
-        f"\nover {len(seeds)} common seeds: A {mean_a:.1f}, B {mean_b:.1f} "
-        f"mIoU; paired difference {mean:+.1f} ({interval}); {sum(d > 0 for d in diff)} of {len(seeds)} seeds above 0"
+        f"\nover {len(seeds)} common seeds: A {mean_a:.1f}, B {mean_b:.1f} mIoU; {_paired_difference(diff)}; "
+        f"{sum(d > 0 for d in diff)} of {len(seeds)} seeds above 0"
     )
 
 
@@ -233,13 +238,10 @@ def main() -> None:
     if arm != "both":
         return
     diff = [r["tdfusion"] - r[args.baseline] for r in rows]
-    mean, low, high = paired_interval(diff)
     maps_ok = sum(r["target_infrared"] >= 0.7 and r["marking_visible"] >= 0.7 for r in rows)
-    interval = f"95% interval {low:+.1f} to {high:+.1f}" if len(rows) > 1 else "no interval from one seed"
     print(
         f"\nmean over {len(rows)} seeds: TDFusion {np.mean([r['tdfusion'] for r in rows]):.1f}, "
-        f"{args.baseline} {np.mean([r[args.baseline] for r in rows]):.1f} mIoU; paired difference {mean:+.1f} "
-        f"({interval}); "
+        f"{args.baseline} {np.mean([r[args.baseline] for r in rows]):.1f} mIoU; {_paired_difference(diff)}; "
         f"w_ir on targets {np.mean([r['target_infrared'] for r in rows]):.2f}, "
         f"w_vis on markings {np.mean([r['marking_visible'] for r in rows]):.2f}; weight bar met on {maps_ok} of "
         f"{len(rows)} seeds; {np.mean([r['seconds'] for r in rows]):.0f} s per seed"
