@@ -57,6 +57,10 @@ class MetaTrainerConfig:
         warmup_epochs: the first epochs run no meta phase, only ordinary iterations, so that the
             task model's judgement means something when the loss generator starts learning
             (paper: 0).
+        frozen_loss_epochs: the last epochs run no meta phase either: the loss generator keeps
+            the loss it has learned and the model and task model go on training under it
+            (paper: 0). The meta phase runs in epochs ``warmup_epochs`` to
+            ``epochs - frozen_loss_epochs - 1``.
         model_iterations: N, ordinary iterations per epoch; ``None`` is one pass over the data.
         batch_size: samples per batch (paper: 2).
         lr: learning rate of the default Adam optimisers of the model and the task model.
@@ -113,6 +117,7 @@ class MetaTrainerConfig:
     meta_iterations: int = 200
     meta_accumulation: int = 1
     warmup_epochs: int = 0
+    frozen_loss_epochs: int = 0
     model_iterations: int | None = None
     batch_size: int = 2
     lr: float = 1e-4
@@ -150,6 +155,11 @@ class MetaTrainerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if not 0 <= self.frozen_loss_epochs <= self.epochs - self.warmup_epochs:
+            raise ValueError(
+                f"frozen_loss_epochs must be in [0, epochs - warmup_epochs = {self.epochs - self.warmup_epochs}], "
+                f"got {self.frozen_loss_epochs}"
+            )
         if self.meta_iterations < 0:
             raise ValueError(f"meta_iterations must be >= 0, got {self.meta_iterations}")
         if self.model_iterations is not None and self.model_iterations < 0:
@@ -606,7 +616,8 @@ class MetaTrainer:
             epoch = self.position.epoch
             meta_train, meta_test, order = self._orders(epoch)
             if self.position.phase == "meta":
-                steps = cfg.meta_iterations if self.learns_loss and epoch >= cfg.warmup_epochs else 0
+                meta_epoch = cfg.warmup_epochs <= epoch < cfg.epochs - cfg.frozen_loss_epochs
+                steps = cfg.meta_iterations if self.learns_loss and meta_epoch else 0
                 k = cfg.meta_accumulation
                 start = self.position.step * k
                 if cfg.meta_test == "meta_train":

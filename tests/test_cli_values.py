@@ -21,6 +21,7 @@ BAD_VALUES = [
     (["demo", "--meta-accumulation", "0"], "--meta-accumulation"),
     (["demo", "--workers", "-1"], "--workers"),
     (["demo", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
+    (["demo", "--epochs", "3", "--warmup-epochs", "1", "--frozen-loss-epochs", "3"], "--frozen-loss-epochs"),
     (["downstream", "--dataset", "msrs", "--root", "x", "--epochs", "0"], "--epochs"),
     (["demo", "--device", "gpu"], "--device"),
     (["train", "--dataset", "folders"], "--dataset"),

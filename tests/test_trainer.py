@@ -232,7 +232,35 @@ def test_warmup_epochs_run_no_meta_phase_and_accumulation_averages_pairs() -> No
     assert set(counts.epochs) == {1, 2}
 
 
-@pytest.mark.parametrize(("field", "value"), [("meta_accumulation", 0), ("warmup_epochs", -1), ("warmup_epochs", 4)])
-def test_bad_schedule_options_are_named(field: str, value: int) -> None:
-    with pytest.raises(ValueError, match=field):
-        MetaTrainerConfig(epochs=3, **{field: value})  # type: ignore[arg-type]
+def test_frozen_loss_epochs_end_the_meta_phase_and_keep_training_the_model() -> None:
+    dataset = InformativeSource(32, informative="b")
+    trainer = _trainer(dataset, epochs=4, meta_iterations=2, warmup_epochs=1, frozen_loss_epochs=2)
+    counts = _CountingStep(trainer)
+    generator = [p.detach().clone() for p in trainer.loss.parameters()]
+    model_epochs: list[int] = []
+
+    class RecordEpoch:
+        def on_model_step(self, trainer: MetaTrainer, stats: object) -> None:
+            model_epochs.append(trainer.position.epoch)
+
+    trainer.callbacks.append(RecordEpoch())
+    trainer.fit()
+    assert set(counts.epochs) == {1}  # epoch 2 of 4 only: one warm-up epoch, two frozen ones
+    assert counts.outer == 2
+    assert set(model_epochs) == {0, 1, 2, 3}  # the model trains in every epoch
+    assert any(not torch.equal(p, q) for p, q in zip(generator, trainer.loss.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"meta_accumulation": 0}, "meta_accumulation"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"warmup_epochs": 4}, "warmup_epochs"),
+        ({"frozen_loss_epochs": -1}, "frozen_loss_epochs"),
+        ({"warmup_epochs": 2, "frozen_loss_epochs": 2}, "frozen_loss_epochs"),
+    ],
+)
+def test_bad_schedule_options_are_named(fields: dict[str, int], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        MetaTrainerConfig(epochs=3, **fields)  # type: ignore[arg-type]

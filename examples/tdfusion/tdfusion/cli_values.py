@@ -114,3 +114,9 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > epochs:
         parser.error(f"argument --warmup-epochs: must be <= --epochs ({epochs}), got {warmup}")
+    frozen = getattr(args, "frozen_loss_epochs", None)
+    if frozen is not None and warmup is not None and epochs is not None and warmup + frozen > epochs:
+        parser.error(
+            f"argument --frozen-loss-epochs: --warmup-epochs ({warmup}) + --frozen-loss-epochs ({frozen}) "
+            f"must be <= --epochs ({epochs})"
+        )

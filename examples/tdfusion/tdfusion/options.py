@@ -64,6 +64,13 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         help="first epochs without meta phase, so T is trained when G starts learning (paper: 0)",
     )
     p.add_argument(
+        "--frozen-loss-epochs",
+        type=at_least(0),
+        default=0,
+        help="last epochs without meta phase: G keeps the loss it has learned, F and T go on training "
+        "under it (paper: 0; docs/learned-loss-study.md, section 13)",
+    )
+    p.add_argument(
         "--model-iterations", type=at_least(0), default=None, help="ordinary iterations N per epoch (default: one pass)"
     )
     p.add_argument("--batch-size", type=at_least(1), default=2, help="batch size (paper: 2)")

@@ -96,6 +96,7 @@ def build_trainer(args: argparse.Namespace, callbacks: list[Any] | None = None) 
         meta_iterations=args.meta_iterations,
         meta_accumulation=args.meta_accumulation,
         warmup_epochs=args.warmup_epochs,
+        frozen_loss_epochs=args.frozen_loss_epochs,
         map_gradient=args.map_gradient,
         task_adaptation=args.task_adaptation,
         inner_steps=args.inner_steps,
