@@ -236,19 +236,29 @@ def test_frozen_loss_epochs_end_the_meta_phase_and_keep_training_the_model() -> 
     dataset = InformativeSource(32, informative="b")
     trainer = _trainer(dataset, epochs=4, meta_iterations=2, warmup_epochs=1, frozen_loss_epochs=2)
     counts = _CountingStep(trainer)
-    generator = [p.detach().clone() for p in trainer.loss.parameters()]
     model_epochs: list[int] = []
+    after_epoch: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (G's parameters, F's)
 
-    class RecordEpoch:
+    class Record:
         def on_model_step(self, trainer: MetaTrainer, stats: object) -> None:
             model_epochs.append(trainer.position.epoch)
 
-    trainer.callbacks.append(RecordEpoch())
+        def on_epoch_end(self, trainer: MetaTrainer, epoch: int) -> None:
+            g, f = ([p.detach().clone() for p in net.parameters()] for net in (trainer.loss, trainer.model))
+            after_epoch.append((g, f))
+
+    trainer.callbacks.append(Record())
     trainer.fit()
     assert set(counts.epochs) == {1}  # epoch 2 of 4 only: one warm-up epoch, two frozen ones
     assert counts.outer == 2
     assert set(model_epochs) == {0, 1, 2, 3}  # the model trains in every epoch
-    assert any(not torch.equal(p, q) for p, q in zip(generator, trainer.loss.parameters(), strict=True))
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+    assert not same(after_epoch[0][0], after_epoch[1][0])  # G learned in its meta epoch
+    assert same(after_epoch[1][0], after_epoch[3][0])  # and kept its loss after it
+    assert not same(after_epoch[1][1], after_epoch[3][1])  # while F trained on under it
 
 
 @pytest.mark.parametrize(
