@@ -139,8 +139,8 @@ def demo_verdict(results: dict[str, Any]) -> list[str]:
             "With twice the epochs for both (--epochs 10), the learned loss scored higher over twenty seeds "
             "(+6.6 mIoU), and infrared only lost the lane markings (docs/learned-loss-study.md, section 12). "
             "Five more epochs of the fusion network under the loss learned in 5 (--epochs 10 --frozen-loss-epochs 5, "
-            "16% more training time) gained 3.4 mIoU over twenty seeds, most of it on the markings, and tied "
-            "infrared only at 5 epochs (-1.1; section 13).",
+            "16% more training time) gained 3.0 mIoU over twenty-five seeds, most of it on the markings, and tied "
+            "infrared only at 5 epochs (-1.8; section 13).",
             "",
         ]
     lines.append(
