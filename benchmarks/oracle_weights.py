@@ -44,7 +44,8 @@ from tdfusion.synthetic import SEG_CLASSES, make_scenes  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (scenes, F and the task network)")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds (scenes, F and the task network)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed: seeds K..K+N-1")
     default_maps = [m for m in FIXED_MAPS if not m.startswith("oracle_hiding_")]  # its variants on request
     p.add_argument("--maps", nargs="+", default=default_maps, choices=list(FIXED_MAPS))
     p.add_argument(
@@ -70,7 +71,7 @@ def main() -> None:
         print(f"\n## scenes {'with' if decoys else 'without'} single-camera look-alikes ({design})\n")
         print("| seed | map | mIoU | " + " | ".join(f"{c} IoU" for c in SEG_CLASSES) + " |")
         print("|---" * (3 + len(SEG_CLASSES)) + "|")
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             train = make_scenes(args.train_scenes, seed=seed, decoys=decoys)
             test = make_scenes(args.test_scenes, seed=seed, start=10_000, decoys=decoys)
             for name in args.maps:
