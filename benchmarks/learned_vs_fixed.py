@@ -48,6 +48,7 @@ from tdfusion.cli import build_parser  # noqa: E402
 from tdfusion.commands.demo import ARMS, run_arms  # noqa: E402
 from tdfusion.study import paired_interval  # noqa: E402
 
+from metaloss.allocator import retain_freed_memory  # noqa: E402
 from metaloss.checkpoint import atomic_path  # noqa: E402
 from metaloss.learnable_loss import check_source_weights  # noqa: E402
 
@@ -182,6 +183,7 @@ def main() -> None:
             p.error(f"--fixed-weights: {error}")
         args.baseline = "fixed_{:g}_{:g}".format(*args.fixed_weights)
         specs[args.baseline] = ("I", tuple(args.fixed_weights))
+    retain_freed_memory()  # as run.py does, so that each seed's run is run.py's
     torch.set_num_threads(args.threads)
     extra = [a for a in args.demo_options if a != "--"]
     out = Path(args.out or tempfile.mkdtemp(prefix="learned_vs_fixed-"))

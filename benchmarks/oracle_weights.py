@@ -41,6 +41,8 @@ import torch  # noqa: E402
 from tdfusion.study import FIXED_MAPS, downstream_miou, fuse_scenes, paired_interval, train_fusion_fixed  # noqa: E402
 from tdfusion.synthetic import SEG_CLASSES, make_scenes  # noqa: E402
 
+from metaloss.allocator import retain_freed_memory  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +64,7 @@ def main() -> None:
     p.add_argument("--task-epochs", type=int, default=30, help="epochs of the fresh SegFormer-b0")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    retain_freed_memory()  # as run.py does: freed activation memory is reused, not faulted in again
     torch.set_num_threads(args.threads)
     started = time.time()
     print(f"F: {args.steps} steps, alpha {args.alpha}; fresh SegFormer-b0: {args.task_epochs} epochs")
