@@ -65,3 +65,29 @@ def test_an_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.Capture
         assert exit_info.value.code == 2
         assert "--out" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+def test_a_learned_loss_that_does_not_fit_is_an_error_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--loss-from: a missing file, a fixed loss, another generator's state and a file that would
+    run code are each an argparse error naming --loss-from (and the file), before any file is
+    written."""
+    global_loss = tmp_path / "global.pt"
+    torch.save({"loss": {"generator.logits": torch.zeros(2)}}, global_loss)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"loss": Path("x")}, unsafe)  # a pickled object: weights_only refuses it
+    cases = [
+        (["train", "--loss-from", str(tmp_path / "missing.pt")], "missing.pt"),
+        (["train", "--ablation", "I", "--loss-from", str(global_loss)], "fixed loss"),
+        (["train", "--loss-from", str(global_loss)], "global.pt"),  # the per-pixel generator
+        (["demo", "--loss-from", str(unsafe)], "unsafe.pt"),
+    ]
+    for argv, detail in cases:
+        out = tmp_path / "run"
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--loss-from" in err and detail in err and "Traceback" not in err, err
+        assert not out.exists(), "a file was written before the arguments were checked"

@@ -432,6 +432,33 @@ def test_a_global_generator_learns_one_weight_per_source(tmp_path: Path) -> None
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["generator"] == "global"
 
 
+def test_loss_from_trains_a_fresh_fusion_network_under_a_learned_loss(tmp_path: Path) -> None:
+    """--loss-from RUN/last.pt: the learned loss of a trained run, loaded; with --warmup-epochs 0
+    and --frozen-loss-epochs equal to --epochs it stays as loaded while a fresh F trains under it.
+    A file of the loss's state dict alone loads the same way, for the paper's generator too."""
+    tiny = ["--synthetic-train", "4", "--crop", "32", "--task-size", "32", "48", "--quiet", "--epochs", "1"]
+    main(["train", "--generator", "global", "--meta-iterations", "3", *tiny, "--out", str(tmp_path / "learned")])
+    learned = torch.load(tmp_path / "learned" / "last.pt", weights_only=True)
+    assert bool(learned["loss"]["generator.logits"].abs().max() > 0), "the meta steps did not move the weights"
+    reuse = ["--loss-from", str(tmp_path / "learned" / "last.pt"), "--warmup-epochs", "0", "--frozen-loss-epochs", "1"]
+    main(["train", "--generator", "global", "--seed", "1", *reuse, *tiny, "--out", str(tmp_path / "reused")])
+    reused = torch.load(tmp_path / "reused" / "last.pt", weights_only=True)
+    torch.testing.assert_close(reused["loss"], learned["loss"], rtol=0, atol=0)
+    assert any(not torch.equal(reused["model"][k], learned["model"][k]) for k in learned["model"])
+    assert yaml.safe_load((tmp_path / "reused" / "config.yaml").read_text())["loss_from"] == reuse[1]
+
+    torch.manual_seed(3)
+    trained = build_loss(build_parser().parse_args(["train", "--out", "x"]))  # the paper's generator
+    for p in trained.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    torch.save(trained.state_dict(), tmp_path / "loss.pt")
+    torch.manual_seed(4)
+    loaded = build_loss(build_parser().parse_args(["train", "--loss-from", str(tmp_path / "loss.pt"), "--out", "x"]))
+    a, b = torch.rand(2, 1, 24, 40), torch.rand(2, 1, 24, 40)
+    trained.eval(), loaded.eval()
+    torch.testing.assert_close(loaded.weights([a, b]), trained.weights([a, b]), rtol=0, atol=0)
+
+
 def test_a_unet_generator_starts_at_one_half_and_weighs_each_scene_alone() -> None:
     """--generator unet: the fixed loss's weights at first, any image size, and a scene's weights
     independent of its batch companions and of the train or eval mode (group norms)."""

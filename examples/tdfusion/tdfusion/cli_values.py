@@ -84,8 +84,8 @@ def _writable_folder_problem(path: Path) -> str | None:
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need several values or the file system: ``--out`` must be a writable folder (or
     creatable), ``--warmup-epochs`` at most ``--epochs``, ``--bf16`` only with the torch backend,
-    ``--fixed-weights`` only with ``--ablation I``, ``--prior-weights`` only with a learned loss, both
-    summing to 1.
+    ``--fixed-weights`` only with ``--ablation I``, ``--prior-weights`` and ``--loss-from`` only with a
+    learned loss, the weights summing to 1, ``--loss-from``'s file fitting the loss generator.
     Calls ``parser.error`` (exit 2)."""
     out = getattr(args, "out", None)
     if out and args.func.__name__ == "export":  # --out is a file
@@ -111,6 +111,8 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 check_source_weights(pair, 2, positive=positive, name="the two weights")
             except ValueError as error:
                 parser.error(f"argument --{dest.replace('_', '-')}: {error}")
+    if getattr(args, "loss_from", None) is not None:
+        _check_loss_from(parser, args)
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > epochs:
         parser.error(f"argument --warmup-epochs: must be <= --epochs ({epochs}), got {warmup}")
@@ -120,3 +122,16 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             f"argument --frozen-loss-epochs: --warmup-epochs ({warmup}) + --frozen-loss-epochs ({frozen}) "
             f"must be <= --epochs ({epochs})"
         )
+
+
+def _check_loss_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--loss-from``: a learned loss, and a file whose state fits the chosen generator (loaded once
+    here, before any work; the generator is small)."""
+    from tdfusion.networks import build_loss  # the networks' module imports far more than this one
+
+    if args.ablation in ("I", "V"):
+        parser.error(f"argument --loss-from: a fixed loss (--ablation {args.ablation}) has no generator to load")
+    try:
+        build_loss(args)
+    except (OSError, ValueError) as error:
+        parser.error(f"argument --loss-from: {error}")

@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import segmentation_models_pytorch as smp
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from metaloss import ConstantWeights, GlobalWeights, LearnableLoss, checkpointed_call
+from metaloss.checkpoint import load_weights_file
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss
 from metaloss.learnable_loss import check_source_weights
 
@@ -26,6 +28,7 @@ __all__ = [
     "build_fusion_network",
     "build_loss",
     "load_fusion_network",
+    "load_learned_loss",
 ]
 
 ABLATIONS = {
@@ -207,7 +210,37 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
     prior = getattr(args, "prior_weights", None)
     if prior is not None:
         generator, weights = LogitPrior(generator, tuple(prior)), "softmax"
-    return tdfusion_loss(generator, form=args.form, alpha=alpha, weights=weights)
+    loss = tdfusion_loss(generator, form=args.form, alpha=alpha, weights=weights)
+    loss_from = getattr(args, "loss_from", None)
+    return loss if loss_from is None else load_learned_loss(loss, loss_from)
+
+
+def load_learned_loss(loss: LearnableLoss, path: str | os.PathLike[str]) -> LearnableLoss:
+    """``loss`` with the learned state of a trained run's loss: from its ``last.pt`` (a
+    ``MetaTrainer`` checkpoint, whose ``"loss"`` entry it reads) or from a file that holds the
+    loss's state dict alone. Nothing in the file runs (``load_weights_file``).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: the file holds no state dict, or one of another generator (``--generator``,
+            ``--prior-weights``), named with its first mismatch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no learned loss at {path}")
+    state = load_weights_file(path)
+    state = state.get("loss", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    try:
+        loss.load_state_dict(state)
+    except RuntimeError as err:
+        problem = " ".join(str(err).split())[:300]
+        raise ValueError(
+            f"{path} does not fit this loss generator (the run's --generator and --prior-weights must match "
+            f"the ones it was trained with): {problem}"
+        ) from None
+    return loss
 
 
 def load_fusion_network(path: str | os.PathLike[str]) -> torch.nn.Module:

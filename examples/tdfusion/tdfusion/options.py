@@ -171,6 +171,15 @@ def add_training_options(p: argparse.ArgumentParser, demo_defaults: bool = False
         "(default: none, G as the paper has it)",
     )
     p.add_argument(
+        "--loss-from",
+        metavar="FILE",
+        default=None,
+        help="start the learned loss from a trained run's: its last.pt (or a file of the loss's state dict), "
+        "with the same --generator and --prior-weights; with --warmup-epochs 0 and --frozen-loss-epochs "
+        "equal to --epochs, F trains under that learned loss unchanged, at a fixed loss's cost "
+        "(docs/learned-loss-study.md, section 15)",
+    )
+    p.add_argument(
         "--fixed-weights",
         type=non_negative_float,
         nargs=2,
