@@ -26,6 +26,7 @@ __all__ = [
     "atomic_path",
     "get_rng_state",
     "load_checkpoint",
+    "load_module_state",
     "load_weights_file",
     "save_checkpoint",
     "save_safetensors",
@@ -108,6 +109,47 @@ def load_weights_file(path: str | os.PathLike[str], map_location: str | torch.de
         raise ValueError(
             f"{path} {what} ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
         ) from None
+
+
+def load_module_state(module: torch.nn.Module, path: str | os.PathLike[str], entry: str, name: str) -> torch.nn.Module:
+    """Load ``module``'s weights from ``path``: a file of its state dict alone, or a ``MetaTrainer``
+    checkpoint, whose ``entry`` (``"model"``, ``"loss"`` or ``"task_model"``) it reads. Nothing
+    in the file runs (``load_weights_file``).
+
+    Args:
+        module: the network to load into (strictly: every key must fit).
+        path: the file.
+        entry: the checkpoint entry that holds ``module``'s state.
+        name: what ``module`` is, for the errors (``"the yolov8 task network"``).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        UnsafeCheckpointError: the file asks to build objects or run code (a ``ValueError``).
+        ValueError: not a PyTorch file, no state dict in it, or one that does not fit ``module``
+            (its first mismatches named).
+
+    Examples:
+        >>> import tempfile
+        >>> path = save_checkpoint({"loss": torch.nn.Linear(2, 1).state_dict()}, Path(tempfile.mkdtemp()) / "last.pt")
+        >>> load_module_state(torch.nn.Linear(2, 1), path, "loss", "the loss")
+        Linear(in_features=2, out_features=1, bias=True)
+        >>> load_module_state(torch.nn.Linear(3, 1), path, "loss", "the loss")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../last.pt does not fit the loss: Error(s) in loading state_dict for Linear: size mismatch ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights for {name} at {path}")
+    state = load_weights_file(path)
+    state = state.get(entry, state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit {name}: {' '.join(str(err).split())[:300]}") from None
+    return module
 
 
 @contextlib.contextmanager

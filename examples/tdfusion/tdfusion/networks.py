@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import segmentation_models_pytorch as smp
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from metaloss import ConstantWeights, GlobalWeights, LearnableLoss, checkpointed_call
-from metaloss.checkpoint import load_weights_file
+from metaloss.checkpoint import load_module_state
 from metaloss.fusion import LossGenerator, ReFusion, load_released_weights, tdfusion_loss
 from metaloss.learnable_loss import check_source_weights
 
@@ -28,7 +27,6 @@ __all__ = [
     "build_fusion_network",
     "build_loss",
     "load_fusion_network",
-    "load_learned_loss",
 ]
 
 ABLATIONS = {
@@ -195,7 +193,8 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
     ``--generator global`` replaces the paper's per-pixel generator with one learned weight per
     source (``metaloss.GlobalWeights``): the baseline that tells whether a per-pixel loss learned
     more than a global preference. ``unet`` and ``per_pixel+unet`` are generators that see shapes
-    (``UnetLossGenerator``, ``PerPixelPlusUnetGenerator``).
+    (``UnetLossGenerator``, ``PerPixelPlusUnetGenerator``). ``--loss-from`` loads a trained run's
+    learned loss into it (``metaloss.checkpoint.load_module_state``).
     """
     alpha = 0.0 if args.ablation == "II" else args.alpha
     if args.ablation in ("I", "V"):
@@ -212,34 +211,9 @@ def build_loss(args: argparse.Namespace) -> LearnableLoss:
         generator, weights = LogitPrior(generator, tuple(prior)), "softmax"
     loss = tdfusion_loss(generator, form=args.form, alpha=alpha, weights=weights)
     loss_from = getattr(args, "loss_from", None)
-    return loss if loss_from is None else load_learned_loss(loss, loss_from)
-
-
-def load_learned_loss(loss: LearnableLoss, path: str | os.PathLike[str]) -> LearnableLoss:
-    """``loss`` with the learned state of a trained run's loss: from its ``last.pt`` (a
-    ``MetaTrainer`` checkpoint, whose ``"loss"`` entry it reads) or from a file that holds the
-    loss's state dict alone. Nothing in the file runs (``load_weights_file``).
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        ValueError: the file holds no state dict, or one of another generator (``--generator``,
-            ``--prior-weights``), named with its first mismatch.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no learned loss at {path}")
-    state = load_weights_file(path)
-    state = state.get("loss", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    try:
-        loss.load_state_dict(state)
-    except RuntimeError as err:
-        problem = " ".join(str(err).split())[:300]
-        raise ValueError(
-            f"{path} does not fit this loss generator (the run's --generator and --prior-weights must match "
-            f"the ones it was trained with): {problem}"
-        ) from None
+    if loss_from is not None:  # a trained run's learned loss (--loss-from)
+        name = f"a {args.generator} loss generator" + (" with --prior-weights" if prior is not None else "")
+        load_module_state(loss, loss_from, "loss", name)
     return loss
 
 

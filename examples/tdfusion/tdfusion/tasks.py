@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaloss.checkpoint import load_weights_file
+from metaloss.checkpoint import load_module_state
 
 TaskName = Literal["segformer", "yolov8", "unet"]
 TASK_KINDS: dict[str, str] = {"segformer": "seg", "unet": "seg", "yolov8": "det"}
@@ -190,17 +190,7 @@ def build_task(name: TaskName, num_classes: int, weights: str | os.PathLike[str]
     else:
         raise ValueError(f"unknown task network {name!r}; choose from {sorted(TASK_KINDS)}")
     if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"no task-network weights at {path}")
-        state = load_weights_file(path)  # weights_only: a file that would run code is refused
-        state = state.get("task_model", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
-        try:
-            task.model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"{path} does not fit the {name} task network: {str(err).splitlines()[0][:200]}") from None
+        load_module_state(task.model, weights, "task_model", f"the {name} task network")
     return task
 
 
