@@ -62,12 +62,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150, help="Adam steps of F (batch 2, 64x64 crops)")
     p.add_argument("--alpha", type=float, default=0.1, help="gradient-term weight of the fusion loss (paper: 1)")
     p.add_argument("--task-epochs", type=int, default=30, help="epochs of the fresh SegFormer-b0")
+    p.add_argument(
+        "--task-repeats", type=int, default=1, help="fresh SegFormer-b0 networks per map, their scores averaged"
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     retain_freed_memory()  # as run.py does: freed activation memory is reused, not faulted in again
     torch.set_num_threads(args.threads)
     started = time.time()
-    print(f"F: {args.steps} steps, alpha {args.alpha}; fresh SegFormer-b0: {args.task_epochs} epochs")
+    each = f", the mean of {args.task_repeats} a map" if args.task_repeats > 1 else ""
+    print(f"F: {args.steps} steps, alpha {args.alpha}; fresh SegFormer-b0: {args.task_epochs} epochs{each}")
     for design in args.designs:
         decoys = design == "decoys"
         scores: dict[str, list[dict[str, float]]] = {m: [] for m in args.maps}
@@ -79,8 +83,9 @@ def main() -> None:
             test = make_scenes(args.test_scenes, seed=seed, start=10_000, decoys=decoys)
             for name in args.maps:
                 model = train_fusion_fixed(train, FIXED_MAPS[name], steps=args.steps, alpha=args.alpha, seed=seed)
+                fused_train, fused_test = fuse_scenes(model, train), fuse_scenes(model, test)
                 result = downstream_miou(
-                    fuse_scenes(model, train), train, fuse_scenes(model, test), test, epochs=args.task_epochs, seed=seed
+                    fused_train, train, fused_test, test, epochs=args.task_epochs, seed=seed, repeats=args.task_repeats
                 )
                 row = {"mIoU": result["mIoU"]}
                 row |= {c: result["per_class"].get(c, {}).get("IoU", float("nan")) for c in SEG_CLASSES}

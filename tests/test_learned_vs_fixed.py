@@ -74,6 +74,19 @@ def test_one_arm_alone_leaves_the_weight_cells_empty_and_keeps_its_seeds(tmp_pat
     assert list(record["results"]) == ["fixed_half"]
 
 
+def test_task_repeats_score_each_arm_with_several_fresh_networks(tmp_path: Path) -> None:
+    done = _run(
+        "--arm", "fixed", "--seeds", "1", "--first-seed", "2", "--out", str(tmp_path), *TINY_DEMO, "--task-repeats", "2"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = _rows(done.stdout)
+    (record,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    scores = record["results"]["fixed_half"]["downstream"]
+    assert [run["seed"] for run in scores["task_networks"]] == [1002, 2002]  # seeded apart from the run's own T
+    assert scores["mIoU"] == pytest.approx(sum(run["mIoU"] for run in scores["task_networks"]) / 2)
+    assert float(row[2]) == pytest.approx(scores["mIoU"], abs=0.05)  # the table shows the mean
+
+
 def test_fixed_weights_that_do_not_sum_to_one_are_refused_by_name() -> None:
     done = _run("--fixed-weights", "0.6", "0.6")
     assert done.returncode == 2

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from tdfusion import study
 from tdfusion.catalog import load_scenes
 from tdfusion.cli import build_parser
-from tdfusion.commands.demo import _probe_pairs
+from tdfusion.commands.demo import _probe_pairs, scoring_seed
 from tdfusion.commands.train import build_trainer, train
 from tdfusion.data import Scene
 from tdfusion.study import FIXED_MAPS, paired_interval, weights_at
-from tdfusion.synthetic import COLD_LOOKALIKE, HOT_SEAM, make_scene, make_scenes, oracle_weights
-from tdfusion.tasks import median_frequency_weights
+from tdfusion.synthetic import COLD_LOOKALIKE, HOT_SEAM, SEG_CLASSES, make_scene, make_scenes, oracle_weights
+from tdfusion.tasks import build_task, median_frequency_weights
 
 from metaloss import ConstantWeights, GlobalWeights
 from metaloss.fusion import tdfusion_loss
@@ -284,3 +286,19 @@ def test_class_weight_options_that_would_do_nothing_are_refused(tmp_path) -> Non
         build_trainer(build_parser().parse_args([*base, "--balanced-map-gradient", "--task-net", "yolov8"]))
     trainer = build_trainer(build_parser().parse_args([*base, "--balanced-task-loss", "--class-weight-power", "0.5"]))
     assert trainer.task_loss.class_weights is not None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("task_seed", "shared"), [(None, False), ("7", True)])
+def test_the_demo_scores_with_a_network_the_learned_loss_never_trained_against(
+    tmp_path: Path, task_seed: str | None, shared: bool
+) -> None:
+    """By default an arm's scoring network does not start from the weights of the training run's
+    task network (section 16); ``--task-seed`` equal to ``--seed`` makes it, as before."""
+    options = ["demo", "--seed", "7", "--synthetic-train", "2", "--out", str(tmp_path), "--quiet"]
+    args = build_parser().parse_args(options + (["--task-seed", task_seed] if task_seed else []))
+    trainer = build_trainer(args)
+    torch.manual_seed(scoring_seed(args))  # as downstream_miou builds the arm's first scoring network
+    scoring = build_task(args.task_net, len(SEG_CLASSES)).model.state_dict()
+    trained_against = trainer.task_model.state_dict()
+    assert scoring.keys() == trained_against.keys()
+    assert all(torch.equal(scoring[k], trained_against[k]) for k in scoring) == shared

@@ -7,12 +7,14 @@
   ``ap_per_class``.
 
 The paper's protocol (section 4.3) is ``train_and_evaluate``: train a fresh task network on a
-method's fused training images, evaluate it on its fused test images.
+method's fused training images, evaluate it on its fused test images. ``fresh_task_scores`` repeats
+it with several fresh task networks and averages their scores, since one network's initialisation
+moves a score by several points (docs/learned-loss-study.md, section 16).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -187,10 +189,68 @@ def train_and_evaluate(
     return evaluate_task(task, test_images, test_scenes, names, size)
 
 
+TASK_SEED_STRIDE = 1000
+"""Task network ``k`` of ``fresh_task_scores`` is seeded ``seed + TASK_SEED_STRIDE * k``: the first is
+the one network of the paper's protocol, so adding repeats keeps its score among them."""
+
+
+def average_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The mean of several score dicts of one layout (``train_and_evaluate``'s), key by key, nested
+    dicts included."""
+    if not runs:
+        raise ValueError("average_scores needs at least one run")
+    return {
+        key: average_scores([run[key] for run in runs])
+        if isinstance(value, Mapping)
+        else float(np.mean([run[key] for run in runs]))
+        for key, value in runs[0].items()
+    }
+
+
+def fresh_task_scores(
+    build: Callable[[], Task],
+    train_images: Sequence[np.ndarray],
+    train_scenes: Sequence[Scene],
+    test_images: Sequence[np.ndarray],
+    test_scenes: Sequence[Scene],
+    names: Sequence[str],
+    size: tuple[int, int],
+    *,
+    repeats: int = 1,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, Any]:
+    """The paper's protocol with ``repeats`` fresh task networks, their scores averaged.
+
+    Network ``k`` is built by ``build`` after ``torch.manual_seed(seed + TASK_SEED_STRIDE * k)`` and
+    trained by ``train_and_evaluate`` (``options``: its ``epochs``, ``batch_size``, ``lr``,
+    ``progress``) with that seed. With one network this is ``train_and_evaluate``'s result itself;
+    with more, their mean (``average_scores``) and, under ``"task_networks"``, each network's seed
+    and scores.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    runs = []
+    for k in range(repeats):
+        task_seed = seed + TASK_SEED_STRIDE * k
+        torch.manual_seed(task_seed)
+        scores = train_and_evaluate(
+            build(), train_images, train_scenes, test_images, test_scenes, names, size, seed=task_seed, **options
+        )
+        runs.append({"seed": task_seed, **scores})
+    if repeats == 1:
+        return {k: v for k, v in runs[0].items() if k != "seed"}
+    mean = average_scores([{k: v for k, v in run.items() if k != "seed"} for run in runs])
+    return {**mean, "task_networks": runs}
+
+
 __all__ = [
+    "TASK_SEED_STRIDE",
+    "average_scores",
     "confusion_matrix",
     "detection_scores",
     "evaluate_task",
+    "fresh_task_scores",
     "segmentation_scores",
     "train_and_evaluate",
 ]

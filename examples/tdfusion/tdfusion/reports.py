@@ -180,6 +180,14 @@ def _generator_line(generator: str) -> list[str]:
     return [f"G is {what} (`--generator {generator}`): docs/learned-loss-study.md, section {section}, measures it.", ""]
 
 
+def _fresh_networks(results: dict[str, Any]) -> str:
+    """How the demo's arms were scored: one fresh task network each, or several averaged."""
+    net, repeats = results.get("task_net", "segformer"), results.get("task_repeats", 1)
+    if repeats == 1:
+        return f"a fresh {net} that is scored"
+    return f"{repeats} fresh {net} networks (seeded alike in every arm), each scored, their scores averaged,"
+
+
 def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> None:
     """summary.md: the downstream scores of every arm, the learned weights, the fusion metrics, the verdict."""
     ours, fixed = results["tdfusion"], _fixed_arms(results)
@@ -191,8 +199,7 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         "# TDFusion demo: learned loss against " + " and ".join(ARM_LABELS[arm] for arm in fixed),
         "",
         f"Procedural paired scenes, {seconds:.0f} s in all on this machine. Each arm's fused training scenes "
-        f"train a fresh {results.get('task_net', 'segformer')} that is scored on its fused test scenes "
-        "(the paper's protocol, section 4.3).",
+        f"train {_fresh_networks(results)} on its fused test scenes (the paper's protocol, section 4.3).",
         "",
         *_meta_gradient_line(results.get("virtual_step", "model")),
         *_generator_line(results.get("generator", "per_pixel")),

@@ -37,7 +37,7 @@ from metaloss.checkpoint import get_rng_state, set_rng_state
 from metaloss.fusion import ReFusion, tdfusion_loss
 
 from .data import Scene, to_unit
-from .downstream import train_and_evaluate
+from .downstream import fresh_task_scores
 from .synthetic import COLD_LOOKALIKE, HOT_SEAM, MARKING_CHOICES, SEG_CLASSES, oracle_weights
 from .tasks import Task, TaskName, build_task
 
@@ -156,29 +156,33 @@ def downstream_miou(
     size: tuple[int, int] = (96, 128),
     task_net: TaskName = "segformer",
     task: Task | None = None,
+    repeats: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
     """A fresh segmentation network (SegFormer-b0 by default) trained on fused training images,
-    scored on fused test images.
+    scored on fused test images; with ``repeats``, that many fresh networks, their scores averaged
+    (``downstream.fresh_task_scores``).
 
     ``task`` trains (in place) a network of the caller's instead of a fresh ``task_net``, so the
-    caller keeps it; it should be freshly built too, for the paper's protocol.
+    caller keeps it; it should be freshly built too, for the paper's protocol (one network only).
 
     Returns:
-        ``{"mIoU": ..., "mAcc": ..., "per_class": {name: {"IoU": ..., "Acc": ...}}}`` in %.
+        ``{"mIoU": ..., "mAcc": ..., "per_class": {name: {"IoU": ..., "Acc": ...}}}`` in %, and with
+        ``repeats`` above 1 each network's seed and scores under ``"task_networks"``.
     """
-    torch.manual_seed(seed)
-    task = task or build_task(task_net, len(SEG_CLASSES))
-    return train_and_evaluate(
-        task,
+    if task is not None and repeats != 1:
+        raise ValueError("downstream_miou trains the caller's task network once; repeats must be 1 with task")
+    return fresh_task_scores(
+        (lambda: task) if task is not None else (lambda: build_task(task_net, len(SEG_CLASSES))),
         list(train_images),
         list(train_scenes),
         list(test_images),
         list(test_scenes),
         SEG_CLASSES,
         size,
-        epochs=epochs,
+        repeats=repeats,
         seed=seed,
+        epochs=epochs,
         progress=progress,
     )
 

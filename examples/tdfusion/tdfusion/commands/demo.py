@@ -20,6 +20,7 @@ from metaloss.fusion.metrics import evaluate_fusion
 from ..catalog import DATASETS, load_scenes
 from ..cli_values import at_least
 from ..data import FusionDataset, Scene, SceneList, collate
+from ..downstream import TASK_SEED_STRIDE
 from ..networks import ABLATIONS
 from ..options import add_training_options
 from ..reports import write_demo_summary, write_weight_figure
@@ -49,10 +50,11 @@ def run_arms(
 
     Per arm: train with Algorithm 1 (``--ablation I`` and its fixed weights for a fixed arm), fuse
     the training and test scenes, train a fresh task network on the fused training scenes and
-    score it on the fused test scenes; the six fusion metrics on the test scenes; for the learned
-    arm, where its loss puts its weight (``study.weights_at``) and, with ``probe``, the per-epoch
-    ``study.OracleProbe`` rows. ``arms``: the arms to run, by name (``None``: ``ARMS``, as the
-    demo runs; a subset of it, or a fixed arm of other weights, for the benchmarks).
+    score it on the fused test scenes (``--task-repeats``: several, averaged); the six fusion
+    metrics on the test scenes; for the learned arm, where its loss puts its weight
+    (``study.weights_at``) and, with ``probe``, the per-epoch ``study.OracleProbe`` rows.
+    ``arms``: the arms to run, by name (``None``: ``ARMS``, as the demo runs; a subset of it, or a
+    fixed arm of other weights, for the benchmarks).
     """
     arms = ARMS if arms is None else arms
     train_scenes = load_scenes(args, "train", "seg")
@@ -82,8 +84,9 @@ def run_arms(
             fused_test,
             test_scenes,
             epochs=args.task_epochs,
-            seed=args.seed,
+            seed=scoring_seed(args),
             task_net=args.task_net,
+            repeats=args.task_repeats,
             progress=not args.quiet,
         )
         metrics = evaluate_fusion(
@@ -94,7 +97,7 @@ def run_arms(
         results[method] = {
             "train_seconds": round(seconds, 1),
             "downstream_seconds": round(time.time() - t0, 1),
-            "downstream": {"mIoU": scores["mIoU"], "per_class": {k: v["IoU"] for k, v in scores["per_class"].items()}},
+            "downstream": _miou_and_iou(scores),
             "fusion_metrics": {k: float(v.mean()) for k, v in metrics.items()},
         }
         if ablation == "none":
@@ -104,6 +107,23 @@ def run_arms(
             shown = [test_scenes[i] for i in range(min(4, len(test_scenes)))]
             write_weight_figure(out / "weights.png", trainer.loss, shown, fused_test[: len(shown)])
     return results
+
+
+def scoring_seed(args: argparse.Namespace) -> int:
+    """The seed of an arm's first fresh scoring network: ``--task-seed``, by default ``--seed +
+    TASK_SEED_STRIDE``. Never ``--seed`` itself by default: the training run built its task network,
+    the one a learned loss is meta-trained against, from ``--seed``, and a scoring network that
+    starts from the same weights favours the learned loss (docs/learned-loss-study.md, section 16)."""
+    return args.task_seed if args.task_seed is not None else args.seed + TASK_SEED_STRIDE
+
+
+def _miou_and_iou(scores: Mapping[str, Any]) -> dict[str, Any]:
+    """A downstream score as ``metrics.json`` keeps it: mIoU and per-class IoU, and each fresh task
+    network's (with its seed) when there were several."""
+    kept: dict[str, Any] = {"mIoU": scores["mIoU"], "per_class": {k: v["IoU"] for k, v in scores["per_class"].items()}}
+    if "task_networks" in scores:
+        kept["task_networks"] = [{"seed": run["seed"], **_miou_and_iou(run)} for run in scores["task_networks"]]
+    return kept
 
 
 def _probe_pairs(args: argparse.Namespace, scenes: list[Scene] | SceneList) -> list[tuple[Any, Any]]:
@@ -131,6 +151,8 @@ def demo(args: argparse.Namespace) -> Path:
     results = run_arms(args, out)
     results["convention"] = "mean"
     results["task_net"] = args.task_net
+    results["task_seed"] = scoring_seed(args)
+    results["task_repeats"] = args.task_repeats
     results["virtual_step"] = args.virtual_step
     results["generator"] = args.generator
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -143,6 +165,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded demo (the default): train, fuse, evaluate, report")
     add_training_options(p, demo_defaults=True)
     p.add_argument("--task-epochs", type=at_least(1), default=30, help="epochs of each arm's fresh task network")
+    p.add_argument(
+        "--task-repeats",
+        type=at_least(1),
+        default=1,
+        help="fresh task networks per arm, their scores averaged (paper: 1); network k (from 0) is seeded "
+        f"--task-seed + {TASK_SEED_STRIDE} k, the same in every arm. One network's initialisation moves an arm's "
+        "mIoU by about 3 points (docs/learned-loss-study.md, section 16)",
+    )
+    p.add_argument(
+        "--task-seed",
+        type=int,
+        help=f"seed of each arm's first fresh task network (default: --seed + {TASK_SEED_STRIDE}, so it does not start "
+        "from the weights of the training run's task network, which the learned loss was meta-trained against; "
+        "--task-seed equal to --seed scores as the demo did before docs/learned-loss-study.md, section 16)",
+    )
     p.add_argument("--out", default="tdfusion_out/demo", help="report folder")
     p.set_defaults(func=demo)
     return p

@@ -9,28 +9,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from metaloss.fusion.image_io import read_grey
 
 from ..catalog import DATASETS, dataset_classes, load_scenes
 from ..cli_values import at_least, positive_float
 from ..data import find_image
-from ..downstream import train_and_evaluate
+from ..downstream import TASK_SEED_STRIDE, fresh_task_scores
 from ..options import add_device_option
 from ..reports import write_downstream_table
-from ..tasks import TASK_KINDS, build_task
+from ..tasks import TASK_KINDS, Task, build_task
 
 __all__ = ["add_parser", "downstream"]
 
 
 def downstream(args: argparse.Namespace) -> dict[str, Any]:
     """The paper's protocol per method: train a fresh task network on the method's fused training
-    images, score it on its fused test images; one comparison table (downstream.md / .json)."""
+    images, score it on its fused test images (with ``--repeats``, several, their scores averaged);
+    one comparison table (downstream.md / .json)."""
     kind = TASK_KINDS[args.task_net]
     names = dataset_classes(args.dataset, kind)
     size = tuple(args.task_size) if args.task_size else DATASETS[args.dataset]["task_size"]
     scenes = {split: load_scenes(args, split, kind) for split in ("train", "test")}
+
+    def fresh_task() -> Task:
+        task = build_task(args.task_net, len(names))
+        task.model.to(args.device)
+        return task
+
     results: dict[str, Any] = {}
     for spec in args.method:
         try:
@@ -45,28 +51,28 @@ def downstream(args: argparse.Namespace) -> dict[str, Any]:
                 if path is None:
                     raise SystemExit(f"method {name}: {folder} has no fused image for {scene.name}")
                 images[split].append(read_grey(path))
-        torch.manual_seed(args.seed)
-        task = build_task(args.task_net, len(names))
-        task.model.to(args.device)
-        print(f"[downstream] {name}: training {args.task_net} for {args.epochs} epochs", flush=True)
-        results[name] = train_and_evaluate(
-            task,
+        networks = f"{args.repeats} fresh {args.task_net} networks" if args.repeats > 1 else args.task_net
+        print(f"[downstream] {name}: training {networks} for {args.epochs} epochs", flush=True)
+        results[name] = fresh_task_scores(
+            fresh_task,
             images["train"],
             list(scenes["train"]),
             images["test"],
             list(scenes["test"]),
             names,
             size,
+            repeats=args.repeats,
+            seed=args.seed,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
-            seed=args.seed,
             progress=not args.quiet,
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "downstream.json").write_text(json.dumps(results, indent=2))
-    title = f"Downstream {kind} with {args.task_net} ({args.epochs} epochs per method), in %"
+    each = f"the mean of {args.repeats} fresh networks per method" if args.repeats > 1 else "one per method"
+    title = f"Downstream {kind} with {args.task_net} ({args.epochs} epochs, {each}), in %"
     print(write_downstream_table(out / "downstream.md", results, names, kind, title), end="")
     return results
 
@@ -94,7 +100,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--task-size", type=at_least(8), nargs=2, metavar=("H", "W"), help="task input size (default: per data set)"
     )
     add_device_option(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeats",
+        type=at_least(1),
+        default=1,
+        help="fresh task networks per method, their scores averaged (paper: 1); network k is seeded "
+        f"--seed + {TASK_SEED_STRIDE} k, the same for every method, so the comparison stays paired",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=TASK_SEED_STRIDE,
+        help="seed of the first fresh task network. Use another than the training run's --seed (train's default is "
+        "0): a network that starts from the weights the training run's task network started from favours the "
+        "learned loss (docs/learned-loss-study.md, section 16)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=downstream)
