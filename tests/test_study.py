@@ -288,14 +288,14 @@ def test_class_weight_options_that_would_do_nothing_are_refused(tmp_path) -> Non
     assert trainer.task_loss.class_weights is not None  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("task_seed", "shared"), [(None, False), ("7", True)])
+@pytest.mark.parametrize(("offset", "shared"), [(None, False), ("0", True)])
 def test_the_demo_scores_with_a_network_the_learned_loss_never_trained_against(
-    tmp_path: Path, task_seed: str | None, shared: bool
+    tmp_path: Path, offset: str | None, shared: bool
 ) -> None:
     """By default an arm's scoring network does not start from the weights of the training run's
-    task network (section 16); ``--task-seed`` equal to ``--seed`` makes it, as before."""
+    task network (section 16); ``--task-seed-offset 0`` makes it, as before."""
     options = ["demo", "--seed", "7", "--synthetic-train", "2", "--out", str(tmp_path), "--quiet"]
-    args = build_parser().parse_args(options + (["--task-seed", task_seed] if task_seed else []))
+    args = build_parser().parse_args(options + (["--task-seed-offset", offset] if offset else []))
     trainer = build_trainer(args)
     torch.manual_seed(scoring_seed(args))  # as downstream_miou builds the arm's first scoring network
     scoring = build_task(args.task_net, len(SEG_CLASSES)).model.state_dict()

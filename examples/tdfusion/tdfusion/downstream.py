@@ -191,7 +191,9 @@ def train_and_evaluate(
 
 TASK_SEED_STRIDE = 1000
 """Task network ``k`` of ``fresh_task_scores`` is seeded ``seed + TASK_SEED_STRIDE * k``: the first is
-the one network of the paper's protocol, so adding repeats keeps its score among them."""
+the one network of the paper's protocol, so adding repeats keeps its score among them. The demo and
+``run.py downstream`` start their scoring seeds this far from the training run's seed by default, so
+that no scoring network starts from the weights the training run's task network started from."""
 
 
 def average_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
