@@ -19,6 +19,7 @@ Options after ``--`` go to the demo (``run.py demo --help``), so every setting c
     python benchmarks/learned_vs_fixed.py --seeds 5 -- --alpha 1 --warmup-epochs 0 --meta-accumulation 1
     python benchmarks/learned_vs_fixed.py --seeds 5 --baseline fixed_infrared   # the fixed loss these scenes favour
     python benchmarks/learned_vs_fixed.py --seeds 5 --arm fixed --fixed-weights 0.75 0.25   # any fixed weights
+    python benchmarks/learned_vs_fixed.py --seeds 5 -- --task-repeats 3   # each arm scored by 3 fresh task networks
 
 Runs saved with ``--out`` pair up later, seed by seed, without running anything: ``--compare A B``
 prints run A's arm minus run B's over their common seeds (``DIR:ARM`` picks an arm; by default the
