@@ -341,7 +341,8 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())  # the last line is the report folder
     results = json.loads((out / "metrics.json").read_text())
     arms = {"tdfusion", "fixed_half", "fixed_infrared"}
-    assert set(results) == arms | {"convention", "task_net", "virtual_step", "generator"}
+    assert set(results) == arms | {"convention", "task_net", "task_seed", "task_repeats", "virtual_step", "generator"}
+    assert (results["task_seed"], results["task_repeats"]) == (1000, 1)  # seeded apart from the run's T (seed 0)
     assert results["virtual_step"] == "output"  # the demo's default: a virtual step of the fused image
     assert results["generator"] == "per_pixel"  # the paper's G
     for arm in arms:
