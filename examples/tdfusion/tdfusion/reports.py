@@ -185,8 +185,8 @@ def _fresh_networks(results: dict[str, Any]) -> str:
     """How the demo's arms were scored: one fresh task network each, or several averaged."""
     net, repeats = results.get("task_net", "segformer"), results.get("task_repeats", 1)
     if repeats == 1:
-        return f"a fresh {net} that is scored"
-    return f"{repeats} fresh {net} networks (seeded alike in every arm), each scored, their scores averaged,"
+        return f"a fresh {net} that is scored on its fused test scenes"
+    return f"{repeats} fresh {net} networks, seeded alike in every arm, whose scores on its test scenes are averaged"
 
 
 def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> None:
@@ -200,7 +200,7 @@ def write_demo_summary(out: Path, results: dict[str, Any], seconds: float) -> No
         "# TDFusion demo: learned loss against " + " and ".join(ARM_LABELS[arm] for arm in fixed),
         "",
         f"Procedural paired scenes, {seconds:.0f} s in all on this machine. Each arm's fused training scenes "
-        f"train {_fresh_networks(results)} on its fused test scenes (the paper's protocol, section 4.3).",
+        f"train {_fresh_networks(results)} (the paper's protocol, section 4.3).",
         "",
         *_meta_gradient_line(results.get("virtual_step", "model")),
         *_generator_line(results.get("generator", "per_pixel")),
