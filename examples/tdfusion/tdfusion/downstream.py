@@ -232,18 +232,18 @@ def fresh_task_scores(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    seeds = [seed + TASK_SEED_STRIDE * k for k in range(repeats)]
     runs = []
-    for k in range(repeats):
-        task_seed = seed + TASK_SEED_STRIDE * k
+    for task_seed in seeds:
         torch.manual_seed(task_seed)
-        scores = train_and_evaluate(
-            build(), train_images, train_scenes, test_images, test_scenes, names, size, seed=task_seed, **options
+        runs.append(
+            train_and_evaluate(
+                build(), train_images, train_scenes, test_images, test_scenes, names, size, seed=task_seed, **options
+            )
         )
-        runs.append({"seed": task_seed, **scores})
     if repeats == 1:
-        return {k: v for k, v in runs[0].items() if k != "seed"}
-    mean = average_scores([{k: v for k, v in run.items() if k != "seed"} for run in runs])
-    return {**mean, "task_networks": runs}
+        return runs[0]
+    return {**average_scores(runs), "task_networks": [{"seed": s, **run} for s, run in zip(seeds, runs, strict=True)]}
 
 
 __all__ = [
