@@ -364,6 +364,9 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path: Path, capsys: pyte
     assert "--generator" not in summary
     write_demo_summary(tmp_path, {**results, "generator": "per_pixel+unet"}, 1.0)  # a G not the paper's is named
     assert "(`--generator per_pixel+unet`)" in (tmp_path / "summary.md").read_text()
+    assert "train a fresh segformer that is scored" in summary
+    write_demo_summary(tmp_path, {**results, "task_repeats": 3}, 1.0)  # --task-repeats 3: the mean of three
+    assert "train 3 fresh segformer networks, seeded alike in every arm," in (tmp_path / "summary.md").read_text()
     assert (out / "weights.png").stat().st_size > 1000
 
 
